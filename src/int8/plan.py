@@ -1,0 +1,414 @@
+"""Decide, before any data moves, what becomes of every tensor of a checkpoint.
+
+The model class is built on the ``meta`` device from the checkpoint's config
+(no memory, no weights): that tells which tensors are ``nn.Linear`` weights,
+which are tied to which, what the model class keeps in fp32, and the names
+transformers expects. The result is a `ConversionPlan`: one `TensorPlan` per
+source tensor (quantize, keep, or drop, with the reason) and the exact layout
+of every output shard, so shards can be written front to back as data streams.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import FLOAT_DTYPES, SourceTensor, itemsize
+from .errors import UnsupportedModel
+from .quantize import num_blocks, packed_columns
+
+DTYPE_ALIASES = {
+    "fp32": "F32",
+    "float32": "F32",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+}
+TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+QUANTIZE = "quantize"
+KEEP = "keep"
+DROP = "drop"
+
+
+def parse_dtype(name: str) -> str:
+    """'fp16' / 'bf16' / 'fp32' (or torch names) -> safetensors dtype name."""
+    try:
+        return DTYPE_ALIASES[name.lower()]
+    except KeyError:
+        raise UnsupportedModel(f"unknown dtype {name!r}", "Use fp16, bf16 or fp32.") from None
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UnsupportedModel(f"cannot read size {text!r}", "Write it like 5GB, 500MB or 2GiB.")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    size = int(float(m.group(1)) * base**power)
+    if size <= 0:
+        raise UnsupportedModel(f"size {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output checkpoint."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass
+class TensorPlan:
+    """What happens to one source tensor."""
+
+    source: SourceTensor
+    name: str  # the model's name for it (may add a prefix the checkpoint lacked)
+    action: str  # QUANTIZE, KEEP or DROP
+    reason: str = ""
+    out_dtype: str | None = None  # KEEP: dtype written; QUANTIZE: scale dtype
+    layout: str = "linear"  # QUANTIZE: "linear" (out, in) or "conv1d" (in, out)
+    outputs: list[OutputTensor] = field(default_factory=list)
+    tied_to: str | None = None  # DROP of a tied copy: the tensor it duplicates
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.source.shape[1] if self.layout == "conv1d" else self.source.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.source.shape[0] if self.layout == "conv1d" else self.source.shape[1]
+
+    @property
+    def out_nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    entries: list[TensorPlan]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.out_nbytes for e in self.entries)
+
+
+@dataclass
+class ConversionPlan:
+    model_class: str
+    model_type: str
+    is_encoder_decoder: bool
+    block_size: int
+    dtype: str
+    entries: list[TensorPlan]
+    shards: list[ShardPlan]
+    ignore: list[str]  # Linear modules left unquantized (compressed-tensors `ignore`)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[TensorPlan]:
+        return [e for e in self.entries if e.action == QUANTIZE]
+
+    @property
+    def written(self) -> list[TensorPlan]:
+        return [e for e in self.entries if e.action != DROP]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(e.source.nbytes for e in self.entries)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max((e.source.nbytes for e in self.entries), default=0)
+
+
+def model_class_for(config) -> type:
+    """The transformers class that loads this config (from `architectures`, else the Auto classes)."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type):
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
+        try:
+            return auto._model_mapping[type(config)]
+        except (KeyError, ValueError):
+            continue
+    archs = getattr(config, "architectures", None)
+    raise UnsupportedModel(
+        f"transformers has no causal-LM or seq2seq class for model type {config.model_type!r}"
+        + (f" (architectures {archs})" if archs else ""),
+        "int8 converts models that transformers can build without trust_remote_code.",
+    )
+
+
+def build_meta_model(config):
+    """Instantiate the model class on the meta device: the structure, no weights."""
+    cls = model_class_for(config)
+    try:
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except Exception as e:  # a config that the class rejects is the user's checkpoint problem
+        raise UnsupportedModel(f"{cls.__name__} cannot be built from this config.json: {e}") from None
+
+
+def matches(module: str, pattern: str) -> bool:
+    """A skip pattern matches a module name.
+
+    ``re:REGEX`` is a regular expression matched at the start of the name;
+    a pattern with ``*``, ``?`` or ``[`` is a glob over the whole dotted name;
+    any other pattern matches when it equals the name or one of its dotted
+    components (``lm_head``, ``wo``, ``transformer.h.0.mlp``)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(module, pattern)
+    return f".{pattern}." in f".{module}."
+
+
+def _keep_dtype(dtype: str, default: str, fp32_module: bool) -> str:
+    if dtype not in FLOAT_DTYPES:
+        return dtype
+    if fp32_module and default == "F16":
+        return "F32"  # transformers upcasts these modules to fp32 when loading in fp16
+    return default
+
+
+def make_plan(
+    config,
+    tensors: Sequence[SourceTensor],
+    *,
+    block_size: int = 128,
+    dtype: str = "BF16",
+    skip: Iterable[str] = (),
+    max_shard_size: int = 5_000_000_000,
+    tied_equal: dict[tuple[str, str], bool] | None = None,
+) -> ConversionPlan:
+    """Plan the conversion of ``tensors`` (a checkpoint's tensors) for ``config``.
+
+    ``tied_equal`` answers, for tied (target, source) pairs both present in
+    the checkpoint, whether their data are equal; see `tied_pairs_present`.
+    """
+    if block_size < 1:
+        raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
+    model = build_meta_model(config)
+    skip = list(skip)
+    names = _NameMapper(model)
+    modules = dict(model.named_modules())
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    fp32_modules = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    )
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb_names = {n for n, m in modules.items() if output_embeddings is not None and m is output_embeddings}
+    from transformers.pytorch_utils import Conv1D
+
+    entries: list[TensorPlan] = []
+    present = {names.model_name(t.name) for t in tensors}
+    warnings: list[str] = []
+    dropped_unknown: list[str] = []
+    for t in tensors:
+        name = names.model_name(t.name)
+        if name not in params:
+            entries.append(TensorPlan(t, name, DROP, "not a parameter or buffer of " + type(model).__name__))
+            dropped_unknown.append(t.name)
+            continue
+        expected = tuple(params[name].shape)
+        if expected != t.shape:
+            raise UnsupportedModel(
+                f"tensor {t.name!r} has shape {list(t.shape)} but {type(model).__name__} built from config.json "
+                f"expects {list(expected)}",
+                "The weights and config.json do not belong together.",
+            )
+        src = tied.get(name)
+        if src is not None and src in present:
+            if tied_equal is None or tied_equal.get((name, src), True):
+                entries.append(TensorPlan(t, name, DROP, f"tied to {src}", tied_to=src))
+                continue
+        module_name, _, pname = name.rpartition(".")
+        module = modules.get(module_name)
+        fp32 = any(matches(module_name, m) for m in fp32_modules)
+        is_linear = isinstance(module, torch.nn.Linear) and type(module).__name__ == "Linear"
+        is_conv1d = isinstance(module, Conv1D)
+        if pname == "weight" and len(t.shape) == 2 and (is_linear or is_conv1d) and t.dtype in FLOAT_DTYPES:
+            layout = "conv1d" if is_conv1d else "linear"
+            in_features = t.shape[0] if is_conv1d else t.shape[1]
+            reason = None
+            hit = next((p for p in skip if matches(module_name, p)), None)
+            if module_name in out_emb_names:
+                reason = "output head: kept unquantized for accuracy"
+            elif hit is not None:
+                reason = f"matches skip pattern {hit!r}"
+            elif fp32:
+                reason = f"{type(model).__name__} keeps it in fp32 (_keep_in_fp32_modules)"
+            elif in_features % block_size:
+                reason = f"input dimension {in_features} is not a multiple of block size {block_size}"
+            if reason is None:
+                entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=dtype, layout=layout))
+                continue
+            entries.append(TensorPlan(t, name, KEEP, reason, _keep_dtype(t.dtype, dtype, fp32), layout=layout))
+            continue
+        kind = "embedding" if isinstance(module, torch.nn.Embedding) else (
+            "bias" if pname == "bias" else ("buffer" if not isinstance(params[name], torch.nn.Parameter) else "parameter")
+        )
+        entries.append(TensorPlan(t, name, KEEP, kind, _keep_dtype(t.dtype, dtype, fp32)))
+
+    missing = _missing_keys(model, params, tied, {e.name for e in entries if e.action != DROP or e.tied_to})
+    if missing:
+        raise UnsupportedModel(
+            f"the checkpoint lacks {len(missing)} tensor(s) that {type(model).__name__} needs, e.g. "
+            + ", ".join(sorted(missing)[:4]),
+            "The weights and config.json do not belong together, or the download is incomplete.",
+        )
+    if dropped_unknown:
+        warnings.append(
+            f"dropped {len(dropped_unknown)} tensor(s) that {type(model).__name__} does not use: "
+            + ", ".join(dropped_unknown[:4]) + (" ..." if len(dropped_unknown) > 4 else "")
+        )
+    quantized = [e for e in entries if e.action == QUANTIZE]
+    if not quantized:
+        linears = [e for e in entries if e.action == KEEP and "block size" in e.reason]
+        if linears:
+            dims = sorted({e.in_features for e in linears})
+            raise UnsupportedModel(
+                f"block size {block_size} divides none of the linear layers' input dimensions ({', '.join(map(str, dims[:5]))})",
+                "Choose a block size that divides them, such as 128, 64 or 32.",
+            )
+        raise UnsupportedModel(
+            f"{type(model).__name__} has no nn.Linear weights that int8 would quantize",
+            "int8 converts models whose big weights are nn.Linear layers.",
+        )
+    ragged = [e for e in entries if e.action == KEEP and "block size" in e.reason]
+    if ragged:
+        warnings.append(
+            f"{len(ragged)} linear weight(s) kept unquantized because their input dimension is not a multiple "
+            f"of block size {block_size} (compressed-tensors groups must divide the row), e.g. {ragged[0].name}"
+        )
+    if any(e.layout == "conv1d" for e in quantized):
+        warnings.append(
+            "GPT-2 style Conv1D layers were quantized; compressed-tensors only loads nn.Linear, "
+            "so load this checkpoint with int8.load rather than plain transformers"
+        )
+    for e in entries:
+        e.outputs = _outputs(e, block_size)
+    ignore = sorted(
+        n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in {e.module for e in quantized}
+    )
+    shards = _shard(entries, max_shard_size)
+    return ConversionPlan(
+        model_class=type(model).__name__,
+        model_type=config.model_type,
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        block_size=block_size,
+        dtype=dtype,
+        entries=entries,
+        shards=shards,
+        ignore=ignore,
+        warnings=warnings,
+    )
+
+
+def tied_pairs_present(config, tensors: Sequence[SourceTensor]) -> list[tuple[SourceTensor, SourceTensor]]:
+    """(target, source) tensor pairs that the model ties and the checkpoint holds both of."""
+    model = build_meta_model(config)
+    names = _NameMapper(model)
+    by_name = {names.model_name(t.name): t for t in tensors}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return [(by_name[t], by_name[s]) for t, s in tied.items() if t in by_name and s in by_name]
+
+
+def _missing_keys(model, params: dict, tied: dict[str, str], provided: set[str]) -> set[str]:
+    """Model tensors that neither the checkpoint nor weight tying will fill."""
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    tied_group: dict[str, set[str]] = {}
+    for target, source in tied.items():
+        group = tied_group.setdefault(source, {source}) | tied_group.get(target, {target}) | {target}
+        for name in group:
+            tied_group[name] = group
+    return {
+        name
+        for name in params
+        if not (tied_group.get(name, {name}) & provided) and not any(p.search(name) for p in ignore)
+    }
+
+
+class _NameMapper:
+    """Map checkpoint names onto the model's (add or strip the base-model prefix)."""
+
+    def __init__(self, model):
+        self.keys = set(model.state_dict(keep_vars=True).keys())
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def model_name(self, name: str) -> str:
+        if name in self.keys or not self.prefix:
+            return name
+        added = f"{self.prefix}.{name}"
+        if added in self.keys:
+            return added
+        if name.startswith(self.prefix + "."):
+            stripped = name[len(self.prefix) + 1 :]
+            if stripped in self.keys:
+                return stripped
+        return name
+
+
+def _outputs(e: TensorPlan, block_size: int) -> list[OutputTensor]:
+    if e.action == DROP:
+        return []
+    if e.action == KEEP:
+        return [OutputTensor(e.name, e.out_dtype or e.source.dtype, e.source.shape)]
+    out, inp = e.out_features, e.in_features
+    return [
+        OutputTensor(f"{e.module}.weight_packed", "I32", (out, packed_columns(inp))),
+        OutputTensor(f"{e.module}.weight_scale", e.out_dtype, (out, num_blocks(inp, block_size))),
+        OutputTensor(f"{e.module}.weight_shape", "I64", (2,)),
+    ]
+
+
+def _shard(entries: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for e in entries:
+        if e.action == DROP:
+            continue
+        n = e.out_nbytes
+        if groups[-1] and size + n > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += n
+    total = len(groups)
+    return [ShardPlan(f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def shard_path(folder: Path, shard: ShardPlan) -> Path:
+    return folder / shard.filename

@@ -1,0 +1,238 @@
+"""Block-wise absmax int8 quantization: the math, as pure functions on tensors.
+
+The scheme, exactly (it is what makes CPU and CUDA outputs byte-identical):
+
+* A weight ``W`` of shape ``(out, in)`` is cut into blocks of ``block_size``
+  consecutive values along the input dimension (rows are never mixed).
+* ``amax = max(|w|)`` over a block, in float32 (sources in fp16/bf16 are
+  widened exactly first).
+* ``scale = amax / 127`` as an IEEE float32 division, then rounded to nearest
+  (ties to even) into the scale dtype (the checkpoint's dtype). The *stored*
+  scale is the one used below, so the checkpoint is self-consistent.
+* ``q = clamp(round_half_even(w / scale), -127, 127)`` with ``w / scale`` an
+  IEEE float32 division (not a multiplication by a reciprocal). A block whose
+  stored scale is 0 (all zeros, or an fp16 scale that underflowed) gets
+  ``q = 0``.
+* Decoding is ``w' = q * scale``; ``|w - w'| <= scale / 2`` for every value,
+  because rounding the scale to fp16/bf16 moves it by at most 2^-9 relative, so
+  ``|w / scale| <= 127.25`` and the clamp never bites.
+
+Packed layout (compressed-tensors ``pack-quantized`` with ``num_bits=8``): the
+codes of a row, offset by +128 into ``[1, 255]``, are stored as consecutive
+bytes, four to a little-endian int32, the row padded with zero bytes to a
+multiple of four. ``pack_codes`` / ``unpack_codes`` convert between the two.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+QMAX = 127
+"""Codes lie in [-QMAX, QMAX]: symmetric, so -128 is never produced."""
+
+PACK_FACTOR = 4
+"""int8 codes per int32 word in the packed layout."""
+
+# Rows are quantized in sub-chunks of about this many values (4 MiB of fp32),
+# so every intermediate stays in the CPU's L2/L3 cache.
+_SUBCHUNK_VALUES = 1 << 20
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    raise ImportError("int8 writes little-endian checkpoints and needs a little-endian machine")
+
+
+class NonFiniteWeights(ValueError):
+    """A block's absmax (or its scale in the scale dtype) is NaN or infinite."""
+
+
+@dataclass
+class ErrorStats:
+    """Quantization error of one tensor, in units of each value's own block scale.
+
+    ``max_abs`` is at most 0.5 by construction; ``mean_abs`` is about 0.25 for
+    smooth weights.
+    """
+
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    count: int = 0
+    zero_blocks: int = 0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.count if self.count else 0.0
+
+    def merge(self, other: ErrorStats) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_abs += other.sum_abs
+        self.count += other.count
+        self.zero_blocks += other.zero_blocks
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized 2-D weight: int8 ``codes`` (out, in) and ``scales`` (out, in/block)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    block_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.block_size, dtype)
+
+    def packed(self) -> torch.Tensor:
+        return pack_codes(self.codes)
+
+
+def num_blocks(in_features: int, block_size: int) -> int:
+    return math.ceil(in_features / block_size)
+
+
+def packed_columns(in_features: int) -> int:
+    return math.ceil(in_features / PACK_FACTOR)
+
+
+def scales_from_absmax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``amax / 127`` in float32, rounded to nearest into ``scale_dtype``."""
+    return (amax.float() / QMAX).to(scale_dtype)
+
+
+def quantize(w: torch.Tensor, block_size: int = 128, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    """Quantize a 2-D weight ``(out, in)`` block-wise along ``in``.
+
+    A ragged last block (``in`` not a multiple of ``block_size``) is quantized
+    with its own scale, as if padded with zeros. Raises ``NonFiniteWeights``.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    rows, cols = w.shape
+    pad = (-cols) % block_size
+    src = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.contiguous()
+    codes = torch.empty(rows, cols + pad, dtype=torch.int8, device=w.device)
+    scales = torch.empty(rows, (cols + pad) // block_size, dtype=scale_dtype, device=w.device)
+    quantize_into(src, block_size, codes, scales)
+    return QuantizedWeight(codes[:, :cols].contiguous() if pad else codes, scales, block_size)
+
+
+def quantize_into(
+    w: torch.Tensor,
+    block_size: int,
+    codes_out: torch.Tensor,
+    scales_out: torch.Tensor,
+    *,
+    offset_codes: bool = False,
+) -> ErrorStats:
+    """Quantize rows of ``w`` into preallocated outputs; return the error statistics.
+
+    ``w`` is a contiguous ``(rows, in)`` tensor with ``in % block_size == 0``
+    (any float dtype; it is widened to float32 in cache-sized pieces).
+    ``codes_out`` is int8 ``(rows, >= in)``: columns ``[:in]`` receive the codes.
+    With ``offset_codes=True`` it receives the packed bytes instead (code + 128,
+    as uint8 viewed through int8), ready to be written as ``weight_packed``.
+    ``scales_out`` is ``(rows, in / block_size)`` in the scale dtype.
+    """
+    rows, cols = w.shape
+    if cols % block_size:
+        raise ValueError(f"{cols} input features are not a multiple of block size {block_size}")
+    if not w.is_contiguous():
+        raise ValueError("quantize_into needs a contiguous tensor")
+    nblocks = cols // block_size
+    step = max(1, _SUBCHUNK_VALUES // cols)
+    dev = w.device
+    # One workspace per call, reused for every sub-chunk: fresh allocations
+    # would page-fault their memory in on every sub-chunk, which costs more
+    # than the arithmetic itself.
+    wide = torch.empty(step, cols, dtype=torch.float32, device=dev) if w.dtype != torch.float32 else None
+    scaled_buf = torch.empty(step, cols, dtype=torch.float32, device=dev)
+    q_buf = torch.empty(step, cols, dtype=torch.float32, device=dev)
+    q8_buf = torch.empty(step, cols, dtype=torch.int8, device=dev)
+    amax_buf = torch.empty(step, nblocks, dtype=torch.float32, device=dev)
+    amin_buf = torch.empty(step, nblocks, dtype=torch.float32, device=dev)
+    err_max = torch.zeros((), dtype=torch.float32, device=dev)
+    err_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    zero_blocks = torch.zeros((), dtype=torch.int64, device=dev)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        x = w[r0:r1]
+        if wide is not None:
+            x = wide[:n].copy_(x)
+        blocks = x.view(n, nblocks, block_size)
+        # max(|w|) as max(max, -min): two reductions, no |w| temporary. NaN propagates.
+        amax = torch.amax(blocks, -1, out=amax_buf[:n])
+        amin = torch.amin(blocks, -1, out=amin_buf[:n]).neg_()
+        torch.maximum(amax, amin, out=amax)
+        scales = scales_from_absmax(amax, scales_out.dtype)
+        if not bool(torch.isfinite(scales).all()):
+            bad = "NaN or Inf values" if not bool(torch.isfinite(amax).all()) else (
+                f"values too large for {scales_out.dtype} scales (|w| up to {float(amax.max()):.3g})"
+            )
+            raise NonFiniteWeights(bad)
+        scales_out[r0:r1] = scales
+        divisor = scales.float()
+        zero = divisor == 0
+        zero_blocks += zero.sum()
+        divisor.masked_fill_(zero, 1.0)
+        scaled = torch.div(blocks, divisor.unsqueeze(-1), out=scaled_buf[:n].view(n, nblocks, block_size))
+        q = torch.round(scaled, out=q_buf[:n].view(n, nblocks, block_size)).clamp_(-QMAX, QMAX)
+        err = scaled.sub_(q).abs_()
+        err_max = torch.maximum(err_max, err.amax())
+        err_sum += err.sum()
+        q8 = q8_buf[:n].copy_(q.view(n, cols))
+        if offset_codes:
+            torch.bitwise_xor(q8.view(torch.uint8), 0x80, out=codes_out[r0:r1, :cols].view(torch.uint8))
+        else:
+            codes_out[r0:r1, :cols] = q8
+    return ErrorStats(
+        max_abs=float(err_max),
+        sum_abs=float(err_sum),
+        count=rows * cols,
+        zero_blocks=int(zero_blocks),
+    )
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Reconstruct ``q * scale`` (float32 product, then cast to ``dtype``)."""
+    rows, cols = codes.shape
+    nblocks = scales.shape[-1]
+    pad = nblocks * block_size - cols
+    if pad < 0 or pad >= block_size:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit codes {tuple(codes.shape)} with block {block_size}")
+    c = codes.float()
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    out = c.view(rows, nblocks, block_size) * scales.float().unsqueeze(-1)
+    return out.view(rows, -1)[:, :cols].to(dtype)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``(out, in)`` -> compressed-tensors ``weight_packed`` int32 ``(out, ceil(in/4))``."""
+    rows, cols = codes.shape
+    padded = torch.zeros(rows, packed_columns(cols) * PACK_FACTOR, dtype=torch.uint8, device=codes.device)
+    torch.bitwise_xor(codes.view(torch.uint8), 0x80, out=padded[:, :cols])
+    return padded.view(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """compressed-tensors ``weight_packed`` int32 ``(out, ceil(in/4))`` -> int8 codes ``(out, in)``.
+
+    A packed byte of 0 (the padding value) unpacks to -128, which no valid
+    checkpoint holds inside the first ``in_features`` columns.
+    """
+    if packed.dtype != torch.int32:
+        raise ValueError(f"weight_packed must be int32, got {packed.dtype}")
+    rows = packed.shape[0]
+    raw = packed.contiguous().view(torch.uint8).view(rows, -1)[:, :in_features]
+    return (raw ^ 0x80).view(torch.int8)
