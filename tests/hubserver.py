@@ -1,0 +1,1 @@
+"""Hub-compatible HTTP server for tests (being written)."""
