@@ -265,6 +265,17 @@ class CheckpointReader:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def shares_storage(self, a: SourceTensor, b: SourceTensor) -> bool:
+        """Whether two tensors are views of the same bytes (tied weights in a .bin)."""
+        ta, tb = self._bin.get(a.name), self._bin.get(b.name)
+        return (
+            ta is not None
+            and tb is not None
+            and ta.data_ptr() == tb.data_ptr()
+            and ta.shape == tb.shape
+            and ta.stride() == tb.stride()
+        )
+
     def read_rows(self, t: SourceTensor, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """Copy rows ``[r0, r1)`` of ``t`` into ``out`` (a flat byte buffer); return them as a tensor."""
         count = (r1 - r0) * t.row_numel

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,12 +210,15 @@ def make_plan(
     dtype: str = "BF16",
     skip: Iterable[str] = (),
     max_shard_size: int = 5_000_000_000,
-    tied_equal: dict[tuple[str, str], bool] | None = None,
+    same_data: Callable[[SourceTensor, SourceTensor], bool] | None = None,
 ) -> ConversionPlan:
     """Plan the conversion of ``tensors`` (a checkpoint's tensors) for ``config``.
 
-    ``tied_equal`` answers, for tied (target, source) pairs both present in
-    the checkpoint, whether their data are equal; see `tied_pairs_present`.
+    A tensor that the model ties to another (``lm_head`` to the embeddings,
+    T5's ``embed_tokens`` to ``shared``) is dropped when the checkpoint also
+    holds the tensor it is tied to, as ``save_pretrained`` does: only if
+    ``same_data(copy, original)`` says they are equal, when given — transformers
+    itself refuses to tie copies that differ.
     """
     if block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
@@ -233,8 +236,8 @@ def make_plan(
     from transformers.pytorch_utils import Conv1D
 
     entries: list[TensorPlan] = []
-    present = {names.model_name(t.name) for t in tensors}
     warnings: list[str] = []
+    by_model_name = {names.model_name(t.name): t for t in tensors}
     dropped_unknown: list[str] = []
     for t in tensors:
         name = names.model_name(t.name)
@@ -250,10 +253,11 @@ def make_plan(
                 "The weights and config.json do not belong together.",
             )
         src = tied.get(name)
-        if src is not None and src in present:
-            if tied_equal is None or tied_equal.get((name, src), True):
+        if src is not None and src in by_model_name:
+            if same_data is None or same_data(t, by_model_name[src]):
                 entries.append(TensorPlan(t, name, DROP, f"tied to {src}", tied_to=src))
                 continue
+            warnings.append(f"{t.name} is tied to {src} in the config but holds different values: both are kept")
         module_name, _, pname = name.rpartition(".")
         module = modules.get(module_name)
         fp32 = any(matches(module_name, m) for m in fp32_modules)
@@ -335,15 +339,6 @@ def make_plan(
         ignore=ignore,
         warnings=warnings,
     )
-
-
-def tied_pairs_present(config, tensors: Sequence[SourceTensor]) -> list[tuple[SourceTensor, SourceTensor]]:
-    """(target, source) tensor pairs that the model ties and the checkpoint holds both of."""
-    model = build_meta_model(config)
-    names = _NameMapper(model)
-    by_name = {names.model_name(t.name): t for t in tensors}
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    return [(by_name[t], by_name[s]) for t, s in tied.items() if t in by_name and s in by_name]
 
 
 def _missing_keys(model, params: dict, tied: dict[str, str], provided: set[str]) -> set[str]:

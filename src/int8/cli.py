@@ -1,0 +1,265 @@
+"""The `int8` command line: a thin layer over the library (`int8.convert`, `int8.verify`, ...).
+
+Every user mistake ends with a one-paragraph message, a hint, and exit code 2;
+a traceback means a bug in int8.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import Int8Error
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _preset_epilog() -> str:
+    from .presets import all_presets
+
+    try:
+        names = ", ".join(all_presets())
+    except Int8Error:
+        names = "(the preset files could not be read)"
+    return f"Presets: {names}. `int8 presets` describes them."
+
+
+app = typer.Typer(
+    name="int8",
+    help=(
+        "Turn big FP32 language-model checkpoints into 8-bit ones that run and fine-tune on one GPU, "
+        "check them, and publish them.\n\n"
+        "Typical use:\n\n"
+        "  int8 convert flan-t5-small --out flan-t5-small-int8\n\n"
+        "  int8 verify flan-t5-small-int8\n\n"
+        "  int8 push flan-t5-small-int8 --repo you/flan-t5-small-int8"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"int8 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    pass
+
+
+class RichProgress:
+    """Bytes and tensors done, rate and time left, drawn with rich."""
+
+    def __init__(self, description: str):
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[tensors]} tensors"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._description = description
+        self._task = None
+        self._tensors = 0
+        self._total_tensors = 0
+
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        self._total_tensors = total_tensors
+        self._progress.start()
+        self._task = self._progress.add_task(self._description, total=total_bytes, tensors=f"0/{total_tensors}")
+
+    def advance(self, nbytes: int, tensors: int = 0) -> None:
+        self._tensors += tensors
+        self._progress.update(self._task, advance=nbytes, tensors=f"{self._tensors}/{self._total_tensors}")
+
+    def finish(self) -> None:
+        self._progress.stop()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@app.command(epilog=_preset_epilog())
+def convert(
+    source: Annotated[str, typer.Argument(help="A preset name (`int8 presets`), a Hub repo id (owner/name), or a local folder.")],
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./NAME-int8.", show_default=False)
+    ] = None,
+    block_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--block-size",
+            min=1,
+            help="Values per absmax scale, along each row (input dimension). Default: the preset's, else 128. "
+            "vLLM's int8 kernels take 32, 64 or 128.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype",
+            help="dtype of the scales and of everything not quantized: fp16, bf16 or fp32. "
+            "Default: the preset's (bf16 for T5-family models, which overflow in fp16), else bf16.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto (GPU if any), cpu, cuda, cuda:N.")] = "auto",
+    skip: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--skip",
+            help="Keep modules matching PATTERN unquantized (repeatable): a module name or one of its dotted parts "
+            "(lm_head, mlp.fc_in), a glob (*.attn.*), or re:REGEX. lm_head and the model class's fp32 modules are always kept.",
+            metavar="PATTERN",
+        ),
+    ] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of the source.")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it holds an earlier int8 output.")] = False,
+    push: Annotated[
+        Optional[str],
+        typer.Option("--push", help="After converting, publish to this Hub repo (as `int8 push` does).", metavar="REPO_ID"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")] = False,
+) -> None:
+    """Convert a checkpoint to int8: linear weights in int8 blocks with absmax scales, the rest in --dtype.
+
+    The output is a compressed-tensors `pack-quantized` folder that plain transformers loads
+    (with `pip install compressed-tensors`) and vLLM serves, plus a model card and a
+    conversion report (`int8_report.json`). Memory stays flat: a 24 GB model converts in a few GB of RAM.
+
+    Examples:
+
+      int8 convert gpt-j-6b
+
+      int8 convert bigscience/bloomz-560m --out bloomz-int8 --dtype fp16
+
+      int8 convert ./my-model --block-size 64 --skip "re:.*attn.*"
+    """
+    from .convert import convert as run_convert
+    from .convert import default_output
+
+    progress = None if quiet else RichProgress("Converting")
+    report = run_convert(
+        source,
+        out_dir,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+        skip=skip or (),
+        revision=revision,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+        quiet=quiet,
+    )
+    for w in report.warnings:
+        console.print(f"[yellow]Warning:[/] {w}")
+    folder = out_dir if out_dir is not None else default_output(source)
+    if not quiet:
+        t = report.totals
+        table = Table(title="int8 convert", show_header=False, title_justify="left")
+        table.add_row("source", report.source.id + (f" @ {report.source.commit[:12]}" if report.source.commit else ""))
+        table.add_row("model", f"{report.model.architecture} ({report.model.model_type})")
+        table.add_row("size in", _size(t.bytes_in))
+        table.add_row("size out", _size(t.bytes_out))
+        table.add_row("ratio", f"{t.ratio:.2f}x")
+        table.add_row("tensors", f"{t.tensors_quantized} quantized, {t.tensors_kept} kept, {t.tensors_dropped} dropped")
+        table.add_row("time", f"{t.seconds:.1f} s on {t.device}")
+        table.add_row("throughput", f"{t.throughput_gb_s:.2f} GB/s of input")
+        table.add_row("output", str(folder))
+        console.print(table)
+    if push:
+        _push(folder, push, quiet=quiet)
+
+
+def _push(folder: Path, repo: str, **kwargs) -> None:
+    try:
+        from .hub.upload import push as run_push
+    except ImportError:  # pragma: no cover - until the Hub upload lands
+        raise Int8Error("publishing is not available in this version of int8") from None
+    run_push(folder, repo, **kwargs)
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets that `int8 convert NAME` accepts."""
+    from .presets import all_presets
+
+    table = Table(title="int8 presets")
+    for col in ("preset", "Hub repo", "params", "dtype", "license"):
+        table.add_column(col)
+    for p in all_presets().values():
+        table.add_row(p.name, p.repo, p.parameters, p.dtype, p.card.license or "")
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the `int8` console script."""
+
+    def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except Int8Error as e:
+        console.print(f"[bold red]Error:[/] {e.message}")
+        if e.hint:
+            console.print(f"[dim]{e.hint}[/]")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]Interrupted.[/] Nothing half-written was left behind.")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("Aborted.")
+        sys.exit(1)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Model presets: data files in ``configs/``, one TOML file per model.
+
+An installed wheel carries them as ``int8/configs``; a source checkout (an
+editable install) reads the repository's top-level ``configs/``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from .errors import Int8Error
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What the model card needs to know about the original model."""
+
+    license: str | None = None
+    languages: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    pipeline_tag: str | None = None
+    sample_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    repo: str
+    revision: str = "main"
+    description: str = ""
+    family: str = ""
+    parameters: str = ""
+    dtype: str = "bf16"
+    block_size: int = 128
+    skip: tuple[str, ...] = ()
+    card: CardInfo = field(default_factory=CardInfo)
+
+
+def presets_dir() -> Path:
+    packaged = Path(__file__).parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def _parse(path: Path) -> Preset:
+    try:
+        data = tomllib.loads(path.read_text())
+        card = data.pop("card", {})
+        return Preset(
+            name=data["name"],
+            repo=data["repo"],
+            revision=data.get("revision", "main"),
+            description=data.get("description", ""),
+            family=data.get("family", ""),
+            parameters=data.get("parameters", ""),
+            dtype=data.get("dtype", "bf16"),
+            block_size=int(data.get("block_size", 128)),
+            skip=tuple(data.get("skip", ())),
+            card=CardInfo(
+                license=card.get("license"),
+                languages=tuple(card.get("languages", ())),
+                datasets=tuple(card.get("datasets", ())),
+                pipeline_tag=card.get("pipeline_tag"),
+                sample_prompt=card.get("sample_prompt"),
+            ),
+        )
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
+        raise Int8Error(f"preset file {path} is invalid: {e}") from None
+
+
+@cache
+def all_presets() -> dict[str, Preset]:
+    presets = {}
+    for path in sorted(presets_dir().glob("*.toml")):
+        p = _parse(path)
+        presets[p.name] = p
+    return presets
+
+
+def get_preset(name: str) -> Preset | None:
+    return all_presets().get(name.lower())
+
+
+def suggest(name: str, n: int = 3) -> list[str]:
+    """Preset names close to ``name`` (for 'did you mean')."""
+    names = list(all_presets())
+    close = difflib.get_close_matches(name.lower(), names, n=n, cutoff=0.5)
+    return close or [p for p in names if name.lower() in p][:n]

@@ -1,0 +1,155 @@
+"""The conversion report: what `int8 convert` did, for `int8 verify` and the model card.
+
+Written as ``int8_report.json`` in every converted folder. Schema
+``int8.conversion/1``:
+
+* ``source``: where the weights came from (preset, Hub id + revision + commit,
+  or local path) and their on-disk format;
+* ``model``: the transformers class and model type;
+* ``quantization``: scheme, bits, block size, dtypes, the unquantized Linear
+  modules (``ignore``), the rounding rule;
+* ``totals``: bytes in and out, ratio, seconds, throughput (GB of input per
+  second), the device;
+* ``tensors``: one entry per source tensor: ``quantized`` (shape, blocks, the
+  max and mean absolute error in units of each block's scale — at most 0.5 by
+  construction), ``kept`` (stored dtype and why it was not quantized) or
+  ``dropped`` (a tied copy, or a tensor the model does not use);
+* ``files``: every file of the folder except README.md and this report, with
+  its size and SHA-256 — the manifest `int8 verify` checks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "int8_report.json"
+SCHEMA = "int8.conversion/1"
+
+
+@dataclass
+class SourceInfo:
+    kind: str  # "preset", "hub" or "local"
+    id: str  # repo id, or the local folder's path
+    preset: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    format: str = ""  # "safetensors" or "pytorch"
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelInfo:
+    architecture: str
+    model_type: str
+    task: str  # "causal-lm" or "seq2seq-lm"
+
+
+@dataclass
+class QuantizationInfo:
+    block_size: int
+    dtype: str  # dtype of unquantized tensors and of the scales
+    ignore: list[str] = field(default_factory=list)
+    bits: int = 8
+    symmetric: bool = True
+    scheme: str = "absmax, one scale per block along the input dimension"
+    rounding: str = "q = clamp(round_half_even(w / scale), -127, 127), scale = absmax / 127 in the stored dtype"
+    format: str = "compressed-tensors pack-quantized"
+
+
+@dataclass
+class Totals:
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    device: str
+    tensors_quantized: int
+    tensors_kept: int
+    tensors_dropped: int
+    params_quantized: int
+    params_kept: int
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_in / self.bytes_out if self.bytes_out else 0.0
+
+    @property
+    def throughput_gb_s(self) -> float:
+        return self.bytes_in / self.seconds / 1e9 if self.seconds else 0.0
+
+
+@dataclass
+class TensorReport:
+    name: str
+    action: str  # "quantized", "kept" or "dropped"
+    shape: list[int]
+    source_dtype: str
+    dtype: str | None = None  # kept: stored dtype; quantized: scale dtype
+    reason: str = ""
+    layout: str | None = None  # quantized: "linear" or "conv1d"
+    blocks: int | None = None
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    zero_blocks: int | None = None
+    tied_to: str | None = None
+
+
+@dataclass
+class FileEntry:
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ConversionReport:
+    int8_version: str
+    created: str
+    source: SourceInfo
+    model: ModelInfo
+    quantization: QuantizationInfo
+    totals: Totals
+    tensors: list[TensorReport]
+    files: list[FileEntry]
+    warnings: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["totals"]["ratio"] = round(self.totals.ratio, 4)
+        d["totals"]["throughput_gb_s"] = round(self.totals.throughput_gb_s, 4)
+        return {"schema": d.pop("schema"), **d}
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / REPORT_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConversionReport:
+        def build(kind, data):
+            names = {f.name for f in fields(kind)}
+            return kind(**{k: v for k, v in data.items() if k in names})
+
+        return cls(
+            schema=d.get("schema", SCHEMA),
+            int8_version=d["int8_version"],
+            created=d["created"],
+            source=build(SourceInfo, d["source"]),
+            model=build(ModelInfo, d["model"]),
+            quantization=build(QuantizationInfo, d["quantization"]),
+            totals=build(Totals, d["totals"]),
+            tensors=[build(TensorReport, t) for t in d["tensors"]],
+            files=[build(FileEntry, f) for f in d["files"]],
+            warnings=list(d.get("warnings", [])),
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> ConversionReport:
+        return cls.from_dict(json.loads((Path(folder) / REPORT_NAME).read_text()))
+
+    @property
+    def quantized(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.action == "quantized"]

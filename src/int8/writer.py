@@ -1,0 +1,91 @@
+"""Write a safetensors shard front to back while its data streams in.
+
+A safetensors file is 8 bytes of little-endian header length, a JSON header
+giving each tensor's dtype, shape and byte range, then the raw data. Because
+the conversion plan knows every output tensor's dtype and shape before any
+data moves, the header is written first and the data appended as it is
+produced: no shard is ever held in memory (the ``safetensors`` library's
+``save_file`` needs every tensor in memory at once). The SHA-256 of the file
+is computed on the way, so integrity costs no second read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from .plan import OutputTensor
+
+
+def safetensors_header(tensors: Sequence[OutputTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The header bytes (length prefix included) for ``tensors`` laid out in order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one shard; `write` must be called with exactly the planned bytes, in order."""
+
+    def __init__(self, path: Path, tensors: Sequence[OutputTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._sizes = [t.nbytes for t in tensors]
+        self._names = [t.name for t in tensors]
+        self._index = 0
+        self._left = self._sizes[0] if self._sizes else 0
+        self._sha = hashlib.sha256()
+        self._file = open(self.path, "xb")
+        self.bytes_written = 0
+        self._put(safetensors_header(tensors, metadata))
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+        self.bytes_written += len(data)
+
+    def write(self, data) -> None:
+        """Append the next piece of tensor data (any buffer: bytes, memoryview, numpy)."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            while self._left == 0:
+                self._index += 1
+                if self._index >= len(self._sizes):
+                    raise RuntimeError(f"{self.path.name}: more data than the header announces")
+                self._left = self._sizes[self._index]
+            n = min(self._left, len(view))
+            self._put(view[:n])
+            self._left -= n
+            view = view[n:]
+
+    def close(self) -> str:
+        """Finish the shard; return its SHA-256 (hex). Raises if data is missing."""
+        while self._left == 0 and self._index + 1 < len(self._sizes):
+            self._index += 1
+            self._left = self._sizes[self._index]
+        if self._left or self._index + 1 < len(self._sizes):
+            self._file.close()
+            raise RuntimeError(f"{self.path.name}: tensor {self._names[self._index]!r} is incomplete")
+        self._file.close()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,169 @@
+"""Tiny random checkpoints of every supported architecture, in every input form.
+
+`make_tiny(arch, folder, form=..., dtype=...)` writes a folder that looks like
+a Hub checkpoint: config.json, weights, a byte-level tokenizer, and
+generation_config.json. Linear weights get outliers (a few values many
+standard deviations out), because trained weights have them and plain
+N(0, sigma) weights are kinder to a quantizer than real ones.
+
+Forms:
+    safetensors          one model.safetensors (save_pretrained)
+    safetensors-sharded  model-0000i-of-0000N.safetensors + index
+    bin                  one pytorch_model.bin (torch.save; tied weights share storage)
+    bin-sharded          pytorch_model-0000i-of-0000N.bin + index
+    safetensors-legacy   keys as old Hub checkpoints have them: BLOOM without the
+                         "transformer." prefix, T5's tied copies stored separately
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ARCHS = ("gptj", "t5", "mt5", "bloom", "gpt2")
+FORMS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
+VOCAB = 320
+SPECIALS = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    if arch == "gptj":
+        cfg = tf.GPTJConfig(n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=128, **common)
+        cfg.architectures = ["GPTJForCausalLM"]
+    elif arch == "t5":
+        cfg = tf.T5Config(
+            d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, **common,
+        )
+        cfg.architectures = ["T5ForConditionalGeneration"]
+    elif arch == "mt5":
+        cfg = tf.MT5Config(
+            d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
+            tie_word_embeddings=False, decoder_start_token_id=0, **common,
+        )
+        cfg.architectures = ["MT5ForConditionalGeneration"]
+    elif arch == "bloom":
+        cfg = tf.BloomConfig(hidden_size=128, n_layer=2, n_head=4, **common)
+        cfg.architectures = ["BloomForCausalLM"]
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=128, **common)
+        cfg.architectures = ["GPT2LMHeadModel"]
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_model(arch: str, seed: int = 0, outliers: bool = True, **overrides):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    cls = getattr(tf, cfg.architectures[0])
+    model = cls(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if w is None or w.ndim != 2 or isinstance(module, torch.nn.Embedding):
+                continue
+            std = float(w.std()) or 0.02
+            n = max(1, w.numel() // 1000)
+            idx = torch.randint(0, w.numel(), (n,), generator=gen)
+            sign = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+            w.view(-1)[idx] = sign * std * torch.empty(n).uniform_(8, 20, generator=gen)
+    return model
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = dict(SPECIALS)
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="</s>"
+    )
+
+
+def _state_with_ties(model) -> dict[str, torch.Tensor]:
+    """The state dict an old torch.save of the model would hold: tied copies share storage."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _shard(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    names = list(state)
+    per = -(-len(names) // n)
+    return [{k: state[k] for k in names[i : i + per]} for i in range(0, len(names), per)]
+
+
+def make_tiny(
+    arch: str,
+    folder: Path,
+    *,
+    form: str = "safetensors",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    outliers: bool = True,
+    tokenizer: bool = True,
+    **overrides,
+) -> Path:
+    """Write a tiny random `arch` checkpoint to `folder` in `form`; return the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_model(arch, seed=seed, outliers=outliers, **overrides).to(dtype)
+    model.config.dtype = dtype
+    if form == "safetensors":
+        model.save_pretrained(folder)
+    elif form == "safetensors-sharded":
+        model.save_pretrained(folder, max_shard_size="400KB")
+    elif form in ("bin", "bin-sharded"):
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        state = _state_with_ties(model)
+        if form == "bin":
+            torch.save(state, folder / "pytorch_model.bin")
+        else:
+            shards = _shard(state, 3)
+            weight_map = {}
+            for i, part in enumerate(shards):
+                name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+                torch.save(part, folder / name)
+                weight_map.update(dict.fromkeys(part, name))
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (folder / "pytorch_model.bin.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+            )
+    elif form == "safetensors-legacy":
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        if arch == "bloom":
+            state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        raise ValueError(form)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def load_original(folder: Path, dtype: torch.dtype = torch.float32):
+    """Load a tiny source checkpoint with plain transformers (the reference)."""
+    import transformers as tf
+
+    cls = getattr(tf, tf.AutoConfig.from_pretrained(folder).architectures[0])
+    return cls.from_pretrained(folder, dtype=dtype).eval()
