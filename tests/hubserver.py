@@ -413,6 +413,7 @@ class _Fault:
     filename: str | None = None
     repo_id: str | None = None
     fraction: float = 0.5
+    reset: bool = True
     hits: int = 0
 
 
@@ -439,9 +440,15 @@ class Faults:
         """Answer the next LFS upload with ``status`` (after reading the body)."""
         return self._add(_Fault("status", ("lfs-upload", "lfs-upload-part"), times, status=status, oid=oid))
 
-    def drop_download(self, times: int | None = 1, filename: str | None = None, fraction: float = 0.5) -> _Fault:
-        """Send the headers and ``fraction`` of the next file GET body, then reset the connection."""
-        return self._add(_Fault("drop", ("resolve",), times, filename=filename, fraction=fraction))
+    def drop_download(self, times: int | None = 1, filename: str | None = None, fraction: float = 0.5,
+                      reset: bool = False) -> _Fault:
+        """Send the headers and ``fraction`` of the next file GET body, then close the connection.
+
+        ``reset=False`` (default) closes cleanly: the client sees an incomplete body
+        (``RemoteProtocolError``) and resumes with a ``Range`` request. ``reset=True`` sends a
+        TCP reset instead: the client gets ``httpx2.ReadError``, which ``hf_hub_download``
+        does *not* retry."""
+        return self._add(_Fault("drop", ("resolve",), times, filename=filename, fraction=fraction, reset=reset))
 
     def fail(self, kind: str | Iterable[str], status: int = 500, times: int | None = 1, **match) -> _Fault:
         """Answer the next request(s) of ``kind`` with ``status`` (body read first)."""
@@ -1111,6 +1118,15 @@ class _HubHandler(BaseHTTPRequestHandler):
             pass
         raise _Dropped()
 
+    def _close(self) -> None:
+        """Close the connection cleanly (FIN) in the middle of a response."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.close()
+        except OSError:
+            pass
+        raise _Dropped()
+
     def json_body(self) -> Any:
         try:
             return json.loads(self.body() or b"null")
@@ -1616,8 +1632,10 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self._log()
                 self.wfile.write(body[:cut])
                 self.wfile.flush()
-                time.sleep(0.05)
-                self._reset()
+                if fault.reset:
+                    time.sleep(0.05)
+                    self._reset()
+                self._close()
         self.send(status, body, headers=headers, content_type="application/octet-stream",
                   head_length=len(body) if method == "HEAD" else None)
 
