@@ -38,13 +38,13 @@ def tiny_config(arch: str, **overrides):
     elif arch == "t5":
         cfg = tf.T5Config(
             d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, **common,
+            feed_forward_proj="gated-gelu", decoder_start_token_id=0, **common,
         )
         cfg.architectures = ["T5ForConditionalGeneration"]
     elif arch == "mt5":
         cfg = tf.MT5Config(
             d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
-            tie_word_embeddings=False, decoder_start_token_id=0, **common,
+            decoder_start_token_id=0, **common,
         )
         cfg.architectures = ["MT5ForConditionalGeneration"]
     elif arch == "bloom":
@@ -60,13 +60,17 @@ def tiny_config(arch: str, **overrides):
     return cfg
 
 
-def build_model(arch: str, seed: int = 0, outliers: bool = True, **overrides):
+def build_model(arch: str, seed: int = 0, outliers: bool = True, untied_head: bool = True, **overrides):
+    """A tiny random model. T5/mT5 get an lm_head of their own (as T5 v1.1, Flan-T5, T0 and mT0 have)
+    unless ``untied_head=False``; transformers 5 declares T5 heads tied and ties them only when equal."""
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
     cls = getattr(tf, cfg.architectures[0])
     model = cls(cfg).eval()
+    if arch in ("t5", "mt5") and untied_head:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -117,6 +121,7 @@ def make_tiny(
     seed: int = 0,
     outliers: bool = True,
     tokenizer: bool = True,
+    untied_head: bool = True,
     **overrides,
 ) -> Path:
     """Write a tiny random `arch` checkpoint to `folder` in `form`; return the folder."""
@@ -124,7 +129,7 @@ def make_tiny(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = build_model(arch, seed=seed, outliers=outliers, **overrides).to(dtype)
+    model = build_model(arch, seed=seed, outliers=outliers, untied_head=untied_head, **overrides).to(dtype)
     model.config.dtype = dtype
     if form == "safetensors":
         model.save_pretrained(folder)

@@ -8,7 +8,7 @@ __all__ = ["__version__", "convert"]
 def __getattr__(name: str):
     # Lazy: `import int8` stays fast (the CLI's --help must not import torch).
     if name == "convert":
-        from .convert import convert
+        from .converter import convert
 
         return convert
     raise AttributeError(f"module 'int8' has no attribute {name!r}")

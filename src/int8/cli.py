@@ -171,8 +171,8 @@ def convert(
 
       int8 convert ./my-model --block-size 64 --skip "re:.*attn.*"
     """
-    from .convert import convert as run_convert
-    from .convert import default_output
+    from .converter import convert as run_convert
+    from .converter import default_output
 
     progress = None if quiet else RichProgress("Converting")
     report = run_convert(

@@ -257,7 +257,7 @@ def make_plan(
             if same_data is None or same_data(t, by_model_name[src]):
                 entries.append(TensorPlan(t, name, DROP, f"tied to {src}", tied_to=src))
                 continue
-            warnings.append(f"{t.name} is tied to {src} in the config but holds different values: both are kept")
+            # Different values (T5 v1.1's lm_head, say): transformers will not tie them; keep both.
         module_name, _, pname = name.rpartition(".")
         module = modules.get(module_name)
         fp32 = any(matches(module_name, m) for m in fp32_modules)
