@@ -1,0 +1,1 @@
+"""Streaming generation for `int8 generate` (filled in below)."""

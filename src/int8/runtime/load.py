@@ -1,0 +1,413 @@
+"""`int8.load`: a converted checkpoint as a transformers model whose big linears stay int8.
+
+transformers does the loading (shards, tied weights, the modules a model keeps
+in fp32, non-persistent buffers, generation config, device placement); int8
+hooks in as a transformers *quantizer* (``quant_method = "int8-runtime"``,
+registered with transformers' own ``register_quantizer``): before the weights
+load it swaps every layer that the checkpoint stores as ``weight_packed`` for an
+`Int8Linear` with buffers of the checkpoint's names, shapes and dtypes, so
+transformers' loader fills them as they are, with no conversion. After loading,
+each layer turns its packed bytes into int8 codes in place.
+
+The model keeps the checkpoint's compressed-tensors ``quantization_config``:
+``model.save_pretrained`` writes a checkpoint that `int8.load` and stock
+transformers both read again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
+from .layer import Int8Linear
+
+QUANT_METHOD = "int8-runtime"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# What the checkpoint holds
+
+
+class QuantizedLayerSpec:
+    """One quantized linear of the checkpoint, as its safetensors headers describe it."""
+
+    __slots__ = ("name", "out_features", "in_features", "block_size", "scale_dtype")
+
+    def __init__(self, name: str, out_features: int, in_features: int, block_size: int, scale_dtype: torch.dtype):
+        self.name = name
+        self.out_features = out_features
+        self.in_features = in_features
+        self.block_size = block_size
+        self.scale_dtype = scale_dtype
+
+
+def _headers(folder: Path) -> dict[str, dict]:
+    """name -> safetensors header entry, over all shards."""
+    from ..checkpoint import read_safetensors_header
+
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpoint(f"{index} is not a valid shard index ({e})") from None
+        paths = [folder / f for f in files]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise CorruptCheckpoint(
+                f"{INDEX_NAME} lists shards that are missing from {folder}: {', '.join(missing[:5])}",
+                "Download the checkpoint again (a Hub download resumes where it stopped).",
+            )
+    elif (folder / SINGLE_NAME).is_file():
+        paths = [folder / SINGLE_NAME]
+    else:
+        raise NoWeightsFound(
+            f"no {SINGLE_NAME} or {INDEX_NAME} in {folder}",
+            "int8.load reads the safetensors checkpoints that `int8 convert` writes.",
+        )
+    out: dict[str, dict] = {}
+    for p in paths:
+        header, _ = read_safetensors_header(p)
+        out.update({k: v for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
+def check_quantization_config(qc: Any, folder: Path) -> int:
+    """Validate a compressed-tensors int8 ``quantization_config``; return its group size (block size)."""
+    hint = "int8.load reads checkpoints written by `int8 convert` (compressed-tensors pack-quantized, 8-bit int weights)."
+    if not qc:
+        raise UnsupportedModel(f"{folder} is not an int8 checkpoint: its config.json has no quantization_config",
+                               "Convert it first with `int8 convert`, or load it with plain transformers.")
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if qc.get("quant_method") != "compressed-tensors":
+        raise UnsupportedModel(f"{folder} is quantized with {qc.get('quant_method')!r}, not compressed-tensors", hint)
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise UnsupportedModel(f"{folder}: quantization_config has no config_groups", hint)
+    sizes = set()
+    for name, group in groups.items():
+        w = (group or {}).get("weights") or {}
+        if (group or {}).get("input_activations") or (group or {}).get("output_activations"):
+            raise UnsupportedModel(f"{folder}: group {name} quantizes activations, which int8.load does not do", hint)
+        bad = []
+        if w.get("num_bits") != 8:
+            bad.append(f"num_bits={w.get('num_bits')}")
+        if w.get("type", "int") != "int":
+            bad.append(f"type={w.get('type')}")
+        if not w.get("symmetric", True):
+            bad.append("asymmetric")
+        strategy = w.get("strategy")
+        if strategy not in ("group", "channel"):
+            bad.append(f"strategy={strategy}")
+        fmt = group.get("format") or qc.get("format")
+        if fmt not in (None, "pack-quantized"):
+            bad.append(f"format={fmt}")
+        if bad:
+            raise UnsupportedModel(f"{folder}: quantization group {name} is not int8 block-wise ({', '.join(bad)})", hint)
+        if strategy == "group":
+            sizes.add(int(w.get("group_size") or 0))
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise UnsupportedModel(f"{folder}: quantization_status is {qc.get('quantization_status')!r}, not 'compressed'", hint)
+    return max(sizes) if sizes else 0
+
+
+def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerSpec]:
+    """Every ``M`` with ``M.weight_packed`` in the checkpoint -> its shapes and scale dtype."""
+    header = _headers(folder)
+    specs: dict[str, QuantizedLayerSpec] = {}
+    for key, entry in header.items():
+        if not key.endswith(".weight_packed"):
+            continue
+        name = key[: -len(".weight_packed")]
+        scale = header.get(name + ".weight_scale")
+        if scale is None:
+            raise CorruptCheckpoint(f"{folder}: {key} has no {name}.weight_scale beside it")
+        if entry.get("dtype") != "I32" or len(entry.get("shape", ())) != 2:
+            raise CorruptCheckpoint(f"{folder}: {key} is {entry.get('dtype')} {entry.get('shape')}, expected a 2-D I32 tensor")
+        if scale.get("dtype") not in _DTYPES or len(scale.get("shape", ())) != 2:
+            raise CorruptCheckpoint(f"{folder}: {name}.weight_scale is {scale.get('dtype')} {scale.get('shape')}")
+        out_features, nblocks = scale["shape"]
+        if entry["shape"][0] != out_features:
+            raise CorruptCheckpoint(f"{folder}: {key} and its weight_scale disagree on the number of rows")
+        packed_cols = entry["shape"][1]
+        if nblocks == 1 and not group_size:
+            in_features = packed_cols * 4  # channel strategy; weight_shape says the truth (checked at load)
+            block = in_features
+        else:
+            block = group_size or math.ceil(packed_cols * 4 / nblocks)
+            in_features = nblocks * block
+            if math.ceil(in_features / 4) != packed_cols:
+                raise CorruptCheckpoint(
+                    f"{folder}: {key} has {packed_cols} packed columns but {nblocks} blocks of {block} values"
+                )
+        specs[name] = QuantizedLayerSpec(name, out_features, in_features, block, _DTYPES[scale["dtype"]])
+    if not specs:
+        raise UnsupportedModel(f"{folder} holds no int8 weights (no *.weight_packed tensors)",
+                               "Convert the checkpoint with `int8 convert` first.")
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# The transformers quantizer
+
+
+def _register() -> None:
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
+        return
+
+    class Int8RuntimeConfig(QuantizationConfigMixin):
+        """Loads a compressed-tensors int8 checkpoint into `Int8Linear` layers.
+
+        ``to_dict`` gives back the checkpoint's own compressed-tensors config, so
+        a model saved with ``save_pretrained`` stays a standard checkpoint.
+        """
+
+        def __init__(self, checkpoint_config: dict | None = None, **kwargs):
+            self.quant_method = QUANT_METHOD
+            self.checkpoint_config = copy.deepcopy(checkpoint_config or {})
+            self.layers: dict[str, QuantizedLayerSpec] = kwargs.pop("layers", {})
+
+        def to_dict(self) -> dict[str, Any]:
+            return copy.deepcopy(self.checkpoint_config)
+
+        def to_diff_dict(self) -> dict[str, Any]:
+            return self.to_dict()
+
+        def __repr__(self) -> str:
+            return f"Int8RuntimeConfig({len(self.layers)} int8 layers)"
+
+    class Int8RuntimeQuantizer(HfQuantizer):
+        requires_calibration = False
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            replace_linears(model, self.quantization_config.layers)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            for module in model.modules():
+                if isinstance(module, Int8Linear):
+                    module.finalize()
+            return model
+
+        def is_serializable(self, *args, **kwargs) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_compileable(self) -> bool:
+            return True
+
+    AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = Int8RuntimeConfig
+    AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = Int8RuntimeQuantizer
+
+
+def _model_names(model, specs: dict[str, QuantizedLayerSpec]) -> dict[str, QuantizedLayerSpec]:
+    """Map checkpoint module names onto the model's (a base-model prefix may be added or stripped)."""
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name, spec in specs.items():
+        for cand in (name, f"{prefix}.{name}" if prefix else name, name.removeprefix(prefix + ".") if prefix else name):
+            if cand in modules:
+                out[cand] = spec
+                break
+        else:
+            raise CorruptCheckpoint(f"the checkpoint has int8 weights for {name!r}, a module the model does not have",
+                                    "The weights and config.json do not belong together.")
+    return out
+
+
+def replace_linears(model: torch.nn.Module, specs: dict[str, QuantizedLayerSpec]) -> list[str]:
+    """Swap the named ``nn.Linear`` / ``Conv1D`` modules of ``model`` for empty `Int8Linear` (checkpoint layout)."""
+    replaced = []
+    for name, spec in _model_names(model, specs).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        kind = type(old).__name__
+        if isinstance(old, torch.nn.Linear):
+            in_f, out_f = old.in_features, old.out_features
+        elif kind == "Conv1D":
+            in_f, out_f = old.weight.shape
+        else:
+            raise UnsupportedModel(f"{name} is a {kind}; int8.load de-quantizes only nn.Linear and Conv1D layers")
+        if out_f != spec.out_features or math.ceil(in_f / 4) != math.ceil(spec.in_features / 4) or in_f > spec.in_features:
+            raise CorruptCheckpoint(
+                f"{name}: the checkpoint's int8 weight is {spec.out_features}x{spec.in_features} but the model "
+                f"expects {out_f}x{in_f}", "The weights and config.json do not belong together.")
+        bias = getattr(old, "bias", None)
+        new = Int8Linear(
+            in_f, out_f, bias is not None, block_size=spec.block_size, scale_dtype=spec.scale_dtype,
+            device=torch.device("meta"), dtype=bias.dtype if bias is not None else None, checkpoint_layout=True,
+        )
+        if in_f != spec.in_features:  # channel strategy: the packed width rounded in_features up
+            new.weight_scale = torch.empty(out_f, math.ceil(in_f / spec.block_size), dtype=spec.scale_dtype, device="meta")
+        setattr(parent, child, new)
+        replaced.append(name)
+    return replaced
+
+
+# --------------------------------------------------------------------------------------------
+# load()
+
+
+def resolve_folder(path_or_repo: str | Path, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """A local checkpoint folder as is, else a Hub repo id downloaded with ``snapshot_download``."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceNotFound(f"{path_or_repo} is a file; int8.load takes a checkpoint folder or a Hub repo id")
+        return path.resolve()
+    text = str(path_or_repo)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text.strip():
+        raise SourceNotFound(f"folder {path_or_repo} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        got = snapshot_download(
+            text, revision=revision, token=token,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"],
+        )
+    except RepositoryNotFoundError:
+        raise SourceNotFound(f"{text} is neither a local folder nor a Hub repo you can access",
+                             "Check the spelling; for a private repo log in with `hf auth login` or pass a token.") from None
+    except RevisionNotFoundError:
+        raise SourceNotFound(f"{text} has no revision {revision!r}") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        from ..errors import HubError
+
+        raise HubError(f"could not download {text}: {e}", "Check your connection (and HF_ENDPOINT), then retry.") from None
+    return Path(got)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Int8Error(f"unknown device {device!r}", "Use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Int8Error(f"device {device!r} asked for, but torch sees no CUDA GPU", "Use device='cpu'.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config) -> torch.dtype:
+    """The compute dtype: as asked; by default float32 on CPU, the checkpoint's dtype on a GPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise Int8Error(f"dtype {dtype} is not a float dtype int8.load computes in", "Use fp32, fp16 or bf16.")
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32  # CPUs without bf16 units multiply fp32 many times faster
+        saved = getattr(config, "dtype", None)
+        if isinstance(saved, str):
+            saved = _DTYPE_NAMES.get(saved)
+        return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
+    try:
+        return _DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise Int8Error(f"unknown dtype {dtype!r}", "Use fp32, fp16, bf16 or auto.") from None
+
+
+def model_class(config):
+    """The transformers class for this config: causal LM or seq2seq, from ``architectures`` or the Auto maps."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
+        try:
+            return auto._model_mapping[type(config)]
+        except (KeyError, ValueError):
+            continue
+    raise UnsupportedModel(f"transformers has no causal-LM or seq2seq class for model type {config.model_type!r}")
+
+
+def load(
+    path_or_repo: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load an int8 checkpoint (a folder `int8 convert` wrote, or a Hub repo id) as a transformers model.
+
+    The model class comes from the config (causal LM or seq2seq). Every layer
+    stored as int8 becomes an `Int8Linear`: codes and scales stay in memory as
+    int8 (+ scales), de-quantized block-wise just in time for each
+    multiplication. Everything else loads as transformers loads it (layers a
+    model keeps in fp32, such as T5's ``wo``, stay in fp32).
+
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: a GPU when there
+    is one. ``dtype``: the compute dtype (``"fp32"``, ``"bf16"``, ``"fp16"``
+    or a torch dtype); default float32 on CPU and the checkpoint's dtype on a
+    GPU. Raises `int8.errors.Int8Error` for every problem with the input.
+    """
+    from transformers import AutoConfig
+
+    folder = resolve_folder(path_or_repo, revision=revision, token=token)
+    if not (folder / "config.json").is_file():
+        raise NoWeightsFound(f"{folder} has no config.json", "int8.load reads the folders that `int8 convert` writes.")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as e:
+        raise UnsupportedModel(f"transformers cannot read {folder / 'config.json'}: {e}") from None
+    qc = getattr(config, "quantization_config", None)
+    group_size = check_quantization_config(qc, folder)
+    specs = quantized_layers(folder, group_size)
+    dev = resolve_device(device)
+    compute = resolve_dtype(dtype, dev, config)
+    cls = model_class(config)
+
+    _register()
+    qc_dict = qc if isinstance(qc, dict) else qc.to_dict()
+    # transformers builds the quantizer from this dict (see `_register`).
+    config.quantization_config = {"quant_method": QUANT_METHOD, "checkpoint_config": qc_dict, "layers": specs}
+    kwargs: dict[str, Any] = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model, info = cls.from_pretrained(
+            folder, config=config, dtype=compute, device_map={"": dev}, output_loading_info=True, **kwargs
+        )
+    except Int8Error:
+        raise
+    except (ValueError, OSError, RuntimeError) as e:
+        raise CorruptCheckpoint(f"transformers could not load {folder}: {e}") from None
+    int8_names = {n for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.rpartition(".")[0] in int8_names)
+    if missing:
+        raise CorruptCheckpoint(f"{folder} lacks int8 tensors the model needs, e.g. {', '.join(missing[:3])}",
+                                "The download is incomplete or the index is wrong: fetch the checkpoint again.")
+    if len(int8_names) != len(specs):
+        raise CorruptCheckpoint(f"{len(specs)} int8 layers in the checkpoint but {len(int8_names)} in the model")
+    model.eval()
+    return model

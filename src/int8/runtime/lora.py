@@ -1,0 +1,174 @@
+"""LoRA adapters on `Int8Linear` layers, through PEFT's custom-module mechanism.
+
+PEFT lets a ``LoraConfig`` map a layer type to a LoRA class
+(``LoraConfig._register_custom_module``). `register_peft` (run when
+`int8.runtime` is imported) makes that mapping automatic: whenever PEFT builds
+LoRA layers for a model that has `Int8Linear` layers, it registers
+``{Int8Linear: Int8LoraLinear}`` on the config first. So plain
+
+    model = int8.load(path)
+    model = peft.get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+
+works, as do ``target_modules="all-linear"``, ``PeftModel.from_pretrained``
+and transformers' ``model.add_adapter``. Adapters save and load with PEFT's
+own files; the int8 codes and scales are frozen and never change.
+
+`Int8LoraLinear` computes ``base(x) + B(A(dropout(x))) * scaling`` with the
+adapter matrices in their own (usually float32) dtype. Merging an adapter into
+the int8 weight is refused: it would re-quantize the base weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .layer import Int8Linear
+
+
+class Int8LoraLinear(torch.nn.Module, LoraLayer):
+    """A LoRA adapter around a frozen `Int8Linear`."""
+
+    def __init__(
+        self,
+        base_layer: torch.nn.Module,
+        adapter_name: str,
+        config=None,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        variants = [
+            name
+            for name, on in (
+                ("use_dora", getattr(config, "use_dora", False)),
+                ("alora", getattr(config, "alora_invocation_tokens", None) is not None),
+                ("arrow", getattr(config, "arrow_config", None) is not None),
+                ("velora", getattr(config, "velora_config", None) is not None),
+            )
+            if on
+        ]
+        if variants:
+            raise ValueError(f"{type(self).__name__} supports plain LoRA only, not {', '.join(variants)}")
+        return None
+
+    def _get_in_out_features(self, module):
+        base = _base(module)
+        if isinstance(base, Int8Linear):
+            return base.in_features, base.out_features
+        return super()._get_in_out_features(module)
+
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        if isinstance(base, Int8Linear):
+            return base.codes.device, base.compute_dtype
+        return super()._get_base_layer_device_and_dtype(base_layer)
+
+    # -- merging is refused: the base weight is int8 -------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError(
+            "LoRA adapters cannot be merged into int8 layers (that would re-quantize the frozen weights). "
+            "Keep the adapter separate (PeftModel.save_pretrained), or merge it into the FP32 original."
+        )
+
+    def unmerge(self) -> None:
+        if self.merged:  # pragma: no cover - merge() never succeeds
+            raise NotImplementedError("nothing can be merged into int8 layers")
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _lora(self, x: torch.Tensor, adapter: str, expected: torch.dtype) -> torch.Tensor:
+        lora_a = self.lora_A[adapter]
+        lora_b = self.lora_B[adapter]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        out = lora_b(lora_a(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+        return out.to(expected)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:  # a different adapter per sample
+            for adapter in set(adapter_names):
+                if adapter == "__base__" or adapter not in self.lora_A:
+                    continue
+                idx = [i for i, name in enumerate(adapter_names) if name == adapter]
+                result[idx] += self._lora(x[idx], adapter, result.dtype)
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.lora_A:
+                result = result + self._lora(x, adapter, result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+LORA_MAPPING = {Int8Linear: Int8LoraLinear}
+"""For ``LoraConfig._register_custom_module(LORA_MAPPING)`` (done automatically by `register_peft`)."""
+
+
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def register_peft() -> None:
+    """Make PEFT build `Int8LoraLinear` for `Int8Linear` layers without the user registering anything.
+
+    Wraps two PEFT hooks, idempotently: ``LoraModel._create_new_module`` (registers
+    `LORA_MAPPING` on the config when the target is an `Int8Linear`) and
+    ``_maybe_include_all_linear_layers`` (so ``target_modules="all-linear"`` includes
+    `Int8Linear` layers, minus the output head, as it does ``nn.Linear``).
+    """
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora.model import LoraModel
+
+    create = LoraModel._create_new_module
+    if not getattr(create, "_int8_runtime", False):
+
+        def _create_new_module(lora_config, adapter_name, target, **kwargs):
+            if isinstance(_base(target), Int8Linear):
+                custom = getattr(lora_config, "_custom_modules", None) or {}
+                if Int8Linear not in custom:
+                    lora_config._register_custom_module(LORA_MAPPING)
+            return create(lora_config, adapter_name, target, **kwargs)
+
+        _create_new_module._int8_runtime = True
+        LoraModel._create_new_module = staticmethod(_create_new_module)
+
+    include = tuners_utils._maybe_include_all_linear_layers
+    if not getattr(include, "_int8_runtime", False):
+
+        def _maybe_include_all_linear_layers(peft_config, model):
+            target = getattr(peft_config, "target_modules", None)
+            wants_all = isinstance(target, str) and target.lower() == tuners_utils.INCLUDE_LINEAR_LAYERS_SHORTHAND
+            peft_config = include(peft_config, model)
+            if wants_all:
+                head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+                names = {
+                    name
+                    for name, m in model.named_modules()
+                    if isinstance(m, Int8Linear) and m is not head and ".base_layer" not in f".{name}"
+                }
+                peft_config.target_modules = set(peft_config.target_modules or ()) | names
+            return peft_config
+
+        _maybe_include_all_linear_layers._int8_runtime = True
+        tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
