@@ -37,7 +37,7 @@ The server object
                          repo_id, revision, filename, oid, auth_sent, user,
                          request_bytes, response_bytes, range, dropped), ``.filter(...)``,
                          ``.count(...)``, ``.downloads(filename)``, ``.lfs_uploads(oid)``,
-                         ``.clear()``. ``kind`` is one of: whoami, create-repo,
+                         ``.clear()``. ``kind`` is one of: whoami, agent-harnesses, create-repo,
                          delete-repo, validate-yaml, repo-info, tree, paths-info, refs,
                          commits, preupload, commit, branch, tag, settings, auth-check,
                          resolve, lfs-batch, lfs-verify, lfs-upload, lfs-upload-part,
@@ -97,7 +97,6 @@ Client facts this server relies on (huggingface_hub 2.4):
 from __future__ import annotations
 
 import base64
-import contextlib
 import fnmatch
 import hashlib
 import json
@@ -649,6 +648,8 @@ class HubServer:
         self._blackhole: socket.socket | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="int8-hubserver-")
         self._counter = 0
+        self._monkeypatch: pytest.MonkeyPatch | None = None
+        self.hf_home: Path | None = None
 
         alice = self.add_user("alice", orgs=("int8-org",), token="hf_alice_write_" + secrets.token_hex(8))
         self.tokens = Tokens(
@@ -966,7 +967,7 @@ class HubServer:
 
     def login(self, user_or_token: str | None) -> str | None:
         """Set ``HF_TOKEN`` for the in-process client (needs :meth:`patch_client`). ``None`` unsets it."""
-        mp = self._monkeypatch
+        mp = self._require_patch()
         if user_or_token is None:
             mp.delenv("HF_TOKEN", raising=False)
             return None
@@ -978,7 +979,12 @@ class HubServer:
         """Turn HF_HUB_OFFLINE on/off for the in-process client (needs :meth:`patch_client`)."""
         from huggingface_hub import constants
 
-        self._monkeypatch.setattr(constants, "HF_HUB_OFFLINE", enabled)
+        self._require_patch().setattr(constants, "HF_HUB_OFFLINE", enabled)
+
+    def _require_patch(self) -> pytest.MonkeyPatch:
+        if self._monkeypatch is None:
+            raise RuntimeError("call hub.patch_client(monkeypatch) first (the `hub` fixture does)")
+        return self._monkeypatch
 
     # ----------------------------------------------------------------- urls
 
@@ -1246,6 +1252,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             ("POST", ("repos", "create")): ("create-repo", self._create_repo),
             ("DELETE", ("repos", "delete")): ("delete-repo", self._delete_repo),
             ("POST", ("validate-yaml",)): ("validate-yaml", self._validate_yaml),
+            # the `hf` CLI asks for the AI-agent registry; an empty one disables detection
+            ("GET", ("agent-harnesses",)): ("agent-harnesses",
+                                            lambda: self.send(200, {"standardEnvVars": [], "harnesses": {}})),
         }
         hit = routes.get((method, tuple(s)))
         if hit is not None:
@@ -1338,7 +1347,8 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _file_entry(self, path: str, blob: Blob, commit: Commit | None = None) -> dict:
         entry = {"type": "file", "oid": blob.git_oid, "size": blob.size, "path": path}
         if blob.lfs:
-            entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": len(lfs_pointer(blob.sha256, blob.size))}
+            pointer_size = len(lfs_pointer(blob.sha256, blob.size))
+            entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": pointer_size}
         if commit is not None:
             entry["lastCommit"] = {"id": commit.oid, "title": commit.title, "date": _iso(commit.date)}
         return entry

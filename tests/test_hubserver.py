@@ -423,6 +423,26 @@ def test_create_branch_tag_and_commit_operations(hub, tmp_path):
     assert ("model", "alice/ops") not in hub.repos
 
 
+def test_dataset_repo_and_gitignore(hub, tmp_path):
+    api = HfApi(token=hub.tokens.alice)
+    url = api.create_repo("alice/calib", repo_type="dataset")
+    assert url == f"{hub.endpoint}/datasets/alice/calib"
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / ".gitignore").write_text("*.log\n")
+    (d / "train.parquet").write_bytes(blob(4000, 7))
+    (d / "run.log").write_text("noise")
+    api.upload_folder(repo_id="alice/calib", repo_type="dataset", folder_path=d)
+    assert set(hub.files("alice/calib", repo_type="dataset")) == {".gitattributes", ".gitignore", "train.parquet"}
+    assert hub.blob("alice/calib", "train.parquet", repo_type="dataset").lfs
+    path = snapshot_download("alice/calib", repo_type="dataset", allow_patterns="*.parquet")
+    assert read_tree(path) == {"train.parquet": blob(4000, 7)}
+    head = hub.repo("alice/calib", "dataset").branches["main"]
+    assert hub.log.downloads()[0].path == f"/datasets/alice/calib/resolve/{head}/train.parquet"
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi().model_info("alice/calib")  # it is a dataset, not a model
+
+
 def test_multipart_lfs_upload(hub):
     hub.lfs_multipart_chunk_size = 1000
     data = blob(2500, 5)
@@ -629,10 +649,17 @@ def test_subprocess_against_a_server_that_does_not_answer(hub, seeded, tmp_path)
     assert time.monotonic() - t0 < 30
 
 
-def test_stopped_server_refuses_connections(hub, seeded):
+def test_stopped_server_refuses_connections(hub, seeded, fast_retries):
     hub.stop()
     with pytest.raises(httpx2.ConnectError):
         HfApi().model_info(seeded.repo_id, timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(LocalEntryNotFoundError):
+        snapshot_download(seeded.repo_id)  # no retry: fails at once
+    with pytest.raises(LocalEntryNotFoundError):
+        hf_hub_download(seeded.repo_id, "config.json")  # 5 retries, sleeps skipped by fast_retries
+    assert time.monotonic() - t0 < 10
+    assert len(fast_retries.sleeps) == 5
 
 
 def test_injected_status_errors(hub, seeded, tmp_path):
