@@ -82,14 +82,21 @@ Client facts this server relies on (huggingface_hub 2.4):
 
 * The LFS upload URL is called without an Authorization header; multipart parts and the
   completion POST too. The server issues an unguessable per-object URL instead.
-* ``http_backoff`` retries dropped connections / 5xx five times with 1+2+4+8+8 s sleeps;
-  a test that wants an upload to *fail* must make every attempt fail
+* ``http_backoff`` retries dropped connections / 408, 429, 5xx five times with 1+2+4+8+8 s
+  sleeps; a test that wants an upload to *fail* must make every attempt fail
   (``drop_lfs_upload(times=None)``) and should patch the sleeps (``fast_retries``
-  fixture) to stay fast.
-* ``hf_hub_download`` with nothing cached retries a failed/timed-out HEAD with a 60 s
-  timeout and five retries (hard-coded), so an unresponsive server makes it take
-  minutes; ``HfApi.model_info``/``repo_info`` (and thus ``snapshot_download``) use *no*
-  timeout at all unless ``timeout=`` is passed.
+  fixture) to stay fast. In a subprocess the sleeps cannot be patched: use
+  ``fail_lfs_upload(status=400, times=None, oid=...)``, which the client does not retry.
+* Downloads resume (``Range: bytes=N-``) only after a clean close mid-body, and only from
+  the last whole ``DOWNLOAD_CHUNK_SIZE`` (10 MB) chunk; a TCP reset (``httpx2.ReadError``)
+  is not retried at all.
+* Against a server that accepts connections and never answers: ``hf_hub_download`` with
+  nothing cached retries the HEAD with a hard-coded 60 s timeout and five retries (minutes,
+  whatever ``HF_HUB_ETAG_TIMEOUT`` says); ``HfApi.model_info``/``repo_info`` (and thus
+  ``snapshot_download``) send ``timeout=None`` explicitly, i.e. wait forever, and a client
+  factory with a default timeout does not change that. Only an explicit ``timeout=`` bounds
+  them. Against a refused port ``snapshot_download`` fails at once and ``hf_hub_download``
+  after its retries (~23 s of sleeps).
 * 401 without ``X-Error-Code`` is only mapped to ``RepositoryNotFoundError`` for https
   URLs, so the server always sends ``X-Error-Code: RepoNotFound`` for hidden repos.
 """

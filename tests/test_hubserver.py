@@ -563,6 +563,34 @@ def test_interrupted_lfs_upload_then_rerun_sends_only_the_unfinished_file(hub, t
     assert files["model-00002-of-00002.safetensors"] == second
 
 
+def test_interrupted_upload_in_a_subprocess_then_rerun(hub, tmp_path):
+    # In a subprocess the retry sleeps cannot be patched: a non-retried status (400) ends the
+    # upload at once, which is what a CLI test wants.
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    first, second = blob(20_000, 41), blob(20_000, 42)
+    (folder / "a.safetensors").write_bytes(first)
+    (folder / "b.safetensors").write_bytes(second)
+    hub.create_repo("alice/proc-resume", {})
+    script = ("import sys; from huggingface_hub import HfApi; "
+              "HfApi().upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2])")
+    env = hub.env(user="alice", hf_home=tmp_path / "home")
+    hub.faults.fail_lfs_upload(status=400, times=None, oid=sha256(second))
+    out = subprocess.run([sys.executable, "-c", script, "alice/proc-resume", str(folder)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "b.safetensors" in out.stderr
+    assert len(hub.log.lfs_uploads(oid=sha256(first), completed=True)) == 1
+    assert hub.files("alice/proc-resume") == {}
+
+    hub.faults.clear()
+    hub.log.clear()
+    out = subprocess.run([sys.executable, "-c", script, "alice/proc-resume", str(folder)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [r.oid for r in hub.log.lfs_uploads()] == [sha256(second)]
+    assert hub.files("alice/proc-resume") == {"a.safetensors": first, "b.safetensors": second}
+
+
 def test_one_dropped_upload_is_retried_by_the_client(hub, fast_retries):
     data = blob(10_000, 21)
     api = HfApi(token=hub.tokens.alice)
