@@ -18,6 +18,11 @@ Fixtures
     Same server, but the in-process client is *not* patched (for tests that only drive
     subprocesses, or that want to patch themselves with ``hub.patch_client``).
 
+``fast_retries``
+    Makes huggingface_hub's retry sleeps instant in-process (``.sleeps`` lists them).
+
+Outside pytest: ``with HubServer() as hub: ...`` (starts and stops it).
+
 The server object
 -----------------
 ``hub.endpoint``         ``"http://127.0.0.1:<port>"``
@@ -30,14 +35,22 @@ The server object
                          seeds a repo directly (no HTTP). ``hub.commit(...)``,
                          ``hub.create_branch(...)``, ``hub.create_tag(...)`` add history;
                          ``hub.files(repo_id, rev)`` / ``hub.file_bytes(...)`` read back;
-                         ``hub.repo(repo_id)`` is the :class:`Repo` (``.branches``,
-                         ``.tags``, ``.pull_requests``, ``.commits``, ``.private``).
+                         ``hub.blob(repo_id, path, rev)`` is the stored :class:`Blob`
+                         (``.lfs``, ``.sha256``, ``.git_oid``); ``hub.repo(repo_id,
+                         repo_type)`` is the :class:`Repo` (``.branches``, ``.tags``,
+                         ``.pr_heads`` {"refs/pr/N": oid}, ``.pull_requests``,
+                         ``.commits``, ``.private``, ``.gated``, ``.granted``).
+                         A repo made over HTTP gets an initial commit holding the
+                         Hub's default ``.gitattributes``, like the real Hub.
 ``hub.log``              :class:`RequestLog` of every request: ``.records`` (each a
                          :class:`RequestRecord`: method, path, query, status, kind,
                          repo_id, revision, filename, oid, auth_sent, user,
-                         request_bytes, response_bytes, range, dropped), ``.filter(...)``,
-                         ``.count(...)``, ``.downloads(filename)``, ``.lfs_uploads(oid)``,
-                         ``.clear()``. ``kind`` is one of: whoami, agent-harnesses, create-repo,
+                         request_bytes, response_bytes, range, dropped, headers),
+                         ``.filter(where=None, ok=None, **attrs)``, ``.count(...)``,
+                         ``.downloads(filename)`` (GET /resolve, 2xx),
+                         ``.downloaded_files()``, ``.lfs_uploads(oid, completed)``,
+                         ``.summary()``, ``.clear()``. Records are appended before
+                         the response body goes out. ``kind`` is one of: whoami, agent-harnesses, create-repo,
                          delete-repo, validate-yaml, repo-info, tree, paths-info, refs,
                          commits, preupload, commit, branch, tag, settings, auth-check,
                          resolve, lfs-batch, lfs-verify, lfs-upload, lfs-upload-part,
@@ -45,13 +58,16 @@ The server object
 ``hub.faults``           :class:`Faults`: ``drop_lfs_upload(times=1, oid=None)`` (read
                          half the body, then reset the connection), ``fail_lfs_upload(
                          status=..., times=1, oid=None)``, ``drop_download(times=1,
-                         filename=None)`` (send half the body, then reset),
+                         filename=None, reset=False)`` (send half the body, then
+                         close: the client resumes with ``Range``),
                          ``fail(kind, status, times=1)``, ``hang(kind=None)`` (matching
                          requests get no answer until ``release()``/``clear()``).
 ``hub.unresponsive_endpoint``  a second port that accepts TCP connections and never
                          answers ("server does not answer" tests).
 ``hub.stop()``           stop serving (the port then refuses connections).
 ``hub.env(user=None, token=None, hf_home=None, offline=False, **extra)``
+                         (``user`` is a ``hub.tokens`` name: "alice", "bob",
+                         "alice_read", "invalid")
                          full environment dict for a subprocess: ``HF_ENDPOINT``,
                          ``HF_TOKEN`` (when ``user``/``token`` given, else removed), a
                          fresh ``HF_HOME`` (unless given), ``HF_HUB_DISABLE_XET=1``,
@@ -62,6 +78,8 @@ The server object
 ``hub.lfs_multipart_chunk_size``: set to an int to make the LFS batch answer ask for a
                          multipart upload of objects larger than that.
 ``hub.tree_page_size``   tree listing page size (pagination through ``Link`` headers).
+``hub.login(name_or_token)`` / ``hub.offline()``  set ``HF_TOKEN`` / ``HF_HUB_OFFLINE``
+                         for the in-process client, for the current test only.
 
 In-process use
 --------------
