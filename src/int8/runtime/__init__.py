@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .layer import Int8Linear
 from .load import load
-from .lora import Int8LoraLinear, register_peft
+from .lora import Int8LoraLinear, adapter_optimizer, register_peft
 
-__all__ = ["Int8Linear", "Int8LoraLinear", "load", "register_peft"]
+__all__ = ["Int8Linear", "Int8LoraLinear", "adapter_optimizer", "load", "register_peft"]
 
 register_peft()

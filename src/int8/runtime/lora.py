@@ -121,6 +121,35 @@ class Int8LoraLinear(torch.nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def adapter_optimizer(model: torch.nn.Module, lr: float = 2e-4, weight_decay: float = 0.0, eight_bit: bool | None = None):
+    """An AdamW over the trainable parameters of ``model`` (the LoRA adapters).
+
+    On CUDA with bitsandbytes installed (or with ``eight_bit=True``) it is
+    bitsandbytes' 8-bit ``AdamW8bit``, whose optimizer state takes a quarter of
+    the memory; otherwise (CPU) it is ``torch.optim.AdamW``.
+    """
+    from ..errors import Int8Error
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise Int8Error("the model has no trainable parameters", "Attach LoRA adapters with peft.get_peft_model first.")
+    if eight_bit is None:
+        eight_bit = params[0].is_cuda and _has_bitsandbytes()
+    if eight_bit:
+        if not _has_bitsandbytes():
+            raise Int8Error("8-bit Adam needs bitsandbytes, which is not installed", "pip install bitsandbytes")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 LORA_MAPPING = {Int8Linear: Int8LoraLinear}
 """For ``LoraConfig._register_custom_module(LORA_MAPPING)`` (done automatically by `register_peft`)."""
 
