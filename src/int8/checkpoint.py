@@ -328,11 +328,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             f"weights_only=True and will not unpickle arbitrary code ({str(e).splitlines()[0]})",
             "If you trust the file, load it with torch.load and save the state dict with safetensors.",
         ) from None
-    except (zipfile.BadZipFile, EOFError) as e:
-        raise CorruptCheckpoint(f"{path} is truncated or corrupt ({e})", "Download or save the checkpoint again.") from None
-    except RuntimeError as e:
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         msg = str(e)
-        if "mmap" in msg or "zipfile" in msg.lower() and "legacy" in msg.lower():
+        if "mmap" in msg:
             raise UnsupportedModel(
                 f"{path.name} cannot be memory-mapped: it was saved in PyTorch's legacy (pre-1.6) format",
                 "Re-save it with a current torch (torch.save(torch.load(f, weights_only=True), f)) "

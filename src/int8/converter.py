@@ -381,7 +381,12 @@ def _stream(
         writer: ShardWriter | None = None
         try:
             while True:
-                msg = to_write.get()
+                try:
+                    msg = to_write.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        raise _Stopped from None
+                    continue
                 if msg is None:
                     return
                 if isinstance(msg, ShardPlan):
@@ -395,7 +400,8 @@ def _stream(
                     writer.write(data)
                     release()
         except BaseException as exc:
-            failures.append(exc)
+            if not isinstance(exc, _Stopped):
+                failures.append(exc)
             stop.set()
             if writer is not None:
                 writer.abort()
