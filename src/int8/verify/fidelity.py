@@ -1,0 +1,323 @@
+"""Fidelity: the converted checkpoint against its original, tensor by tensor and prediction by prediction.
+
+Tensor level (``reconstruction``), streamed: both checkpoints are read tensor
+by tensor in row chunks, never as whole models. For every quantized weight
+``|w - q*scale| <= scale/2`` must hold for every value (the bound the scheme
+guarantees, see `int8.quantize`; a relative slack of 1e-3 covers float32
+arithmetic) and every stored scale must be within ``scale_rtol`` of
+``absmax/127`` of the original's block (so inflated scales cannot satisfy the
+bound). Every tensor kept unquantized must equal the original rounded to its
+stored dtype, exactly.
+
+Model level (``top1``, ``kl``, ``perplexity``): teacher-forced next-token
+predictions on the sample text (see `int8.verify.sample`), of the converted
+model and of the reference (see `int8.verify.models`), against the
+original's. The thresholds and why they are what they are: `Thresholds`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointReader, SourceTensor, find_checkpoint
+from ..quantize import QMAX, dequantize, unpack_codes
+from .result import Check, Thresholds, outcome
+from .structure import Layout, QuantLayer
+
+ERROR_SLACK = 1e-3
+"""Relative slack on the scale/2 bound: float32 division and product round by about 1e-7."""
+
+ROW_BYTES = 32 << 20
+
+
+def _subnormal(dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
+def _where(t) -> str:
+    return f"{t.file.name}: {t.name}"
+
+
+class _Original:
+    """The original checkpoint's tensors under the converted model's names."""
+
+    def __init__(self, reader: CheckpointReader, layout: Layout):
+        self.reader = reader
+        self.by_name: dict[str, SourceTensor] = {}
+        for t in reader.tensors:
+            self.by_name.setdefault(layout.model_name(t.name), t)
+        self.aliases: dict[str, list[str]] = {}
+        for copy, source in layout.tied.items():
+            self.aliases.setdefault(source, []).append(copy)
+            self.aliases.setdefault(copy, []).append(source)
+
+    def find(self, name: str) -> SourceTensor | None:
+        for candidate in (name, *self.aliases.get(name, ())):
+            if candidate in self.by_name:
+                return self.by_name[candidate]
+        return None
+
+
+def check_reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Check:
+    """Every tensor of the converted checkpoint against the original's (see the module docstring)."""
+    problems: list[str] = []
+    worst = 0.0
+    worst_scale = 0.0
+    kept_ok = 0
+    with CheckpointReader(find_checkpoint(original)) as orig_reader, CheckpointReader(
+        find_checkpoint(layout.folder)
+    ) as conv_reader:
+        orig = _Original(orig_reader, layout)
+        stored = {t.name: t for t in conv_reader.tensors}
+        for q in layout.quantized.values():
+            src = orig.find(f"{q.module}.weight")
+            if src is None:
+                problems.append(f"{_where(q.packed)}: the original has no tensor {q.module}.weight to compare with")
+                continue
+            want = (q.in_features, q.out_features) if q.layout == "conv1d" else (q.out_features, q.in_features)
+            if tuple(src.shape) != want:
+                problems.append(
+                    f"{_where(q.packed)}: the original's {src.name} has shape {list(src.shape)}, the converted weight "
+                    f"[{q.out_features}, {q.in_features}]" + (" (Conv1D: [in, out])" if q.layout == "conv1d" else "")
+                )
+                continue
+            err, rel, found = _layer(q, src, orig_reader, conv_reader, stored, layout.block_size or 1, thresholds)
+            worst, worst_scale = max(worst, err), max(worst_scale, rel)
+            problems += found
+        for name, t in layout.kept.items():
+            src = orig.find(name)
+            if src is None:
+                problems.append(f"{_where(t)}: the original has no tensor {name} to compare with")
+                continue
+            if tuple(src.shape) != tuple(t.shape):
+                problems.append(f"{_where(t)} has shape {list(t.shape)}, the original's {src.name} {list(src.shape)}")
+                continue
+            mine = conv_reader.read(stored[name])
+            theirs = orig_reader.read(src).to(mine.dtype)
+            if torch.equal(mine, theirs):
+                kept_ok += 1
+                continue
+            differ = mine != theirs
+            if mine.is_floating_point():
+                differ &= ~(torch.isnan(mine) & torch.isnan(theirs))
+            i = int(differ.reshape(-1).nonzero()[0])
+            problems.append(
+                f"{_where(t)} differs from the original's {src.name} rounded to {t.dtype} at {int(differ.sum())} "
+                f"value(s) (first at flat index {i}: {mine.reshape(-1)[i].item():.6g} vs {theirs.reshape(-1)[i].item():.6g})"
+            )
+    figure = (
+        f"max |w - q*scale| = {worst:.3f} scale over {len(layout.quantized)} layers; "
+        f"scales within {worst_scale:.2%} of absmax/127; {kept_ok}/{len(layout.kept)} other tensors identical"
+    )
+    threshold = f"<= 0.5 scale; scales within {thresholds.scale_rtol:.0%} of absmax/127; the rest equal"
+    return outcome("reconstruction", problems, figure=figure, threshold=threshold, group="fidelity", value=worst)
+
+
+def _layer(
+    q: QuantLayer,
+    src: SourceTensor,
+    orig_reader: CheckpointReader,
+    conv_reader: CheckpointReader,
+    stored: dict,
+    g: int,
+    thresholds: Thresholds,
+) -> tuple[float, float, list[str]]:
+    """(max error in scales, max relative scale deviation, problems) of one quantized layer."""
+    packed_t, scale_t = stored[q.packed.name], stored[q.scale.name]
+    sdtype = torch.float32
+    in_f = q.in_features
+    whole = orig_reader.read(src).float().t().contiguous() if q.layout == "conv1d" else None
+    step = max(1, ROW_BYTES // max(1, in_f * 4))
+    worst = worst_rel = 0.0
+    bad_err = bad_scale = 0
+    first_err = first_scale = None
+    for r0 in range(0, q.out_features, step):
+        r1 = min(q.out_features, r0 + step)
+        if whole is not None:
+            w = whole[r0:r1]
+        else:
+            buf = torch.empty((r1 - r0) * in_f * 8, dtype=torch.uint8)
+            w = orig_reader.read_rows(src, r0, r1, buf).float()
+        pbuf = torch.empty((r1 - r0) * packed_t.row_numel * 4, dtype=torch.uint8)
+        sbuf = torch.empty((r1 - r0) * scale_t.row_numel * 8, dtype=torch.uint8)
+        codes = unpack_codes(conv_reader.read_rows(packed_t, r0, r1, pbuf), in_f)
+        scales = conv_reader.read_rows(scale_t, r0, r1, sbuf)
+        sdtype = scales.dtype
+        s = scales.float()
+        wq = dequantize(codes, scales, g, torch.float32)
+        s_full = s.repeat_interleave(g, dim=1)[:, :in_f]
+        err = (w - wq).abs()
+        bound = s_full * (0.5 * (1 + ERROR_SLACK)) + QMAX * _subnormal(sdtype)
+        ratio = torch.where(s_full > 0, err / s_full.clamp_min(1e-45), torch.where(err > 0, math.inf, 0.0))
+        over = err > bound
+        worst = max(worst, float(ratio.max()) if ratio.numel() else 0.0)
+        if bool(over.any()):
+            bad_err += int(over.sum())
+            if first_err is None:
+                r, c = (int(i) for i in over.nonzero()[0])
+                first_err = (r0 + r, c, float(ratio[r, c]))
+        # scales against absmax / 127 of the original's blocks
+        pad = (-in_f) % g
+        wb = torch.nn.functional.pad(w, (0, pad)) if pad else w
+        amax = wb.abs().view(r1 - r0, -1, g).amax(-1)
+        want = amax / QMAX
+        dev = (s - want).abs()
+        allowed = thresholds.scale_rtol * want + _subnormal(sdtype)
+        rel = torch.where(want > 0, dev / want.clamp_min(1e-45), torch.where(dev > 0, math.inf, 0.0))
+        worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
+        off = ~(dev <= allowed)  # NaN counts as off
+        if bool(off.any()):
+            bad_scale += int(off.sum())
+            if first_scale is None:
+                r, b = (int(i) for i in off.nonzero()[0])
+                first_scale = (r0 + r, b, float(s[r, b]), float(want[r, b]))
+    problems = []
+    if first_err is not None:
+        r, c, x = first_err
+        problems.append(
+            f"{_where(q.packed)}: {bad_err} value(s) of {q.module} are reconstructed beyond half a scale from the "
+            f"original (first at row {r}, column {c}: |w - q*scale| = {x:.3g} scale)"
+        )
+    if first_scale is not None:
+        r, b, got, want_s = first_scale
+        problems.append(
+            f"{_where(q.scale)}: {bad_scale} scale(s) are not absmax/127 of the original's block "
+            f"(first at row {r}, block {b}: {got:.6g}, expected {want_s:.6g})"
+        )
+    return worst, worst_rel, problems
+
+
+# --------------------------------------------------------------------------- model-level metrics
+
+
+@dataclass
+class Agreement:
+    """Running totals of a model's predictions against the original's, window by window."""
+
+    tokens: int = 0
+    top1: int = 0
+    kl_sum: float = 0.0
+    nll_original: float = 0.0
+    nll_model: float = 0.0
+    nonfinite: int = 0
+    vocab_mismatch: str | None = None
+
+    def update(self, original_logprobs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if logits.shape[-1] != original_logprobs.shape[-1]:
+            self.vocab_mismatch = (
+                f"the converted model predicts over {logits.shape[-1]} tokens, the original over "
+                f"{original_logprobs.shape[-1]}"
+            )
+            return
+        n = targets.numel()
+        self.nonfinite += int((~torch.isfinite(logits)).sum())
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        p_orig = original_logprobs.exp()
+        kl = (p_orig * (original_logprobs - lp)).sum(-1)
+        self.kl_sum += float(kl.sum())
+        self.top1 += int((original_logprobs.argmax(-1) == lp.argmax(-1)).sum())
+        idx = targets.view(-1, 1)
+        self.nll_original -= float(original_logprobs.gather(-1, idx).sum())
+        self.nll_model -= float(lp.gather(-1, idx).sum())
+        self.tokens += n
+
+    @property
+    def top1_rate(self) -> float:
+        return self.top1 / self.tokens if self.tokens else math.nan
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def ppl_original(self) -> float:
+        return math.exp(self.nll_original / self.tokens) if self.tokens else math.nan
+
+    @property
+    def ppl_model(self) -> float:
+        if not self.tokens:
+            return math.nan
+        x = self.nll_model / self.tokens
+        return math.exp(x) if x < 700 else math.inf
+
+    @property
+    def ppl_ratio(self) -> float:
+        if not self.tokens:
+            return math.nan
+        d = (self.nll_model - self.nll_original) / self.tokens
+        return math.exp(d) if d < 700 else math.inf
+
+
+def metric_checks(converted: Agreement, reference: Agreement, thresholds: Thresholds) -> tuple[list[Check], dict]:
+    """The top1, kl and perplexity checks, and the figures for the report's metrics."""
+    t = thresholds
+    metrics = {
+        "tokens": converted.tokens,
+        "top1_agreement": round(converted.top1_rate, 6),
+        "top1_reference": round(reference.top1_rate, 6),
+        "mean_kl": converted.mean_kl,
+        "mean_kl_reference": reference.mean_kl,
+        "ppl_original": converted.ppl_original,
+        "ppl_converted": converted.ppl_model,
+        "ppl_ratio": converted.ppl_ratio,
+    }
+    broken = []
+    if converted.vocab_mismatch:
+        broken.append(converted.vocab_mismatch)
+    if converted.nonfinite:
+        broken.append(f"the converted model produced {converted.nonfinite} NaN or infinite logits")
+
+    top1_bar = min(t.top1_min, reference.top1_rate - t.top1_slack) if reference.tokens else t.top1_min
+    top1_problems = list(broken)
+    if not broken and not converted.top1_rate >= top1_bar:
+        top1_problems.append(
+            f"the converted model's top-1 next token agrees with the original's on {converted.top1_rate:.1%} of "
+            f"{converted.tokens} positions; ideal int8 noise agrees on {reference.top1_rate:.1%}"
+        )
+    top1 = outcome(
+        "top1",
+        top1_problems,
+        figure=f"{converted.top1_rate:.1%} of {converted.tokens} tokens (reference {reference.top1_rate:.1%})",
+        threshold=f">= {top1_bar:.1%} (min({t.top1_min:.0%}, reference - {t.top1_slack:.0%}))",
+        group="fidelity",
+        value=converted.top1_rate,
+    )
+
+    kl_bar = min(t.kl_factor * reference.mean_kl, t.kl_max) if reference.tokens else t.kl_max
+    kl_problems = list(broken)
+    if not broken and not converted.mean_kl <= kl_bar:
+        times = converted.mean_kl / reference.mean_kl if reference.mean_kl > 0 else math.inf
+        kl_problems.append(
+            f"mean KL divergence from the original is {converted.mean_kl:.3g} nats/token, {times:.3g}x what ideal "
+            f"int8 rounding costs ({reference.mean_kl:.3g}); the converted weights are not the original's"
+        )
+    kl = outcome(
+        "kl",
+        kl_problems,
+        figure=f"{converted.mean_kl:.3g} nats/token (reference {reference.mean_kl:.3g})",
+        threshold=f"<= {kl_bar:.3g} (min({t.kl_factor:g} x reference, {t.kl_max:g}))",
+        group="fidelity",
+        value=converted.mean_kl,
+    )
+
+    ratio = converted.ppl_ratio
+    ppl_problems = list(broken)
+    if not broken and not (1 / t.ppl_ratio_max <= ratio <= t.ppl_ratio_max):
+        ppl_problems.append(
+            f"perplexity on the sample is {converted.ppl_model:.4g}, the original's {converted.ppl_original:.4g} "
+            f"(ratio {ratio:.4f})"
+        )
+    ppl = outcome(
+        "perplexity",
+        ppl_problems,
+        figure=f"{converted.ppl_model:.4g} vs {converted.ppl_original:.4g} (ratio {ratio:.4f})",
+        threshold=f"ratio within {1 / t.ppl_ratio_max:.4f}..{t.ppl_ratio_max:.4f}",
+        group="fidelity",
+        value=ratio,
+    )
+    return [top1, kl, ppl], metrics

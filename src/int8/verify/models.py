@@ -1,0 +1,220 @@
+"""Building the models that the loading and fidelity checks run: the original, the converted, the reference.
+
+* The converted checkpoint is loaded by stock transformers with
+  compressed-tensors, as its users will load it: run-compressed (the linear
+  layers hold int8 codes) for every architecture that transformers can build
+  that way; T5-family models de-quantized at load (T5's code reads
+  ``.weight``, which a run-compressed layer does not have). GPT-2 style Conv1D
+  layers are not loadable by compressed-tensors at all: for them int8 builds
+  the model itself from config.json with the de-quantized weights
+  (``codes x scale``, transposed back to Conv1D's layout).
+* The original is loaded by stock transformers from its own folder.
+* The *reference* is the original, modified in place after its own logits have
+  been taken: every tensor the checkpoint keeps unquantized is replaced by the
+  checkpoint's stored copy (so rounding to bf16/fp16 counts the same on both
+  sides) and every quantized weight gets uniform noise of +-scale/2 drawn with
+  a fixed seed, using the checkpoint's scales: the error an ideal rounding
+  makes, without its values. The fidelity thresholds are relative to it.
+
+Only one model is in memory at a time. Logits are computed window by window
+(see `int8.verify.sample`); the original's log-probabilities are kept on the
+CPU in float32 to compare the others with, which is why the number of scored
+tokens is capped so that they take at most `LOGPROB_BUDGET` bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointReader, find_checkpoint
+from .sample import Window
+from .structure import Layout
+
+T5_FAMILY = {"t5", "mt5", "umt5", "longt5"}
+"""Model types whose transformers code cannot run with run-compressed linear layers."""
+
+LOGPROB_BUDGET = 1 << 30
+"""Bytes of the original's float32 log-probabilities kept for comparison (caps the scored tokens)."""
+
+NOISE_SEED = 0
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence transformers' and compressed-tensors' logging, warnings and progress bars."""
+    import warnings
+
+    import transformers
+
+    log = transformers.utils.logging
+    level = log.get_verbosity()
+    bars = log.is_progress_bar_enabled()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.set_verbosity(level)
+        if bars:
+            log.enable_progress_bar()
+
+
+def free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def compute_dtype(device: torch.device, layout: Layout) -> torch.dtype:
+    """float32 on CPU (exact for every stored dtype); the checkpoint's dtype on a GPU (half the memory)."""
+    if device.type == "cpu":
+        return torch.float32
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(layout.scale_dtype or "", torch.float32)
+
+
+def load_mode(layout: Layout) -> str:
+    """How stock transformers loads this checkpoint: "compressed", "dequantized", or "int8" (not at all)."""
+    if layout.conv1d:
+        return "int8"
+    if (layout.model_type or "") in T5_FAMILY:
+        return "dequantized"
+    return "compressed"
+
+
+def _placement(device: torch.device) -> dict:
+    return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+
+
+def load_original(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The original model, by stock transformers, from its own folder and config."""
+    from transformers import AutoConfig
+
+    from ..plan import model_class_for
+
+    with quiet():
+        config = AutoConfig.from_pretrained(folder)
+        if getattr(config, "quantization_config", None):
+            raise ValueError(f"{folder} is itself quantized: compare with the full-precision original")
+        cls = model_class_for(config)
+        model = cls.from_pretrained(folder, dtype=dtype, **_placement(device))
+    return model.eval()
+
+
+def load_converted(folder: Path, mode: str, dtype: torch.dtype, device: torch.device):
+    """(model, loading info) by stock transformers + compressed-tensors."""
+    from transformers import AutoConfig, CompressedTensorsConfig
+
+    from ..plan import model_class_for
+
+    with quiet():
+        qc = CompressedTensorsConfig(dequantize=mode != "compressed")
+        config = AutoConfig.from_pretrained(folder)
+        cls = model_class_for(config)
+        model, info = cls.from_pretrained(
+            folder, quantization_config=qc, dtype=dtype, output_loading_info=True, **_placement(device)
+        )
+    return model.eval(), info
+
+
+def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
+    """The converted model built by int8 from config.json with de-quantized weights (for Conv1D models).
+
+    Returns (model, missing keys)."""
+    from transformers import AutoConfig
+
+    from ..plan import model_class_for
+    from ..quantize import dequantize, unpack_codes
+
+    with quiet():
+        config = AutoConfig.from_pretrained(layout.folder)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        cls = model_class_for(config)
+        with torch.device(device):
+            model = cls._from_config(config, dtype=dtype)
+    state = {}
+    with CheckpointReader(find_checkpoint(layout.folder)) as reader:
+        stored = {t.name: t for t in reader.tensors}
+        for name, t in layout.kept.items():
+            state[name] = reader.read(stored[name])
+        for q in layout.quantized.values():
+            codes = unpack_codes(reader.read(stored[q.packed.name]), q.in_features)
+            w = dequantize(codes, reader.read(stored[q.scale.name]), layout.block_size, torch.float32)
+            state[f"{q.module}.weight"] = w.t().contiguous() if q.layout == "conv1d" else w
+    result = model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))
+    missing = [k for k in result.missing_keys if k not in tied]
+    return model.eval(), missing
+
+
+def logits(model, windows: list[Window], device: torch.device) -> Iterator[torch.Tensor]:
+    """Float32 CPU logits of the scored positions of each window, one window at a time."""
+    with torch.inference_mode(), quiet():
+        for w in windows:
+            out = model(**{k: v.to(device) for k, v in w.inputs.items()}, use_cache=False)
+            yield out.logits[0, w.scored].float().cpu()
+
+
+def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
+    """Turn the loaded original into the reference, in place (see the module docstring).
+
+    Returns the checkpoint tensors that found no parameter to go to (names differ: a wrong original)."""
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    lookup = params
+    unmatched: list[str] = []
+    device = next(iter(params.values())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad(), CheckpointReader(find_checkpoint(layout.folder)) as reader:
+        stored = {t.name: t for t in reader.tensors}
+        for name in layout.kept:
+            p = lookup.get(name)
+            value = reader.read(stored[name])
+            if p is None or tuple(p.shape) != tuple(value.shape):
+                unmatched.append(name)
+                continue
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+        g = layout.block_size or 1
+        for q in layout.quantized.values():
+            p = lookup.get(f"{q.module}.weight")
+            want = (q.in_features, q.out_features) if q.layout == "conv1d" else (q.out_features, q.in_features)
+            if p is None or tuple(p.shape) != want:
+                unmatched.append(f"{q.module}.weight")
+                continue
+            scale = reader.read(stored[q.scale.name]).to(device=device, dtype=torch.float32)
+            for r0 in range(0, q.out_features, _rows_per_step(q.in_features)):
+                r1 = min(q.out_features, r0 + _rows_per_step(q.in_features))
+                half = scale[r0:r1].repeat_interleave(g, dim=1)[:, : q.in_features] / 2
+                noise = (torch.rand(half.shape, generator=gen, device=device) * 2 - 1) * half
+                if q.layout == "conv1d":
+                    p[:, r0:r1].add_(noise.t().to(p.dtype))
+                else:
+                    p[r0:r1].add_(noise.to(p.dtype))
+    return unmatched
+
+
+def _rows_per_step(in_features: int) -> int:
+    return max(1, (8 << 20) // max(1, in_features))
+
+
+def max_positions(config) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_cap(vocab: int) -> int:
+    """Most tokens whose float32 log-probabilities fit `LOGPROB_BUDGET`."""
+    return max(64, LOGPROB_BUDGET // (4 * max(1, vocab)))

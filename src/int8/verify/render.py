@@ -1,0 +1,77 @@
+"""How `int8 verify` shows its result to people: a rich table, the failures spelled out, and the model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import Int8Error
+from .result import FAIL, SKIP, VerifyResult
+
+_STYLE = {"pass": "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
+
+
+def result_table(result: VerifyResult):
+    """check | result | figure | threshold, one row per check."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    title = f"int8 verify {result.target}" + (" (quick)" if result.quick else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("figure")
+    table.add_column("threshold")
+    group = None
+    for c in result.checks:
+        if group is not None and c.group != group:
+            table.add_section()
+        group = c.group
+        table.add_row(c.name, _STYLE.get(c.status, c.status), escape(c.figure), escape(c.threshold))
+    return table
+
+
+def summary(result: VerifyResult) -> str:
+    failed = result.failures
+    n_skip = sum(c.status == SKIP for c in result.checks)
+    skipped = f", {n_skip} skipped" if n_skip else ""
+    against = f" against {result.against}" if result.against else ""
+    if failed:
+        return (
+            f"[bold red]FAILED[/]: {len(failed)} of {len(result.checks)} checks failed "
+            f"({', '.join(c.name for c in failed)}){skipped}; {result.seconds:.1f} s"
+        )
+    return f"[bold green]PASSED[/]: {len(result.checks) - n_skip} checks{against}{skipped}; {result.seconds:.1f} s"
+
+
+def print_result(out, err, result: VerifyResult, quiet: bool = False) -> None:
+    """The table on ``out`` (unless quiet), every failure's problems and the verdict on ``err``."""
+    from rich.markup import escape
+
+    if not quiet:
+        out.print(result_table(result))
+    for c in result.failures:
+        err.print(f"[bold red]{c.name}[/] failed:")
+        for p in c.problems or [c.detail]:
+            err.print(f"  - {escape(p)}")
+        if len(c.problems) and c.detail.endswith("more"):
+            err.print(f"  - {escape(c.detail.rsplit('; ', 1)[-1])}")
+    for c in result.checks:
+        if c.status == SKIP and c.group == "fidelity" and c.name == "reconstruction" and not quiet:
+            err.print(f"[yellow]Fidelity not measured:[/] {escape(c.detail)}")
+    err.print(summary(result))
+
+
+def update_card(result: VerifyResult) -> Path:
+    """Re-render the folder's README.md so its Fidelity section shows this result (saved beside it)."""
+    from ..hub.card import write_card
+    from ..presets import get_preset
+    from ..report import REPORT_NAME, ConversionReport
+
+    folder = result.folder
+    if folder is None or not Path(folder, REPORT_NAME).is_file():
+        raise Int8Error(
+            f"--update-card needs the conversion report ({REPORT_NAME}) in the folder; {result.target} has none"
+        )
+    report = ConversionReport.load(folder)
+    preset = get_preset(report.source.preset) if report.source.preset else None
+    return write_card(folder, report, preset=preset)

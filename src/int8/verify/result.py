@@ -1,0 +1,252 @@
+"""What `int8 verify` found: typed results, the thresholds they were held to, and the JSON report.
+
+The report (``--json FILE``, and ``int8_verify.json`` in a verified local
+folder) has the schema ``int8.verify/1``::
+
+    {
+      "schema": "int8.verify/1",
+      "int8_version": "0.1.0",
+      "created": "2025-01-01T12:00:00+00:00",    # UTC, ISO 8601
+      "target": "/path/or/owner/name",            # what was verified
+      "revision": null, "commit": null,           # Hub targets: as asked, as resolved
+      "against": "/path/or/owner/name" | null,    # the original compared with (null: none)
+      "quick": false,                             # true: structure checks only
+      "passed": true,                             # no check failed
+      "device": "cpu",
+      "seconds": 12.3,
+      "thresholds": {"kl_factor": 3.0, "kl_max": 0.05, "top1_min": 0.9,
+                     "top1_slack": 0.05, "ppl_ratio_max": 1.05, "scale_rtol": 0.01},
+      "metrics": {"bytes_checked": 123, "throughput_gb_s": 1.2, "tokens": 480,
+                  "top1_agreement": 0.99, "top1_reference": 0.99, "mean_kl": 1e-4,
+                  "mean_kl_reference": 1e-4, "ppl_original": 12.0, "ppl_converted": 12.01,
+                  "ppl_ratio": 1.001, "max_error_scales": 0.5},   # whichever were measured
+      "checks": [
+        {"name": "sha256", "group": "structure", "status": "pass" | "fail" | "skip",
+         "passed": true, "figure": "14 files match", "threshold": "every file of the manifest",
+         "value": null | number, "detail": "" | "what failed, naming file and tensor",
+         "problems": ["one line per problem (at most 20)"]}
+      ]
+    }
+
+``passed`` of a check is false only when it failed: a skipped check (not
+applicable, or not run because an earlier check failed or no original could
+be reached) has ``status: "skip"``, ``passed: true`` and says why in
+``figure``. Fields may be added in later versions of ``int8.verify/1``;
+none will be removed or change meaning.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "int8.verify/1"
+VERIFY_NAME = "int8_verify.json"  # the same name int8.hub.card reads
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+MAX_PROBLEMS = 20
+"""Problems kept per check; the count of the rest is given."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What the fidelity figures are held to.
+
+    The model-level figures are measured against a *reference*: the original
+    model with its unquantized tensors as the checkpoint stores them and
+    uniform noise of +-scale/2 (the distribution of rounding error) added to
+    every quantized weight, using the checkpoint's own scales. That is what an
+    ideal int8 rounding costs on this model and this text, so the thresholds
+    need no knowledge of the model's size or of how peaked its predictions are.
+
+    * ``kl_factor`` 3: mean KL(original || converted) may be at most 3x the
+      reference's. Clean conversions of the tiny random test models measure
+      0.8x-1.25x; noise draws differ by about 20%. Doubling every scale
+      measured 450x-12000x, a different original over 3000x.
+    * ``kl_max`` 0.05 nats/token: an absolute ceiling, whatever the reference.
+      Correct 8-bit conversions of real models sit around 1e-4-1e-3 (llama.cpp's
+      Q8_0 on 7B models: about 5e-4); a broken upload whose perplexity doubled
+      sits near 0.5 and above.
+    * ``top1_min`` 0.9 and ``top1_slack`` 0.05: the converted model's top-1
+      next token must agree with the original's on at least
+      min(0.9, reference agreement - 0.05) of the positions. Real models agree
+      0.97-0.99 at 8 bits; near-uniform random models flip more near-ties, and
+      the reference's own agreement says how many.
+    * ``ppl_ratio_max`` 1.05: converted perplexity within 5% of the original's,
+      either way (a conversion that "improves" perplexity by 5% is not the same
+      model). 8-bit block-wise quantization moves it by well under 1%.
+    * ``scale_rtol`` 0.01: each stored scale within 1% of absmax/127 of the
+      original's block (bf16 rounding moves it by at most 0.4%), so a
+      checkpoint cannot pass the error bound with inflated scales.
+    """
+
+    kl_factor: float = 3.0
+    kl_max: float = 0.05
+    top1_min: float = 0.90
+    top1_slack: float = 0.05
+    ppl_ratio_max: float = 1.05
+    scale_rtol: float = 0.01
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class Check:
+    """One check: its name, whether it passed, the measured figure and the bar it was held to."""
+
+    name: str
+    passed: bool
+    figure: str = ""
+    threshold: str = ""
+    detail: str = ""
+    group: str = "structure"  # "structure", "loading" or "fidelity"
+    status: str = ""  # "pass", "fail" or "skip" (derived from passed when empty)
+    value: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            self.status = PASS if self.passed else FAIL
+        if self.status == SKIP:
+            self.passed = True
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+    @property
+    def skipped(self) -> bool:
+        return self.status == SKIP
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "group": self.group,
+            "status": self.status,
+            "passed": self.passed,
+            "figure": self.figure,
+            "threshold": self.threshold,
+            "value": _finite(self.value),
+            "detail": self.detail,
+            "problems": list(self.problems),
+        }
+
+
+def outcome(
+    name: str,
+    problems: list[str],
+    *,
+    figure: str,
+    threshold: str,
+    group: str = "structure",
+    value: float | None = None,
+) -> Check:
+    """A check that passed when ``problems`` is empty; the detail lists them."""
+    shown = problems[:MAX_PROBLEMS]
+    detail = "; ".join(shown)
+    if len(problems) > len(shown):
+        detail += f"; and {len(problems) - len(shown)} more"
+    return Check(
+        name,
+        not problems,
+        figure=figure,
+        threshold=threshold,
+        detail=detail,
+        group=group,
+        value=value,
+        problems=shown,
+    )
+
+
+def skipped(name: str, why: str, *, group: str, threshold: str = "") -> Check:
+    return Check(name, True, figure=f"not run: {why}", threshold=threshold, group=group, status=SKIP, detail=why)
+
+
+@dataclass
+class VerifyResult:
+    """Everything `verify_checkpoint` found. ``passed`` is true when no check failed."""
+
+    target: str
+    checks: list[Check]
+    quick: bool
+    against: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    device: str = "cpu"
+    seconds: float = 0.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    metrics: dict[str, float] = field(default_factory=dict)
+    folder: Path | None = None  # the local folder that was checked (a Hub snapshot for Hub targets)
+    int8_version: str = ""
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.int8_version:
+            from .. import __version__
+
+            self.int8_version = __version__
+        if not self.created:
+            self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.failed]
+
+    def check(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check named {name!r} (have {', '.join(c.name for c in self.checks)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "int8_version": self.int8_version,
+            "created": self.created,
+            "target": self.target,
+            "revision": self.revision,
+            "commit": self.commit,
+            "against": self.against,
+            "quick": self.quick,
+            "passed": self.passed,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "thresholds": self.thresholds.to_dict(),
+            "metrics": {k: _finite(v) for k, v in self.metrics.items()},
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False, default=_jsonable) + "\n"
+
+    def save(self, path: Path) -> Path:
+        """Write the JSON report to ``path`` (a file name) or ``path/int8_verify.json`` (a folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / VERIFY_NAME
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a figure is written as the string "nan", "inf" or "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

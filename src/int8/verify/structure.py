@@ -1,0 +1,909 @@
+"""The structure and integrity checks: everything `int8 verify --quick` does. No model is built.
+
+One pass over the bytes of each shard does the integrity and the data checks
+together: the file is read front to back in chunks (header, tensor data and any
+gap between them), each chunk is hashed on a helper thread while the main
+thread checks the tensor it belongs to (codes in [-127, 127], scales finite and
+non-negative, no NaN or Inf in a floating tensor). Shards are scanned in
+parallel, one per core. Time therefore scales with the bytes on disk, and the
+hashing (about 1.4 GB/s per core for SHA-256) is the limit.
+
+Everything else is small: the JSON files, the safetensors headers, a model
+built on the ``meta`` device from config.json (the tensor names and shapes
+transformers expects), the tokenizer and the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import DTYPES, FLOAT_DTYPES, itemsize
+from ..quantize import QMAX, packed_columns
+from ..report import REPORT_NAME, SCHEMA as REPORT_SCHEMA, ConversionReport
+from .result import VERIFY_NAME, Check, outcome
+
+INDEX_NAME = "model.safetensors.index.json"
+CARD_NAME = "README.md"
+NOT_IN_MANIFEST = {CARD_NAME, REPORT_NAME, VERIFY_NAME}
+"""Files that legitimately change after conversion, so the manifest leaves them out."""
+LOAD_AFFECTING = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".py", ".gguf")
+"""Files outside the manifest with these endings fail the integrity check (they change what loads)."""
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+)
+CHUNK_BYTES = 16 << 20
+_MAX_HEADER = 100 * 1024 * 1024
+_TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+# Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load).
+BLOCKING = ("config", "index", "tensors")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a shard of the converted checkpoint."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset of its data in the file
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return (math.prod(self.shape[1:]) if self.shape else 1) * itemsize(self.dtype)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    """A quantized linear layer: its three stored tensors and the weight's logical shape."""
+
+    module: str
+    out_features: int
+    in_features: int
+    layout: str  # "linear" or "conv1d" (the model's weight is (in, out); stored as (out, in))
+    packed: StoredTensor
+    scale: StoredTensor
+    shape: StoredTensor | None
+
+
+@dataclass
+class Layout:
+    """What the structure pass learned about the checkpoint, for the model-level checks."""
+
+    folder: Path
+    config: dict[str, Any] | None = None
+    model_class: str | None = None
+    model_type: str | None = None
+    seq2seq: bool = False
+    block_size: int | None = None
+    scale_dtype: str | None = None
+    tensors: dict[str, StoredTensor] = field(default_factory=dict)
+    quantized: dict[str, QuantLayer] = field(default_factory=dict)
+    report: ConversionReport | None = None
+    model_keys: frozenset[str] = frozenset()  # the state dict names transformers expects
+    base_prefix: str = ""  # the model class's base_model_prefix ("transformer" for BLOOM)
+    tied: dict[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it copies
+    bytes_checked: int = 0  # bytes of the shards read (and hashed)
+    scan_seconds: float = 0.0  # time of the data pass over the shards
+    seconds: float = 0.0  # time of all structure checks (imports, meta model, tokenizer included)
+
+    @property
+    def kept(self) -> dict[str, StoredTensor]:
+        mine = {n for q in self.quantized.values() for n in (q.packed.name, q.scale.name, q.shape and q.shape.name)}
+        return {n: t for n, t in self.tensors.items() if n not in mine}
+
+    def model_name(self, name: str) -> str:
+        """A checkpoint's tensor name as the model names it (adds or strips the base-model prefix)."""
+        keys, prefix = self.model_keys, self.base_prefix
+        if name in keys or not prefix:
+            return name
+        if f"{prefix}.{name}" in keys:
+            return f"{prefix}.{name}"
+        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in keys:
+            return name[len(prefix) + 1 :]
+        return name
+
+    @property
+    def conv1d(self) -> bool:
+        return any(q.layout == "conv1d" for q in self.quantized.values())
+
+
+# --------------------------------------------------------------------------- small files
+
+
+def _check_report(folder: Path) -> tuple[Check, ConversionReport | None]:
+    path = folder / REPORT_NAME
+    threshold = f"present, schema {REPORT_SCHEMA}"
+    if not path.is_file():
+        return outcome("report", [f"{REPORT_NAME} is missing: there is no manifest to check the files against"],
+                       figure="missing", threshold=threshold), None
+    try:
+        data = json.loads(path.read_text())
+        report = ConversionReport.from_dict(data)
+    except (ValueError, KeyError, TypeError) as e:
+        return outcome("report", [f"{REPORT_NAME} is not a valid conversion report ({type(e).__name__}: {e})"],
+                       figure="unreadable", threshold=threshold), None
+    problems = []
+    if data.get("schema") != REPORT_SCHEMA:
+        problems.append(f"{REPORT_NAME} has schema {data.get('schema')!r}, not {REPORT_SCHEMA!r}")
+    if not report.files:
+        problems.append(f"{REPORT_NAME} lists no files")
+    figure = f"int8 {report.int8_version}, {len(report.files)} files, {len(report.quantized)} quantized tensors"
+    return outcome("report", problems, figure=figure, threshold=threshold), report
+
+
+def _quant_args(qc: dict, problems: list[str]) -> int | None:
+    """Validate a compressed-tensors quantization_config; return its group size."""
+    where = "config.json: quantization_config"
+    want = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+    }
+    for key, value in want.items():
+        if qc.get(key) != value:
+            problems.append(f"{where}.{key} is {qc.get(key)!r}, not {value!r}")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        problems.append(f"{where}.config_groups is missing or empty")
+        return None
+    sizes = set()
+    for gname, group in groups.items():
+        at = f"{where}.config_groups.{gname}"
+        if not isinstance(group, dict):
+            problems.append(f"{at} is not an object")
+            continue
+        w = group.get("weights")
+        if not isinstance(w, dict):
+            problems.append(f"{at}.weights is missing")
+            continue
+        expect = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
+        for key, value in expect.items():
+            if w.get(key) != value:
+                problems.append(f"{at}.weights.{key} is {w.get(key)!r}, not {value!r}")
+        gs = w.get("group_size")
+        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
+            problems.append(f"{at}.weights.group_size is {gs!r}, not a positive integer")
+        else:
+            sizes.add(gs)
+        if group.get("input_activations") or group.get("output_activations"):
+            problems.append(f"{at} quantizes activations; an int8 checkpoint is weight-only")
+        fmt = group.get("format")
+        if fmt is not None and fmt != "pack-quantized":
+            problems.append(f"{at}.format is {fmt!r}, not 'pack-quantized'")
+        if "Linear" not in (group.get("targets") or []):
+            problems.append(f"{at}.targets is {group.get('targets')!r}; it must include 'Linear'")
+    if len(sizes) > 1:
+        problems.append(f"{where} has different group sizes in different groups: {sorted(sizes)}")
+    if not isinstance(qc.get("ignore", []), list):
+        problems.append(f"{where}.ignore is not a list")
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+def _check_config(folder: Path, layout: Layout, report: ConversionReport | None):
+    """config.json and its quantization_config; returns (check, meta model or None)."""
+    threshold = "pack-quantized, 8-bit symmetric int, one group size; transformers builds it"
+    path = folder / "config.json"
+    problems: list[str] = []
+    if not path.is_file():
+        return outcome("config", ["config.json is missing"], figure="missing", threshold=threshold), None
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        return outcome("config", [f"config.json is not valid JSON ({e})"], figure="unreadable", threshold=threshold), None
+    layout.config = config
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        problems.append("config.json has no quantization_config: this is not a quantized checkpoint")
+        group_size = None
+    else:
+        group_size = _quant_args(qc, problems)
+    if report is not None and group_size is not None and group_size != report.quantization.block_size:
+        problems.append(
+            f"config.json: quantization_config group_size {group_size} disagrees with the block size "
+            f"{report.quantization.block_size} in {REPORT_NAME}"
+        )
+    layout.block_size = group_size
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    layout.scale_dtype = _TORCH_TO_ST.get(str(dtype))
+    if dtype is not None and layout.scale_dtype is None:
+        problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
+    meta = None
+    try:
+        meta = _meta_model(folder)
+        layout.model_class = type(meta).__name__
+        layout.model_keys = frozenset(meta.state_dict(keep_vars=True))
+        layout.base_prefix = getattr(meta, "base_model_prefix", "") or ""
+        layout.tied = dict(getattr(meta, "all_tied_weights_keys", None) or {})
+        layout.model_type = meta.config.model_type
+        layout.seq2seq = bool(getattr(meta.config, "is_encoder_decoder", False))
+    except Exception as e:  # transformers' own errors: the config is what is wrong
+        problems.append(f"transformers cannot build a model from config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    figure = (
+        f"{layout.model_class or '?'}, group size {group_size}, scales in {dtype}"
+        if not problems
+        else f"{len(problems)} problem(s)"
+    )
+    return outcome("config", problems, figure=figure, threshold=threshold), meta
+
+
+def _meta_model(folder: Path):
+    from transformers import AutoConfig
+
+    from ..plan import build_meta_model
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return build_meta_model(config)
+
+
+# --------------------------------------------------------------------------- index and headers
+
+
+def _read_header(path: Path, problems: list[str]) -> tuple[list[StoredTensor], int, int] | None:
+    """Parse a shard's safetensors header; return (tensors by offset, data start, bytes present)."""
+    size = path.stat().st_size
+    name = path.name
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            problems.append(f"{name} is truncated to {size} bytes: not even a safetensors header")
+            return None
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or n > size - 8:
+            problems.append(f"{name} has a header length of {n} bytes but the file holds {size}: truncated or corrupt")
+            return None
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        problems.append(f"{name} has a corrupt safetensors header ({e})")
+        return None
+    start = 8 + n
+    tensors = []
+    for tname, info in header.items():
+        if tname == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            nbytes = math.prod(shape) * itemsize(dtype)
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name}: tensor {tname!r} has a malformed header entry {info!r}")
+            continue
+        if b < 0 or e - b != nbytes:
+            problems.append(f"{name}: tensor {tname!r} has offsets {b}..{e}, which do not fit {dtype} {shape}")
+            continue
+        tensors.append(StoredTensor(tname, dtype, tuple(shape), path, start + b, nbytes))
+    tensors.sort(key=lambda t: t.start)
+    for a, b in zip(tensors, tensors[1:]):
+        if b.start < a.end:
+            problems.append(f"{name}: tensors {a.name!r} and {b.name!r} overlap in the file")
+    cut = [t for t in tensors if t.end > size]
+    if cut:
+        problems.append(
+            f"{name} is truncated: {size} bytes, but tensor {cut[0].name!r} ends at byte {cut[0].end}"
+            + (f" ({len(cut) - 1} more tensor(s) after it are cut off too)" if len(cut) > 1 else "")
+        )
+    return tensors, start, size
+
+
+def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
+    threshold = "index and shard headers agree, tensor by tensor"
+    problems: list[str] = []
+    index_path = folder / INDEX_NAME
+    shards: list[Path] = []
+    if not index_path.is_file():
+        loose = sorted(p.name for p in folder.glob("*.safetensors"))
+        problems.append(f"{INDEX_NAME} is missing" + (f" (shards present: {', '.join(loose[:4])})" if loose else ""))
+        return outcome("index", problems, figure="missing", threshold=threshold), shards
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not a mapping of tensor names to files")
+    except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"{INDEX_NAME} is not a valid shard index ({type(e).__name__}: {e})")
+        return outcome("index", problems, figure="unreadable", threshold=threshold), shards
+    listed = sorted(set(weight_map.values()))
+    on_disk = {p.name for p in folder.glob("*.safetensors")}
+    for name in sorted(on_disk - set(listed)):
+        problems.append(f"{name} is a shard on disk that {INDEX_NAME} does not list")
+    located: dict[str, StoredTensor] = {}
+    for fname in listed:
+        path = folder / fname
+        if not path.is_file():
+            problems.append(f"{INDEX_NAME} lists shard {fname}, which is missing ({sum(v == fname for v in weight_map.values())} tensors)")
+            continue
+        shards.append(path)
+        parsed = _read_header(path, problems)
+        if parsed is None:
+            continue
+        tensors, _, _ = parsed
+        for t in tensors:
+            if t.name in located:
+                problems.append(f"tensor {t.name!r} is stored twice: in {located[t.name].file.name} and in {fname}")
+            located[t.name] = t
+            where = weight_map.get(t.name)
+            if where is None:
+                problems.append(f"{fname} holds tensor {t.name!r}, which {INDEX_NAME} does not list")
+            elif where != fname:
+                problems.append(f"{fname} holds tensor {t.name!r}, which {INDEX_NAME} places in {where}")
+    for tname, fname in weight_map.items():
+        t = located.get(tname)
+        if (folder / fname).is_file() and (t is None or t.file.name != fname):
+            if t is None:
+                problems.append(f"{INDEX_NAME} says tensor {tname!r} is in {fname}, but it is not there (nor in any shard)")
+            else:
+                problems.append(f"{INDEX_NAME} says tensor {tname!r} is in {fname}, but it is in {t.file.name}")
+    total = (index.get("metadata") or {}).get("total_size")
+    data_bytes = sum(t.nbytes for t in located.values())
+    if total is not None and total != data_bytes:
+        problems.append(f"{INDEX_NAME}: metadata.total_size is {total}, but the shards hold {data_bytes} bytes of tensors")
+    layout.tensors = located
+    figure = f"{len(shards)} shard(s), {len(located)} tensors"
+    return outcome("index", problems, figure=figure, threshold=threshold), shards
+
+
+# --------------------------------------------------------------------------- tensors against the config
+
+
+def _module_kind(module) -> str | None:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear) and type(module).__name__ == "Linear":
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    return None
+
+
+def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
+    """Pair each weight_packed with its scale and shape; check shapes and dtypes against the config."""
+    import re
+
+    tensors = layout.tensors
+    qc = (layout.config or {}).get("quantization_config") or {}
+    ignore = qc.get("ignore") or []
+    gs = layout.block_size
+    params = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
+    modules = dict(meta.named_modules())
+    cls = type(meta).__name__
+
+    def ignored(module: str) -> bool:
+        # compressed-tensors' matching: a module name, "re:" + a regular expression, or a class name
+        kind = type(modules.get(module)).__name__
+        for pat in ignore:
+            if pat.startswith("re:"):
+                if re.match(pat[3:], module):
+                    return True
+            elif pat in (module, kind):
+                return True
+        return False
+
+    def where(t: StoredTensor) -> str:
+        return f"{t.file.name}: {t.name}"
+
+    for name, t in sorted(tensors.items()):
+        if not name.endswith(".weight_packed"):
+            continue
+        mod = name[: -len(".weight_packed")]
+        scale = tensors.get(f"{mod}.weight_scale")
+        shape_t = tensors.get(f"{mod}.weight_shape")
+        if scale is None:
+            problems.append(f"{where(t)} has no {mod}.weight_scale beside it in any shard")
+        if shape_t is None:
+            problems.append(f"{where(t)} has no {mod}.weight_shape beside it in any shard")
+        if f"{mod}.weight" in tensors:
+            problems.append(f"{mod} is stored both quantized and as a plain {mod}.weight")
+        kind = _module_kind(modules.get(mod))
+        if kind is None:
+            problems.append(f"{where(t)}: {mod} is not a linear layer of {cls} built from config.json")
+            continue
+        if ignored(mod):
+            problems.append(f"{where(t)}: {mod} is quantized but quantization_config.ignore lists it")
+        expected = params.get(f"{mod}.weight")
+        if expected is None or len(expected) != 2:
+            problems.append(f"{where(t)}: {cls} has no 2-D weight for {mod}")
+            continue
+        out_f, in_f = (expected[1], expected[0]) if kind == "conv1d" else expected
+        if t.dtype != "I32":
+            problems.append(f"{where(t)} is {t.dtype}, not I32 (four packed int8 codes per int32)")
+        elif t.shape != (out_f, packed_columns(in_f)):
+            problems.append(
+                f"{where(t)} has shape {list(t.shape)}, but the weight {cls} built from config.json expects is "
+                f"[{out_f}, {in_f}], packed as [{out_f}, {packed_columns(in_f)}]"
+            )
+        if scale is not None:
+            if scale.dtype not in FLOAT_DTYPES:
+                problems.append(f"{where(scale)} is {scale.dtype}, not a floating dtype")
+            elif layout.scale_dtype and scale.dtype != layout.scale_dtype:
+                problems.append(f"{where(scale)} is {scale.dtype}, but config.json's dtype is {layout.scale_dtype}")
+            if gs:
+                want = (out_f, math.ceil(in_f / gs))
+                if in_f % gs:
+                    problems.append(f"{where(t)}: {in_f} input features are not a multiple of the group size {gs}")
+                if scale.shape != want:
+                    problems.append(
+                        f"{where(scale)} has shape {list(scale.shape)}, but group size {gs} (config.json) over "
+                        f"[{out_f}, {in_f}] needs {list(want)}"
+                    )
+        if shape_t is not None and (shape_t.dtype != "I64" or shape_t.shape != (2,)):
+            problems.append(f"{where(shape_t)} is {shape_t.dtype} {list(shape_t.shape)}, not I64 [2]")
+        if scale is not None:
+            layout.quantized[mod] = QuantLayer(mod, out_f, in_f, kind, t, scale, shape_t)
+
+    tied = dict(getattr(meta, "all_tied_weights_keys", None) or {})
+    skip_missing = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])]
+    quantized_weights = {f"{m}.weight" for m in layout.quantized} | {
+        f"{n[: -len('.weight_packed')]}.weight" for n in tensors if n.endswith(".weight_packed")
+    }
+    for mod_name, module in modules.items():
+        if _module_kind(module) and f"{mod_name}.weight" in params and f"{mod_name}.weight" not in quantized_weights:
+            if not ignored(mod_name) and f"{mod_name}.weight" in tensors:
+                problems.append(
+                    f"{tensors[f'{mod_name}.weight'].file.name}: {mod_name}.weight is stored unquantized but "
+                    "quantization_config.ignore does not list it (compressed-tensors would expect it packed)"
+                )
+    for name, shape in params.items():
+        if name in quantized_weights:
+            continue
+        t = tensors.get(name)
+        if t is None:
+            source = tied.get(name)
+            if source is not None and (source in tensors or source in quantized_weights):
+                continue
+            if any(p.search(name) for p in skip_missing):
+                continue
+            problems.append(f"tensor {name!r}, which {cls} needs, is in no shard")
+            continue
+        if t.shape != shape:
+            problems.append(f"{where(t)} has shape {list(t.shape)}, but {cls} built from config.json expects {list(shape)}")
+        if t.dtype in FLOAT_DTYPES and layout.scale_dtype and t.dtype not in (layout.scale_dtype, "F32"):
+            problems.append(f"{where(t)} is {t.dtype}, but config.json's dtype is {layout.scale_dtype}")
+    known = set(params) | {n for q in layout.quantized.values() for n in (q.packed.name, q.scale.name)}
+    known |= {f"{m}.weight_shape" for m in layout.quantized}
+    for name, t in sorted(tensors.items()):
+        if name not in known and not name.endswith((".weight_packed", ".weight_scale", ".weight_shape")):
+            problems.append(f"{where(t)} is not a tensor of {cls} (transformers would report it as unexpected)")
+
+
+# --------------------------------------------------------------------------- the data pass
+
+
+@dataclass
+class _Scan:
+    """What one shard's data pass found."""
+
+    sha256: str = ""
+    bytes: int = 0
+    codes: list[str] = field(default_factory=list)
+    scales: list[str] = field(default_factory=list)
+    finite: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    n_codes: int = 0
+    n_scales: int = 0
+    n_float: int = 0
+    scale_min: float = math.inf
+    scale_max: float = -math.inf
+    error: str | None = None
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+class _Hasher:
+    """SHA-256 of a file on a helper thread: hashlib releases the GIL, so it overlaps the checks."""
+
+    def __init__(self, buffers: int, nbytes: int):
+        self.sha = hashlib.sha256()
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+        self._todo: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            buf, n = item
+            self.sha.update(memoryview(buf.numpy())[:n])
+            self._free.put(buf)
+
+    def take(self) -> torch.Tensor:
+        return self._free.get()
+
+    def give(self, buf: torch.Tensor, n: int) -> None:
+        self._todo.put((buf, n))
+
+    def finish(self) -> str:
+        self._todo.put(None)
+        self._thread.join()
+        return self.sha.hexdigest()
+
+
+def _scan_shard(path: Path, tensors: list[StoredTensor], layers: dict[str, QuantLayer], chunk: int = CHUNK_BYTES) -> _Scan:
+    """Hash ``path`` end to end and check each tensor's values on the way."""
+    scan = _Scan()
+    by_packed = {q.packed.name: q for q in layers.values()}
+    scale_names = {q.scale.name for q in layers.values()}
+    hasher = _Hasher(3, chunk)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            pos = 0
+
+            def read(n: int) -> tuple[torch.Tensor, int]:
+                nonlocal pos
+                buf = hasher.take()
+                mv = memoryview(buf.numpy())[:n]
+                got = 0
+                while got < n:
+                    k = f.readinto(mv[got:])
+                    if not k:
+                        break
+                    got += k
+                pos += got
+                return buf, got
+
+            def skip_to(end: int) -> None:
+                while pos < end:
+                    buf, got = read(min(chunk, end - pos))
+                    hasher.give(buf, got)
+                    if not got:
+                        return
+
+            for t in tensors:
+                if t.start < pos or t.end > size:
+                    continue  # overlapping or truncated: the index check reports it
+                skip_to(t.start)
+                if t.nbytes == 0:
+                    continue
+                rows_per = max(1, chunk // max(1, t.row_bytes))
+                if t.row_bytes > chunk:
+                    rows_per = 0
+                r = 0
+                while r < t.rows:
+                    if rows_per == 0:  # a single row larger than a chunk: checked in pieces of elements
+                        n = min(chunk, t.end - pos)
+                        r0, r1 = r, r
+                    else:
+                        r0, r1 = r, min(t.rows, r + rows_per)
+                        n = (r1 - r0) * t.row_bytes
+                    start = pos
+                    buf, got = read(n)
+                    if got < n:
+                        hasher.give(buf, got)
+                        scan.error = f"{path.name} ended while reading tensor {t.name!r}"
+                        break
+                    try:
+                        _check_chunk(scan, t, buf[:n], r0, r1, start, by_packed, scale_names)
+                    finally:
+                        hasher.give(buf, got)
+                    if rows_per == 0:
+                        if pos >= t.end:
+                            r = t.rows
+                    else:
+                        r = r1
+            skip_to(size)
+            scan.bytes = pos
+    finally:
+        scan.sha256 = hasher.finish()
+    return scan
+
+
+def _check_chunk(
+    scan: _Scan,
+    t: StoredTensor,
+    data: torch.Tensor,
+    r0: int,
+    r1: int,
+    offset: int,
+    by_packed: dict[str, QuantLayer],
+    scale_names: set[str],
+) -> None:
+    where = f"{t.file.name}: {t.name}"
+    if t.name in by_packed:
+        q = by_packed[t.name]
+        if r1 == r0:  # piecewise: treat as a flat run of bytes of one row
+            return _check_codes_flat(scan, t, data, offset, q.in_features)
+        raw = data.view(r1 - r0, -1)[:, : q.in_features]
+        scan.n_codes += raw.numel()
+        if int(torch.amin(raw)) == 0:  # packed byte 0 is code -128
+            bad = raw == 0
+            r, c = _first(bad)
+            scan.codes.append(
+                f"{where} holds {int(bad.sum())} code(s) of -128 (first at row {r0 + r}, column {c}); "
+                f"codes must lie in [-{QMAX}, {QMAX}]"
+            )
+        return
+    if t.dtype == "I64" and t.name.endswith(".weight_shape"):
+        scan.shapes[t.name] = data.view(torch.int64).tolist()
+        return
+    if t.dtype not in FLOAT_DTYPES:
+        return
+    x = data.view(DTYPES[t.dtype])
+    mn, mx = torch.aminmax(x)
+    mn, mx = float(mn), float(mx)
+    is_scale = t.name in scale_names or t.name.endswith(".weight_scale")
+    cols = max(1, x.numel() // max(1, r1 - r0)) if r1 > r0 else x.numel()
+    if is_scale:
+        scan.n_scales += x.numel()
+        if math.isfinite(mn) and math.isfinite(mx):
+            scan.scale_min = min(scan.scale_min, mn)
+            scan.scale_max = max(scan.scale_max, mx)
+        if not (math.isfinite(mn) and math.isfinite(mx)) or mn < 0:
+            nan, inf, neg = torch.isnan(x), torch.isinf(x), x < 0
+            for what, mask in (("NaN", nan), ("infinite", inf), ("negative", neg & ~inf)):
+                if bool(mask.any()):
+                    i = _first(mask)[0]
+                    scan.scales.append(
+                        f"{where} has {int(mask.sum())} {what} scale(s) (first at row {r0 + i // cols}, block {i % cols})"
+                    )
+        return
+    scan.n_float += x.numel()
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        bad = ~torch.isfinite(x)
+        i = _first(bad)[0]
+        shape = f"row {r0 + i // cols}, column {i % cols}" if len(t.shape) > 1 else f"index {r0 + i}"
+        scan.finite.append(f"{where} holds {int(bad.sum())} NaN or infinite value(s) (first at {shape})")
+
+
+def _check_codes_flat(scan: _Scan, t: StoredTensor, data: torch.Tensor, offset: int, in_features: int) -> None:
+    """Codes of a row longer than a chunk (rows of over 16 MB: not in any real model, handled anyway)."""
+    row_bytes = t.row_bytes
+    rel = offset - t.start
+    cols = (torch.arange(data.numel(), dtype=torch.int64) + rel) % row_bytes
+    inside = cols < in_features
+    bad = (data == 0) & inside
+    scan.n_codes += int(inside.sum())
+    if bool(bad.any()):
+        i = _first(bad)[0]
+        scan.codes.append(
+            f"{t.file.name}: {t.name} holds {int(bad.sum())} code(s) of -128 "
+            f"(first at row {(rel + i) // row_bytes}, column {(rel + i) % row_bytes}); codes must lie in [-{QMAX}, {QMAX}]"
+        )
+
+
+def _scan_all(shards: list[Path], layout: Layout, workers: int | None) -> dict[Path, _Scan]:
+    by_file: dict[Path, list[StoredTensor]] = {p: [] for p in shards}
+    for t in layout.tensors.values():
+        by_file.setdefault(t.file, []).append(t)
+    for ts in by_file.values():
+        ts.sort(key=lambda t: t.start)
+    n = max(1, min(len(by_file), workers or os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="int8-verify-scan") as pool:
+        futures = {p: pool.submit(_scan_shard, p, ts, layout.quantized) for p, ts in by_file.items()}
+        return {p: f.result() for p, f in futures.items()}
+
+
+# --------------------------------------------------------------------------- integrity, tokenizer, card
+
+
+def _sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        mv = memoryview(buf)
+        while n := f.readinto(mv):
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[Path, _Scan]) -> Check:
+    threshold = "every file as in the manifest; no unlisted weight or config file"
+    if report is None:
+        return outcome("sha256", [f"no manifest: {REPORT_NAME} is missing or unreadable"], figure="no manifest",
+                       threshold=threshold)
+    problems = []
+    hashed = {p.name: s for p, s in scans.items()}
+    ok = 0
+    for entry in report.files:
+        path = folder / entry.name
+        if not path.is_file():
+            problems.append(f"{entry.name} is in the manifest but missing from the folder")
+            continue
+        size = path.stat().st_size
+        if size != entry.bytes:
+            problems.append(f"{entry.name} has {size} bytes, the manifest says {entry.bytes}")
+            continue
+        scan = hashed.get(entry.name)
+        digest = scan.sha256 if scan is not None and scan.sha256 else _sha256_file(path)
+        if digest != entry.sha256:
+            problems.append(
+                f"{entry.name}: SHA-256 {digest[:16]}... differs from the manifest's {entry.sha256[:16]}...: "
+                "its bytes changed after conversion"
+            )
+            continue
+        ok += 1
+    listed = {e.name for e in report.files}
+    extra = sorted(
+        p.name for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in listed and p.name not in NOT_IN_MANIFEST
+    )
+    for name in extra:
+        if name.endswith(LOAD_AFFECTING):
+            problems.append(f"{name} is not in the manifest: it was added after conversion and changes what loads")
+    figure = f"{ok}/{len(report.files)} files match"
+    harmless = [n for n in extra if not n.endswith(LOAD_AFFECTING)]
+    if harmless:
+        figure += f" (not in the manifest, ignored: {', '.join(harmless[:3])})"
+    return outcome("sha256", problems, figure=figure, threshold=threshold)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _check_tokenizer(folder: Path, layout: Layout, report: ConversionReport | None) -> Check:
+    threshold = "AutoTokenizer loads it; ids within the vocabulary"
+    listed = [e.name for e in report.files] if report else []
+    missing = [n for n in listed if (n in TOKENIZER_FILES or n.startswith("tokenizer")) and not (folder / n).is_file()]
+    problems = [f"{n} (a tokenizer file in the manifest) is missing" for n in missing]
+    try:
+        tok = load_tokenizer(folder)
+    except Exception as e:  # any failure to load is the finding
+        present = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        problems.append(
+            f"the tokenizer does not load from {folder.name} ({msg[:200]}); tokenizer files present: "
+            + (", ".join(present) or "none")
+        )
+        return outcome("tokenizer", problems, figure="does not load", threshold=threshold)
+    from .sample import DEFAULT_TEXT
+
+    ids = tok(DEFAULT_TEXT[:400], add_special_tokens=False)["input_ids"]
+    vocab = (layout.config or {}).get("vocab_size")
+    if not ids:
+        problems.append("the tokenizer turns the sample text into no tokens")
+    elif isinstance(vocab, int) and max(ids) >= vocab:
+        problems.append(f"the tokenizer yields token id {max(ids)}, beyond config.json's vocab_size {vocab}")
+    figure = f"{type(tok).__name__}, {len(tok)} tokens"
+    return outcome("tokenizer", problems, figure=figure, threshold=threshold)
+
+
+def _check_card(folder: Path, report: ConversionReport | None) -> Check:
+    threshold = "README.md metadata: transformers, int8 tag, base_model"
+    path = folder / CARD_NAME
+    if not path.is_file():
+        return outcome("card", [f"{CARD_NAME} (the model card) is missing"], figure="missing", threshold=threshold)
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except Exception as e:  # an unparseable card is the finding
+        return outcome("card", [f"{CARD_NAME} does not parse as a model card ({e})"], figure="unreadable",
+                       threshold=threshold)
+    problems = []
+    if not data:
+        problems.append(f"{CARD_NAME} has no metadata block")
+    if data and data.get("library_name") != "transformers":
+        problems.append(f"{CARD_NAME}: library_name is {data.get('library_name')!r}, not 'transformers'")
+    tags = data.get("tags") or []
+    if data and "int8" not in tags:
+        problems.append(f"{CARD_NAME}: tags {tags} lack 'int8'")
+    if data and not data.get("pipeline_tag"):
+        problems.append(f"{CARD_NAME} has no pipeline_tag")
+    base = None
+    if report is not None:
+        from ..hub.card import base_model_id
+
+        base = base_model_id(report)
+    if base and data.get("base_model") != base:
+        problems.append(f"{CARD_NAME}: base_model is {data.get('base_model')!r}, but the checkpoint was converted from {base}")
+    if data.get("base_model") and data.get("base_model_relation") != "quantized":
+        problems.append(f"{CARD_NAME}: base_model_relation is {data.get('base_model_relation')!r}, not 'quantized'")
+    figure = f"base_model {data.get('base_model')}" if data.get("base_model") else "metadata present"
+    return outcome("card", problems, figure=figure, threshold=threshold)
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+def check_structure(folder: Path, *, workers: int | None = None) -> tuple[list[Check], Layout]:
+    """Run every structure and integrity check on a converted folder; return the checks and the layout."""
+    import time
+
+    started = time.perf_counter()
+    folder = Path(folder)
+    layout = Layout(folder)
+    report_check, report = _check_report(folder)
+    layout.report = report
+    config_check, meta = _check_config(folder, layout, report)
+    index_check, shards = _check_index(folder, layout)
+
+    tensor_problems: list[str] = []
+    if meta is not None and layout.tensors:
+        _plan_layers(layout, meta, tensor_problems)
+    elif meta is None:
+        tensor_problems.append("not checked: config.json does not give the model's tensors")
+    scan_started = time.perf_counter()
+    scans = _scan_all(shards, layout, workers)
+    layout.scan_seconds = time.perf_counter() - scan_started
+    code_problems, scale_problems, finite_problems = [], [], []
+    shapes: dict[str, list[int]] = {}
+    for path in shards:
+        s = scans[path]
+        code_problems += s.codes
+        scale_problems += s.scales
+        finite_problems += s.finite
+        shapes.update(s.shapes)
+        if s.error and not any(path.name in p for p in index_check.problems):
+            tensor_problems.append(s.error)
+    for q in layout.quantized.values():
+        if q.shape is not None and q.shape.name in shapes:
+            got = shapes[q.shape.name]
+            if got != [q.out_features, q.in_features]:
+                tensor_problems.append(
+                    f"{q.shape.file.name}: {q.shape.name} says {got}, but {layout.model_class} built from config.json "
+                    f"expects [{q.out_features}, {q.in_features}]"
+                )
+    n_layers = len(layout.quantized)
+    tensors_check = outcome(
+        "tensors",
+        tensor_problems,
+        figure=f"{n_layers} quantized layers, {len(layout.kept)} other tensors",
+        threshold="packed, scale, shape per layer; shapes and dtypes as config.json implies",
+    )
+    n_codes = sum(s.n_codes for s in scans.values())
+    n_scales = sum(s.n_scales for s in scans.values())
+    n_float = sum(s.n_float for s in scans.values())
+    lo = min((s.scale_min for s in scans.values()), default=math.inf)
+    hi = max((s.scale_max for s in scans.values()), default=-math.inf)
+    checks = [
+        report_check,
+        config_check,
+        index_check,
+        tensors_check,
+        outcome("codes", code_problems, figure=f"{n_codes:,} codes in {n_layers} layers",
+                threshold=f"every code in [-{QMAX}, {QMAX}]"),
+        outcome("scales", scale_problems,
+                figure=f"{n_scales:,} scales" + (f" in [{lo:.3g}, {hi:.3g}]" if n_scales and lo <= hi else ""),
+                threshold="finite and >= 0"),
+        outcome("finite", finite_problems, figure=f"{n_float:,} floating values", threshold="no NaN or Inf"),
+        _check_manifest(folder, report, scans),
+        _check_tokenizer(folder, layout, report),
+        _check_card(folder, report),
+    ]
+    layout.bytes_checked = sum(s.bytes for s in scans.values())
+    layout.seconds = time.perf_counter() - started
+    return checks, layout
