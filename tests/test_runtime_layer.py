@@ -129,3 +129,17 @@ def test_casting_the_model_never_rounds_the_scales():
     assert q.bias.dtype == torch.float16
     q.to(torch.bfloat16)
     assert torch.equal(q.scales, before) and q.codes.dtype == torch.int8
+
+
+def test_inference_mode_then_training_reuses_the_workspace():
+    """The CPU workspace is first allocated under inference_mode (generate), then used by a training step."""
+    layer_mod._workspaces.__dict__.clear()
+    _, q = make_layer(16, 64, 32)
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        y0 = q(x)
+    xr = x.clone().requires_grad_(True)
+    y1 = q(xr)
+    y1.sum().backward()
+    torch.testing.assert_close(y1.detach(), y0)
+    assert xr.grad is not None

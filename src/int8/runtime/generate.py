@@ -144,6 +144,9 @@ def run_generate(
     """`generate_command` as a function: writes to ``stream`` as tokens come; returns the generated text."""
     from .load import load, resolve_folder
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI streams text; no "Loading weights" bar in between
     stream = stream if stream is not None else sys.stdout
     pieces: list[str] = []
     folder = resolve_folder(model, revision=revision)

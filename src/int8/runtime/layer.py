@@ -62,7 +62,10 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     key = (dtype, device)
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+        # A normal tensor even when first needed under inference_mode: an inference tensor
+        # could not be written to by a later call outside it (a training step after generate).
+        with torch.inference_mode(False):
+            buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
