@@ -18,6 +18,7 @@ import contextlib
 import datetime as _dt
 import errno
 import json
+import os
 import queue
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -343,6 +345,52 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> None:
                 raise _Stopped from None
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """Torch's OpenMP threads spin at barriers; beside our reader and writer threads they
+    oversubscribe the cores and slow quantization down tenfold. Inside the stream every torch
+    op runs on the thread that calls it, and `_Workers` spreads chunks over the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Workers:
+    """Quantize the row blocks of a chunk on several threads (torch releases the GIL)."""
+
+    def __init__(self, n: int):
+        self.n = max(1, n)
+        self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="int8-quantize") if self.n > 1 else None
+
+    def quantize(self, w: torch.Tensor, block_size: int, codes: torch.Tensor, scales: torch.Tensor) -> ErrorStats:
+        rows = w.shape[0]
+        if self._pool is None or rows < 2 * self.n:
+            return quantize_into(w, block_size, codes, scales, offset_codes=True)
+        step = -(-rows // self.n)
+        parts = [
+            self._pool.submit(quantize_into, w[r:r + step], block_size, codes[r:r + step], scales[r:r + step], offset_codes=True)
+            for r in range(0, rows, step)
+        ]
+        stats = ErrorStats()
+        for f in parts:
+            stats.merge(f.result())
+        return stats
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def _stream(
     reader: CheckpointReader,
     plan: ConversionPlan,
@@ -352,6 +400,15 @@ def _stream(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> tuple[dict[str, ErrorStats], dict[str, str]]:
     """Read, quantize and write every planned tensor; return error stats and shard hashes."""
+    with _single_threaded_torch():
+        workers = _Workers(_cpu_count() if device.type == "cpu" else 1)
+        try:
+            return _run_stages(reader, plan, folder, device, progress, chunk_bytes, workers)
+        finally:
+            workers.close()
+
+
+def _run_stages(reader, plan, folder, device, progress, chunk_bytes, workers: _Workers):
     stop = threading.Event()
     in_pool = _BufferPool(chunk_bytes, 3, stop)
     out_pool = _BufferPool(chunk_bytes, 3, stop)
@@ -443,7 +500,7 @@ def _stream(
                 continue
             e = item.entry
             if e.action == QUANTIZE:
-                _quantize_chunk(item, plan.block_size, device, out_pool, stats, scales, send)
+                _quantize_chunk(item, plan.block_size, device, out_pool, stats, scales, send, workers)
             else:
                 _keep_chunk(item, out_pool, send)
             progress.advance(item.data.numel() * item.data.element_size(), int(item.r1 == e.source.rows))
@@ -466,7 +523,7 @@ def _stream(
     return stats, hashes
 
 
-def _quantize_chunk(c: _Chunk, block_size: int, device, pool: _BufferPool, stats, scales, send) -> None:
+def _quantize_chunk(c: _Chunk, block_size: int, device, pool: _BufferPool, stats, scales, send, workers: _Workers) -> None:
     e = c.entry
     out_f, in_f = e.out_features, e.in_features
     w = c.data.t().contiguous() if e.layout == "conv1d" else c.data
@@ -481,7 +538,7 @@ def _quantize_chunk(c: _Chunk, block_size: int, device, pool: _BufferPool, stats
         if device.type == "cpu":
             if width > in_f:
                 codes[:, in_f:] = 0
-            st = quantize_into(w, block_size, codes, scales[e.name][r0:r1], offset_codes=True)
+            st = workers.quantize(w, block_size, codes, scales[e.name][r0:r1])
         else:
             codes_d = torch.zeros(rows, width, dtype=torch.int8, device=device)
             scales_d = torch.empty(rows, scales[e.name].shape[1], dtype=scales[e.name].dtype, device=device)
@@ -506,7 +563,7 @@ def _quantize_chunk(c: _Chunk, block_size: int, device, pool: _BufferPool, stats
 def _keep_chunk(c: _Chunk, pool: _BufferPool, send) -> None:
     e = c.entry
     x = c.data
-    if e.source.dtype in FLOAT_DTYPES and x.numel() and not bool(torch.isfinite(x).all()):
+    if e.source.dtype in FLOAT_DTYPES and not _all_finite(x):
         c.release()
         raise BadTensor(
             f"tensor {e.source.name!r} in {e.source.file.name} contains NaN or Inf values: the output would be garbage",
@@ -520,13 +577,21 @@ def _keep_chunk(c: _Chunk, pool: _BufferPool, send) -> None:
     buf, release_out = pool.take(nbytes)
     y = buf[:nbytes].view(target).view(x.shape).copy_(x)
     c.release()
-    if e.out_dtype == "F16" and y.numel() and not bool(torch.isfinite(y).all()):
+    if e.out_dtype == "F16" and not _all_finite(y):
         release_out()
         raise BadTensor(
             f"tensor {e.source.name!r} has values beyond float16's range (|x| > 65504)",
             "Convert with --dtype bf16 (same range as fp32) instead.",
         )
     send((_as_bytes(y), release_out))
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``. A float32 sum is one fast pass and is finite whenever every
+    value is (barring overflow of the sum itself, which the exact check then settles)."""
+    if not x.numel() or bool(torch.isfinite(torch.sum(x, dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _write_index(folder: Path, plan: ConversionPlan) -> None:

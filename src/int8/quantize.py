@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -149,15 +150,13 @@ def quantize_into(
     nblocks = cols // block_size
     step = max(1, _SUBCHUNK_VALUES // cols)
     dev = w.device
-    # One workspace per call, reused for every sub-chunk: fresh allocations
-    # would page-fault their memory in on every sub-chunk, which costs more
-    # than the arithmetic itself.
-    wide = torch.empty(step, cols, dtype=torch.float32, device=dev) if w.dtype != torch.float32 else None
-    scaled_buf = torch.empty(step, cols, dtype=torch.float32, device=dev)
-    q_buf = torch.empty(step, cols, dtype=torch.float32, device=dev)
-    q8_buf = torch.empty(step, cols, dtype=torch.int8, device=dev)
-    amax_buf = torch.empty(step, nblocks, dtype=torch.float32, device=dev)
-    amin_buf = torch.empty(step, nblocks, dtype=torch.float32, device=dev)
+    space = _workspace(dev, step * cols, step * nblocks)
+    wide = space.f32[0][: step * cols].view(step, cols) if w.dtype != torch.float32 else None
+    scaled_buf = space.f32[1][: step * cols].view(step, cols)
+    q_buf = space.f32[2][: step * cols].view(step, cols)
+    q8_buf = space.i8[: step * cols].view(step, cols)
+    amax_buf = space.small[0][: step * nblocks].view(step, nblocks)
+    amin_buf = space.small[1][: step * nblocks].view(step, nblocks)
     err_max = torch.zeros((), dtype=torch.float32, device=dev)
     err_sum = torch.zeros((), dtype=torch.float64, device=dev)
     zero_blocks = torch.zeros((), dtype=torch.int64, device=dev)
@@ -184,7 +183,11 @@ def quantize_into(
         zero_blocks += zero.sum()
         divisor.masked_fill_(zero, 1.0)
         scaled = torch.div(blocks, divisor.unsqueeze(-1), out=scaled_buf[:n].view(n, nblocks, block_size))
-        q = torch.round(scaled, out=q_buf[:n].view(n, nblocks, block_size)).clamp_(-QMAX, QMAX)
+        q = torch.round(scaled, out=q_buf[:n].view(n, nblocks, block_size))
+        if bool((divisor < torch.finfo(scales_out.dtype).tiny).any()):
+            # A subnormal scale (fp16, |w| < ~0.008) is rounded coarsely: only then can
+            # |w / scale| exceed 127.5. Normal scales never need the clamp.
+            q.clamp_(-QMAX, QMAX)
         err = scaled.sub_(q).abs_()
         err_max = torch.maximum(err_max, err.amax())
         err_sum += err.sum()
@@ -199,6 +202,32 @@ def quantize_into(
         count=rows * cols,
         zero_blocks=int(zero_blocks),
     )
+
+
+class _Workspace:
+    """Scratch buffers of one thread on one device, grown as needed and kept.
+
+    Reusing them matters: fresh memory is page-faulted in on first touch,
+    which costs more than the quantization arithmetic itself.
+    """
+
+    def __init__(self, device: torch.device, values: int, blocks: int):
+        self.values, self.blocks = values, blocks
+        self.f32 = [torch.empty(values, dtype=torch.float32, device=device) for _ in range(3)]
+        self.i8 = torch.empty(values, dtype=torch.int8, device=device)
+        self.small = [torch.empty(blocks, dtype=torch.float32, device=device) for _ in range(2)]
+
+
+_local = threading.local()
+
+
+def _workspace(device: torch.device, values: int, blocks: int) -> _Workspace:
+    spaces = _local.__dict__.setdefault("spaces", {})
+    space = spaces.get(device)
+    if space is None or space.values < values or space.blocks < blocks:
+        grown = max(values, space.values if space else 0), max(blocks, space.blocks if space else 0)
+        space = spaces[device] = _Workspace(device, *grown)
+    return space
 
 
 def dequantize(

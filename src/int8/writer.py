@@ -11,8 +11,10 @@ is computed on the way, so integrity costs no second read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,9 +46,11 @@ class ShardWriter:
         self._index = 0
         self._left = self._sizes[0] if self._sizes else 0
         self._sha = hashlib.sha256()
+        header = safetensors_header(tensors, metadata)
         self._file = open(self.path, "xb")
         self.bytes_written = 0
-        self._put(safetensors_header(tensors, metadata))
+        _preallocate(self._file, len(header) + sum(self._sizes))
+        self._put(header)
 
     def _put(self, data) -> None:
         self._file.write(data)
@@ -80,6 +84,19 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._file.close()
+
+
+def _preallocate(file, size: int) -> None:
+    """Reserve the file's blocks up front: on ext4 and xfs this makes the writes several times
+    cheaper, and a full disk is found before any data is written (ENOSPC raises here)."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            file.close()
+            raise
+    except AttributeError:  # pragma: no cover - platforms without posix_fallocate
+        pass
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
