@@ -10,11 +10,15 @@
   (``codes x scale``, transposed back to Conv1D's layout).
 * The original is loaded by stock transformers from its own folder.
 * The *reference* is the original, modified in place after its own logits have
-  been taken: every tensor the checkpoint keeps unquantized is replaced by the
-  checkpoint's stored copy (so rounding to bf16/fp16 counts the same on both
-  sides) and every quantized weight gets uniform noise of +-scale/2 drawn with
-  a fixed seed, using the checkpoint's scales: the error an ideal rounding
-  makes, without its values. The fidelity thresholds are relative to it.
+  been taken: every tensor the checkpoint keeps unquantized is rounded to the
+  dtype the checkpoint stores it in (so that rounding counts the same on both
+  sides), and every weight the checkpoint quantizes gets uniform noise of
+  +-scale/2, drawn with a fixed seed, ``scale`` being absmax/127 of its own
+  block: the size of the error an ideal int8 rounding makes, without its
+  values. It is computed from the original alone (the checkpoint under test
+  only says which weights are quantized, in which blocks, and in which dtypes),
+  so a wrong checkpoint cannot make its own bar easier. The fidelity thresholds
+  are relative to it.
 
 Only one model is in memory at a time. Logits are computed window by window
 (see `int8.verify.sample`); the original's log-probabilities are kept on the
@@ -169,32 +173,40 @@ def logits(model, windows: list[Window], device: torch.device) -> Iterator[torch
 def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
     """Turn the loaded original into the reference, in place (see the module docstring).
 
-    Returns the checkpoint tensors that found no parameter to go to (names differ: a wrong original)."""
+    Uses nothing of the checkpoint under test but its plan: which weights are
+    quantized (in blocks of what size, scales in what dtype) and in which dtype
+    the others are stored. Returns the names that found no parameter of the
+    original (a different architecture, or a wrong original)."""
+    from ..checkpoint import DTYPES
+
     params = dict(model.named_parameters()) | dict(model.named_buffers())
-    lookup = params
     unmatched: list[str] = []
     device = next(iter(params.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad(), CheckpointReader(find_checkpoint(layout.folder)) as reader:
-        stored = {t.name: t for t in reader.tensors}
-        for name in layout.kept:
-            p = lookup.get(name)
-            value = reader.read(stored[name])
-            if p is None or tuple(p.shape) != tuple(value.shape):
+    scale_dtype = DTYPES.get(layout.scale_dtype or "F32", torch.float32)
+    g = layout.block_size or 1
+    with torch.no_grad():
+        for name, t in layout.kept.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(t.shape):
                 unmatched.append(name)
                 continue
-            p.copy_(value.to(device=p.device, dtype=p.dtype))
-        g = layout.block_size or 1
+            if p.is_floating_point() and t.dtype in DTYPES:
+                p.copy_(p.to(DTYPES[t.dtype]).to(p.dtype))  # rounded as the checkpoint stores it
         for q in layout.quantized.values():
-            p = lookup.get(f"{q.module}.weight")
+            p = params.get(f"{q.module}.weight")
             want = (q.in_features, q.out_features) if q.layout == "conv1d" else (q.out_features, q.in_features)
             if p is None or tuple(p.shape) != want:
                 unmatched.append(f"{q.module}.weight")
                 continue
-            scale = reader.read(stored[q.scale.name]).to(device=device, dtype=torch.float32)
-            for r0 in range(0, q.out_features, _rows_per_step(q.in_features)):
-                r1 = min(q.out_features, r0 + _rows_per_step(q.in_features))
-                half = scale[r0:r1].repeat_interleave(g, dim=1)[:, : q.in_features] / 2
+            step = _rows_per_step(q.in_features)
+            for r0 in range(0, q.out_features, step):
+                r1 = min(q.out_features, r0 + step)
+                w = (p[:, r0:r1].t() if q.layout == "conv1d" else p[r0:r1]).float()
+                pad = (-q.in_features) % g
+                blocks = torch.nn.functional.pad(w, (0, pad)).view(r1 - r0, -1, g)
+                scale = (blocks.abs().amax(-1) / 127).to(scale_dtype).float()  # the ideal scale of each block
+                half = scale.repeat_interleave(g, dim=1)[:, : q.in_features] / 2
                 noise = (torch.rand(half.shape, generator=gen, device=device) * 2 - 1) * half
                 if q.layout == "conv1d":
                     p[:, r0:r1].add_(noise.t().to(p.dtype))

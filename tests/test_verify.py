@@ -1,0 +1,452 @@
+"""`int8 verify`: clean conversions of every architecture pass; each kind of damage is caught and named.
+
+Every tiny source is built and converted once per session; each test that
+damages a checkpoint works on its own copy. The damage is done the way it
+happens in the field (a flipped byte, a cut-off download, a hand-edited file,
+a buggy converter), and each test asserts that the failing check names the
+file and the tensor, not only that something failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import ARCHS, make_tiny
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import int8
+from int8.errors import Int8Error, SourceNotFound
+from int8.report import ConversionReport
+from int8.verify import SCHEMA, VERIFY_NAME, Thresholds, verify_checkpoint
+from int8.writer import sha256_file
+
+BLOCK = 64
+TOKENS = 256  # tokens of the built-in sample scored per run: enough for stable figures, fast on 2 cores
+SHARD = "model-00001-of-00001.safetensors"
+INT8 = Path(sys.executable).with_name("int8")
+STRUCTURE = ["report", "config", "index", "tensors", "codes", "scales", "finite", "sha256", "tokenizer", "card"]
+FULL = STRUCTURE + ["load", "forward", "reconstruction", "top1", "kl", "perplexity"]
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(source, clean conversion) per architecture, and a second, different gptj original."""
+    root = tmp_path_factory.mktemp("verify")
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in built:
+            if arch == "gptj-other":
+                src = make_tiny("gptj", root / "gptj-other", seed=7)
+                built[arch] = (src, src)
+            else:
+                src = make_tiny(arch, root / arch)
+                out = root / f"{arch}-int8"
+                int8.convert(src, out, block_size=BLOCK, device="cpu")
+                built[arch] = (src, out)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture
+def damaged(tiny, tmp_path):
+    """A fresh copy of a clean conversion, to damage."""
+
+    def copy(arch: str = "gptj") -> Path:
+        out = tmp_path / f"{arch}-int8"
+        shutil.copytree(tiny(arch)[1], out)
+        return out
+
+    return copy
+
+
+def run(folder, **kwargs):
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("max_tokens", TOKENS)
+    return verify_checkpoint(folder, **kwargs)
+
+
+def header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def offset(path: Path, name: str) -> int:
+    """Absolute byte offset of tensor ``name``'s data in a shard."""
+    h, start = header(path)
+    return start + h[name]["data_offsets"][0]
+
+
+def patch(path: Path, at: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def rewrite(path: Path, change) -> None:
+    """Rewrite a shard: ``change(tensors) -> tensors``."""
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    save_file(change(tensors), path, metadata=meta)
+
+
+def refresh_manifest(folder: Path) -> None:
+    """Re-record every file's size and SHA-256 in the report, as if the damage had been converted that way."""
+    report = ConversionReport.load(folder)
+    for entry in report.files:
+        p = folder / entry.name
+        entry.bytes, entry.sha256 = p.stat().st_size, sha256_file(p)
+    report.save(folder)
+
+
+def failed(result) -> dict[str, str]:
+    return {c.name: c.detail for c in result.checks if c.status == "fail"}
+
+
+# --------------------------------------------------------------------------- clean conversions pass
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_clean_conversion_passes(arch, tiny, tmp_path):
+    src, clean = tiny(arch)
+    folder = tmp_path / "out"
+    shutil.copytree(clean, folder)
+    result = run(folder)
+    assert result.passed, failed(result)
+    assert [c.name for c in result.checks] == FULL
+    statuses = {c.name: c.status for c in result.checks}
+    if arch == "gpt2":  # Conv1D: compressed-tensors cannot load it; int8 builds the de-quantized model itself
+        assert statuses.pop("load") == "skip" and "Conv1D" in result.check("load").figure
+    assert set(statuses.values()) == {"pass"}, statuses
+    assert Path(result.against).resolve() == src.resolve()
+    m = result.metrics
+    assert 0.45 < m["max_error_scales"] <= 0.5 * (1 + 1e-3)  # the bound is reached, and never exceeded
+    assert 0 < m["mean_kl"] <= 3 * m["mean_kl_reference"]
+    assert m["tokens"] >= 100 and abs(m["ppl_ratio"] - 1) < 0.05
+    if arch in ("t5", "mt5"):
+        assert "de-quantized at load" in result.check("load").figure
+    elif arch != "gpt2":
+        assert "run-compressed" in result.check("load").figure
+
+    saved = json.loads((folder / VERIFY_NAME).read_text())  # the latest result is left in the folder
+    assert saved == json.loads(result.to_json()) and saved["schema"] == SCHEMA and saved["passed"]
+    # ... and it is outside the manifest: verifying again still passes the integrity check
+    assert run(folder, quick=True).passed
+
+
+def test_quick_mode_builds_no_model_and_keeps_the_full_record(damaged, monkeypatch):
+    folder = damaged()
+    run(folder)
+    full_record = (folder / VERIFY_NAME).read_text()
+    from int8.verify import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quick mode built a model")
+
+    for name in ("load_original", "load_converted", "build_dequantized"):
+        monkeypatch.setattr(models, name, refuse)
+    result = run(folder, quick=True)
+    assert result.passed and result.quick
+    assert [c.name for c in result.checks] == STRUCTURE
+    assert result.metrics["bytes_checked"] == (folder / SHARD).stat().st_size
+    assert (folder / VERIFY_NAME).read_text() == full_record  # a quick run does not replace the figures
+
+
+# --------------------------------------------------------------------------- what it must catch
+
+
+@pytest.mark.parametrize("tensor", ["transformer.h.1.mlp.fc_in.weight_packed", "transformer.h.0.ln_1.weight"])
+def test_flipped_byte(tensor, damaged):
+    folder = damaged()
+    shard = folder / SHARD
+    h, _ = header(shard)
+    size = h[tensor]["data_offsets"][1] - h[tensor]["data_offsets"][0]
+    at = offset(shard, tensor) + size // 2 + 1  # the low byte of a bf16 value, or one int8 code
+    data = bytearray(shard.read_bytes()[at : at + 1])
+    patch(shard, at, bytes([data[0] ^ 0x01]))
+
+    quick = run(folder, quick=True)
+    assert set(failed(quick)) == {"sha256"}
+    assert SHARD in failed(quick)["sha256"]
+
+    result = run(folder)  # comparing with the original finds which tensor changed
+    assert "reconstruction" in failed(result)
+    detail = failed(result)["reconstruction"]
+    assert SHARD in detail and tensor in detail
+
+
+def test_truncated_shard(damaged):
+    folder = damaged()
+    shard = folder / SHARD
+    h, start = header(shard)
+    size = shard.stat().st_size
+    keep = int(size * 0.6)
+    first_cut = min(
+        (name for name, info in h.items() if name != "__metadata__" and start + info["data_offsets"][1] > keep),
+        key=lambda n: h[n]["data_offsets"][0],
+    )
+    with open(shard, "r+b") as f:
+        f.truncate(keep)
+
+    result = run(folder)
+    problems = failed(result)
+    assert {"index", "sha256"} <= set(problems)
+    assert SHARD in problems["index"] and "truncated" in problems["index"] and first_cut in problems["index"]
+    assert f"{SHARD} has {keep} bytes" in problems["sha256"]
+    # nothing is loaded from a checkpoint whose tensors cannot be read
+    assert all(result.check(n).status == "skip" for n in FULL[len(STRUCTURE) :])
+    assert not result.passed
+
+
+def test_tensor_deleted_from_a_shard(damaged):
+    folder = damaged()
+    gone = "transformer.h.0.attn.q_proj.weight_scale"
+    rewrite(folder / SHARD, lambda t: {k: v for k, v in t.items() if k != gone})
+    problems = failed(run(folder, quick=True))
+    assert gone in problems["index"] and SHARD in problems["index"] and "not there" in problems["index"]
+    assert "transformer.h.0.attn.q_proj.weight_packed" in problems["tensors"]  # its scale is missing beside it
+    assert SHARD in problems["sha256"]
+
+
+def test_tensor_deleted_from_the_index(damaged):
+    folder = damaged()
+    gone = "transformer.h.0.mlp.fc_out.bias"
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][gone]
+    index_path.write_text(json.dumps(index, indent=2))
+    problems = failed(run(folder, quick=True))
+    assert f"{SHARD} holds tensor {gone!r}, which model.safetensors.index.json does not list" in problems["index"]
+    assert "model.safetensors.index.json" in problems["sha256"]
+
+
+def test_nan_scale(damaged):
+    folder = damaged()
+    name = "transformer.h.1.attn.v_proj.weight_scale"
+    shard = folder / SHARD
+    h, _ = header(shard)
+    rows, blocks = h[name]["shape"]
+    assert h[name]["dtype"] == "BF16"
+    patch(shard, offset(shard, name) + (3 * blocks + 1) * 2, struct.pack("<H", 0x7FC0))  # bf16 NaN at row 3, block 1
+    result = run(folder, quick=True)
+    problems = failed(result)
+    assert set(problems) == {"scales", "sha256"}
+    assert f"{SHARD}: {name} has 1 NaN scale(s) (first at row 3, block 1)" in problems["scales"]
+
+
+def test_code_of_minus_128(damaged):
+    folder = damaged()
+    name = "transformer.h.0.mlp.fc_out.weight_packed"
+    shard = folder / SHARD
+    h, _ = header(shard)
+    rows, words = h[name]["shape"]
+    patch(shard, offset(shard, name) + 5 * words * 4 + 7, b"\x00")  # packed byte 0 is code -128: row 5, column 7
+    problems = failed(run(folder, quick=True))
+    assert set(problems) == {"codes", "sha256"}
+    assert f"{SHARD}: {name} holds 1 code(s) of -128 (first at row 5, column 7)" in problems["codes"]
+
+
+def test_weight_shape_disagrees_with_config(damaged):
+    """A layer whose three tensors agree with each other but not with config.json (500 rows, not 512)."""
+    folder = damaged()
+    module = "transformer.h.0.mlp.fc_in"
+
+    def cut(t):
+        t[f"{module}.weight_packed"] = t[f"{module}.weight_packed"][:500].clone()
+        t[f"{module}.weight_scale"] = t[f"{module}.weight_scale"][:500].clone()
+        t[f"{module}.weight_shape"] = torch.tensor([500, 128], dtype=torch.int64)
+        t[f"{module}.bias"] = t[f"{module}.bias"][:500].clone()
+        return t
+
+    rewrite(folder / SHARD, cut)
+    refresh_manifest(folder)
+    result = run(folder)
+    problems = failed(result)
+    assert "tensors" in problems
+    detail = problems["tensors"]
+    assert f"{SHARD}: {module}.weight_packed has shape [500, 32]" in detail and "[512, 128]" in detail
+    assert f"{module}.weight_shape says [500, 128]" in detail
+    assert f"{SHARD}: {module}.bias has shape [500]" in detail
+    assert result.check("load").status == "skip"  # a checkpoint that disagrees with its config is not loaded
+
+
+def test_group_size_disagrees_with_tensors(damaged):
+    folder = damaged()
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 32
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    problems = failed(run(folder, quick=True))
+    assert "group size 32 (config.json)" in problems["tensors"]
+    assert f"{SHARD}: transformer.h.0.attn.q_proj.weight_scale has shape [128, 2]" in problems["tensors"]
+    assert "group_size 32 disagrees with the block size 64" in problems["config"]
+    assert "config.json" in problems["sha256"]
+
+
+def test_missing_tokenizer(damaged):
+    folder = damaged()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    problems = failed(run(folder, quick=True))
+    assert set(problems) == {"tokenizer", "sha256"}
+    assert "tokenizer.json (a tokenizer file in the manifest) is missing" in problems["tokenizer"]
+    assert "tokenizer.json is in the manifest but missing" in problems["sha256"]
+
+
+@pytest.mark.parametrize("arch", ["gptj", "t5"])
+def test_doubled_scales_pass_structure_but_fail_fidelity(arch, damaged):
+    """Structurally perfect (the manifest even matches), numerically wrong: fidelity must fail."""
+    folder = damaged(arch)
+    rewrite(folder / SHARD, lambda t: {k: v * 2 if k.endswith(".weight_scale") else v for k, v in t.items()})
+    refresh_manifest(folder)
+    assert run(folder, quick=True).passed
+
+    result = run(folder)
+    problems = failed(result)
+    assert {"reconstruction", "kl"} <= set(problems), problems
+    assert set(problems) <= {"reconstruction", "top1", "kl", "perplexity"}
+    assert SHARD in problems["reconstruction"] and ".weight_scale: " in problems["reconstruction"]
+    assert "not absmax/127" in problems["reconstruction"] and "beyond half a scale" in problems["reconstruction"]
+    m = result.metrics
+    assert m["mean_kl"] > 30 * Thresholds().kl_factor * m["mean_kl_reference"]  # fails clearly, not by a hair
+
+
+def test_checked_against_a_different_original(tiny):
+    other, _ = tiny("gptj-other")
+    _, clean = tiny("gptj")
+    result = run(clean, against=str(other), save=False)
+    problems = failed(result)
+    assert {"reconstruction", "kl"} <= set(problems), problems
+    assert f"{SHARD}: transformer.h.0.attn.q_proj.weight_packed" in problems["reconstruction"]
+    assert result.against == str(other)
+    assert result.metrics["mean_kl"] > 100 * result.metrics["mean_kl_reference"]
+
+
+def test_unreachable_original_skips_fidelity(damaged, tmp_path):
+    folder = damaged()
+    report = json.loads((folder / "int8_report.json").read_text())
+    report["source"]["id"] = str(tmp_path / "moved-away")
+    (folder / "int8_report.json").write_text(json.dumps(report))
+    result = run(folder)
+    assert result.passed and result.against is None
+    for name in ("reconstruction", "top1", "kl", "perplexity"):
+        assert result.check(name).status == "skip" and "no longer exists" in result.check(name).figure
+    assert result.check("forward").status == "pass"
+
+
+# --------------------------------------------------------------------------- usage errors are not failures
+
+
+def test_usage_errors_raise(tiny, tmp_path):
+    _, clean = tiny("gptj")
+    with pytest.raises(SourceNotFound):
+        verify_checkpoint(tmp_path / "nothing-here")
+    with pytest.raises(SourceNotFound):
+        verify_checkpoint(clean, against=str(tmp_path / "no-original"))
+    with pytest.raises(SourceNotFound):
+        verify_checkpoint(clean, text=tmp_path / "missing.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Int8Error, match="not a converted checkpoint"):
+        verify_checkpoint(empty)
+
+
+# --------------------------------------------------------------------------- the Hub
+
+
+def test_hub_repo(hub, tiny, tmp_path):
+    _, clean = tiny("gptj")
+    files = {p.name: p.read_bytes() for p in clean.iterdir() if p.is_file() and p.name != VERIFY_NAME}
+    hub.create_repo("alice/tiny-int8", files)
+    result = run("alice/tiny-int8", quick=True)
+    assert result.passed, failed(result)
+    assert result.target == "alice/tiny-int8" and len(result.commit) == 40
+    assert not (result.folder / VERIFY_NAME).exists()  # nothing is written into the Hub cache
+
+    at = offset(clean / SHARD, "transformer.h.1.attn.q_proj.weight_packed") + 1001
+    damaged_shard = bytearray(files[SHARD])
+    damaged_shard[at] ^= 0x01  # a damaged upload: one code off by one
+    hub.commit("alice/tiny-int8", {SHARD: bytes(damaged_shard)})
+    bad = run("alice/tiny-int8", quick=True)
+    assert set(failed(bad)) == {"sha256"} and SHARD in failed(bad)["sha256"]
+    assert run("alice/tiny-int8", quick=True, revision=result.commit).passed  # the earlier commit is still whole
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(INT8), "verify", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_codes_and_json(damaged, tmp_path):
+    folder = damaged()
+    out = tmp_path / "result.json"
+    ok = cli(str(folder), "--quick", "--json", str(out))
+    assert ok.returncode == 0, ok.stderr
+    assert "PASSED" in ok.stderr and "sha256" in ok.stdout
+    report = json.loads(out.read_text())
+    assert report["schema"] == SCHEMA and report["passed"] and report["quick"]
+    assert [c["name"] for c in report["checks"]] == STRUCTURE
+    assert set(report["checks"][0]) >= {"name", "group", "status", "passed", "figure", "threshold", "detail", "problems"}
+
+    shard = folder / SHARD
+    patch(shard, offset(shard, "transformer.h.0.attn.k_proj.weight_packed") + 2, b"\x00")
+    bad = cli(str(folder), "--quick", "--json", str(out))
+    assert bad.returncode == 1, bad.stderr
+    assert "FAILED" in bad.stderr and "transformer.h.0.attn.k_proj.weight_packed" in bad.stderr
+    report = json.loads(out.read_text())
+    assert not report["passed"] and {c["name"] for c in report["checks"] if c["status"] == "fail"} == {"codes", "sha256"}
+
+    out.unlink()
+    usage = cli(str(tmp_path / "no-such-folder"), "--json", str(out))
+    assert usage.returncode == 2 and "neither a folder nor a Hub repo id" in usage.stderr
+    assert "Traceback" not in usage.stderr and not out.exists()  # a usage error is not a verification result
+
+
+def test_cli_update_card(damaged):
+    from typer.testing import CliRunner
+
+    from int8.cli import app
+
+    folder = damaged()
+    assert "Not measured yet" in (folder / "README.md").read_text()
+    res = CliRunner().invoke(app, ["verify", str(folder), "--device", "cpu", "--max-tokens", str(TOKENS), "--update-card"])
+    assert res.exit_code == 0, res.output
+    card = (folder / "README.md").read_text()
+    saved = json.loads((folder / VERIFY_NAME).read_text())
+    assert "Not measured yet" not in card and "| kl | pass |" in card
+    assert f"{saved['metrics']['mean_kl']:.4g}" in card
+    assert run(folder, quick=True).passed  # the card and the result are outside the manifest
+
+
+def test_json_has_no_bare_nan(damaged):
+    """JSON has no NaN: non-finite figures are written as strings, and the report still parses."""
+    folder = damaged()
+    name = "transformer.h.1.attn.v_proj.weight_scale"
+    shard = folder / SHARD
+    patch(shard, offset(shard, name), struct.pack("<H", 0x7FC0) * 4)
+    refresh_manifest(folder)
+    result = run(folder)
+    def bare(constant):
+        raise AssertionError(f"bare {constant} in the JSON report")
+
+    data = json.loads(result.to_json(), parse_constant=bare)
+    assert not data["passed"] and {"scales", "forward", "kl"} <= set(failed(result))
+    assert math.isnan(result.metrics["mean_kl"]) and data["metrics"]["mean_kl"] == "nan"
+    assert "transformer.h.1.attn.v_proj.weight_scale" in failed(result)["scales"]
