@@ -7,6 +7,9 @@ offline mode (``HF_HUB_OFFLINE=1`` serves a previous download from the cache).
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,8 @@ SIDECAR_PATTERNS = [
 ]
 """Files other than the weights that a converted checkpoint needs or that the card reads."""
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
 
 @dataclass(frozen=True)
 class Downloaded:
@@ -56,54 +61,106 @@ def weights_format(filenames: list[str]) -> str | None:
 def download_checkpoint(
     repo_id: str, revision: str | None = None, token: str | bool | None = None, quiet: bool = False
 ) -> Downloaded:
-    """Download what converting ``repo_id`` needs; return the local snapshot folder."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    """Download what converting ``repo_id`` needs; return the local snapshot folder.
 
-    from huggingface_hub import constants
+    Only one weights format is fetched (safetensors when the repo has it),
+    with the config, tokenizer, generation config, license and card. A second
+    run finds everything in the cache; with ``HF_HUB_OFFLINE=1`` it makes no
+    request at all. Every request is bounded in time (see `int8.hub.timeouts`).
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    from .timeouts import bounded, metadata_timeout, transfer_timeout
 
     try:
         if constants.HF_HUB_OFFLINE:
             return _from_cache(repo_id, revision, token)
-        info = HfApi().model_info(repo_id, revision=revision, token=token)
-        files = [s.rfilename for s in info.siblings or []]
-        fmt = weights_format(files)
-        if fmt is None:
-            raise NoWeightsFound(
-                f"{repo_id}{'@' + revision if revision else ''} has no model.safetensors or pytorch_model.bin "
-                "weights (nor their sharded index)",
-                f"Files found: {', '.join(sorted(files)[:8]) or 'none'}.",
+        with bounded(transfer_timeout()), _progress_bars(not quiet):
+            info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=metadata_timeout())
+            files = [s.rfilename for s in info.siblings or []]
+            fmt = weights_format(files)
+            if fmt is None:
+                raise NoWeightsFound(
+                    f"{repo_id}{'@' + revision if revision else ''} has no model.safetensors or pytorch_model.bin "
+                    "weights (nor their sharded index)",
+                    f"Files found: {', '.join(sorted(files)[:8]) or 'none'}.",
+                )
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=info.sha,  # the commit just resolved: no second lookup, no race with a new push
+                    allow_patterns=WEIGHT_PATTERNS[fmt] + SIDECAR_PATTERNS,
+                    token=token,
+                    etag_timeout=metadata_timeout(),
+                )
             )
-        if not quiet:
-            enable_progress_bars()
-        else:
-            disable_progress_bars()
-        folder = snapshot_download(
-            repo_id,
-            revision=info.sha,
-            allow_patterns=WEIGHT_PATTERNS[fmt] + SIDECAR_PATTERNS,
-            token=token,
-        )
-        return Downloaded(Path(folder), repo_id, revision, info.sha, fmt)
+        _remember_ref(folder, revision, info.sha)
+        return Downloaded(folder, repo_id, revision, info.sha, fmt)
     except Exception as e:  # translate the client's errors into ones that say what to do
         raise translate_hub_error(e, repo_id, revision) from None
 
 
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """huggingface_hub's download bars, off for --quiet (the user's own setting is restored after)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not show and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            enable_progress_bars()
+
+
+def _remember_ref(folder: Path, revision: str | None, commit: str | None) -> None:
+    """Record branch/tag -> commit in the cache's refs/, so an offline run finds this snapshot by name.
+
+    (snapshot_download was given the commit hash, so it wrote no ref itself.)
+    """
+    rev = revision or "main"
+    if commit is None or _COMMIT.fullmatch(rev):
+        return
+    ref = folder.parent.parent / "refs" / rev
+    try:
+        if ref.is_file() and ref.read_text().strip() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.name}.tmp")
+        tmp.write_text(commit)
+        tmp.replace(ref)
+    except OSError:  # a read-only cache still works online
+        pass
+
+
 def _from_cache(repo_id: str, revision: str | None, token) -> Downloaded:
+    """Offline: the snapshot an earlier run downloaded, in the format it chose, with no request."""
     from huggingface_hub import snapshot_download
 
+    try:
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:  # huggingface_hub < 2: no tree cache, no completeness check; the snapshot says
+        get_cached_repo_tree = None
+    if get_cached_repo_tree is not None:
+        files = [f.path for f in get_cached_repo_tree(repo_id, revision=revision)]
+    else:
+        any_format = WEIGHT_PATTERNS["safetensors"] + WEIGHT_PATTERNS["pytorch"] + SIDECAR_PATTERNS
+        snap = snapshot_download(repo_id, revision=revision, allow_patterns=any_format, local_files_only=True)
+        files = [p.name for p in Path(snap).iterdir()]
+    fmt = weights_format(files)
+    if fmt is None:
+        raise NoWeightsFound(f"the cached copy of {repo_id} has no weights", "Run once without HF_HUB_OFFLINE=1.")
     folder = Path(
         snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=WEIGHT_PATTERNS["safetensors"] + WEIGHT_PATTERNS["pytorch"] + SIDECAR_PATTERNS,
+            allow_patterns=WEIGHT_PATTERNS[fmt] + SIDECAR_PATTERNS,
             token=token,
             local_files_only=True,
         )
     )
-    fmt = weights_format([p.name for p in folder.iterdir()])
-    if fmt is None:
-        raise NoWeightsFound(f"the cached copy of {repo_id} has no weights", "Run once without HF_HUB_OFFLINE=1.")
     return Downloaded(folder, repo_id, revision, folder.name, fmt)
 
 
@@ -111,6 +168,7 @@ def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None)
     """Map huggingface_hub / network exceptions onto int8's user errors."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
+        CachedRepoTreeNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -135,10 +193,19 @@ def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None)
             f"{repo_id!r} is not a preset, a local folder, or a model repo on {endpoint}",
             "Check the spelling (`int8 presets` lists presets). If the repo is private, set HF_TOKEN or run `hf auth login`.",
         )
-    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+    if constants.HF_HUB_OFFLINE and isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, CachedRepoTreeNotFoundError)):
+        at = f" at revision {revision!r}" if revision else ""
+        return HubError(
+            f"{repo_id}{at} is not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it",
+            "Run once with the network (HF_HUB_OFFLINE unset) to fill the cache.",
+        )
+    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, CachedRepoTreeNotFoundError)):
+        cause = e.__cause__ or e.__context__
+        if cause is not None and _is_network_error(cause):
+            return translate_hub_error(cause, repo_id, revision)
         return HubError(
             f"{repo_id} is not in the local cache and the Hub cannot be reached ({endpoint})",
-            "Connect to the network (or unset HF_HUB_OFFLINE) and retry.",
+            "Check the network (and HF_ENDPOINT), then retry.",
         )
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
@@ -150,6 +217,14 @@ def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None)
         if status == 403:
             return HubError(f"access to {repo_id} was refused (403)", "Your token lacks read access to this repo.")
         return HubError(f"the Hub answered an error for {repo_id}: {str(e).splitlines()[0]}")
+    if _is_timeout(e):
+        from .timeouts import ENV
+
+        return HubError(
+            f"the Hub at {endpoint} did not answer in time ({type(e).__name__}) while fetching {repo_id}",
+            f"Check the network (and HF_ENDPOINT). {ENV}=SECONDS waits longer. "
+            "A model downloaded before is served offline with HF_HUB_OFFLINE=1.",
+        )
     if _is_network_error(e):
         return HubError(
             f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
@@ -164,3 +239,8 @@ def _is_network_error(e: BaseException) -> bool:
     return bool(names & {"TransportError", "TimeoutException", "ConnectError", "NetworkError"}) or isinstance(
         e, (OSError, TimeoutError)
     )
+
+
+def _is_timeout(e: BaseException) -> bool:
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TimeoutException", "TimeoutError"}) or isinstance(e, TimeoutError)
