@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up ./.venv with int8 and its test dependencies (idempotent).
-# torch is installed first, pinned to the CPU build, so that pip never pulls a multi-GB CUDA build;
-# on a GPU machine install the torch you want first and run `pip install -e ".[test]"` yourself.
+# torch is installed first and explicitly, so that resolving int8's open `torch>=2.4` never pulls a
+# multi-GB CUDA build: on this project's machines `torch==2.13.0` is the CPU build kept on local disk.
+# Elsewhere, point TORCH_INDEX_URL at https://download.pytorch.org/whl/cpu for the CPU build, or
+# install the torch you want into .venv before running this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,7 +12,6 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet "torch==2.13.0" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
-    || .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
