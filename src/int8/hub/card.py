@@ -77,21 +77,41 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+_SMALL = "norms, biases and other small parameters (a tiny share of the size, and sensitive to rounding)"
+_EMBED = "embeddings (looked up, not multiplied: int8 kernels would not speed them up)"
+
+
 def _kept_summary(report: ConversionReport) -> str:
-    groups: dict[str, int] = {}
+    """One line per reason a tensor stayed unquantized, with a few of the tensors' names."""
+    groups: dict[str, list[str]] = {}
     for t in report.tensors:
         if t.action != "kept":
             continue
-        reason = t.reason
-        if reason in ("bias", "parameter", "buffer"):
-            reason = "norms, biases and other small parameters"
-        elif reason == "embedding":
-            reason = "embeddings (looked up, not multiplied)"
-        groups[reason] = groups.get(reason, 0) + 1
-    return "\n".join(f"  - {reason}: {n} tensor(s)" for reason, n in sorted(groups.items())) or "  - nothing"
+        reason = {"bias": _SMALL, "parameter": _SMALL, "buffer": _SMALL, "embedding": _EMBED}.get(t.reason, t.reason)
+        groups.setdefault(reason, []).append(t.name)
+    lines = []
+    for reason, names in sorted(groups.items()):
+        shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"  - {reason}: {len(names)} tensor(s), e.g. {shown}" if len(names) > 3 else f"  - {reason}: {shown}")
+    return "\n".join(lines) or "  - nothing"
+
+
+_METRICS = (
+    ("top1_agreement", "top-1 next-token agreement with the original"),
+    ("mean_kl", "mean KL divergence from the original (nats/token)"),
+    ("ppl_original", "perplexity of the original"),
+    ("ppl_converted", "perplexity of this checkpoint"),
+    ("ppl_ratio", "perplexity ratio"),
+    ("tokens", "tokens of text compared"),
+)
+
+
+def _cell(value: Any) -> str:
+    return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
 
 
 def _fidelity_section(folder: Path) -> str:
+    """The figures of the latest `int8 verify` (int8_verify.json), or how to get them."""
     path = folder / VERIFY_NAME
     if not path.is_file():
         return (
@@ -100,27 +120,55 @@ def _fidelity_section(folder: Path) -> str:
         )
     try:
         result = json.loads(path.read_text())
-    except ValueError:
+        checks = list(result.get("checks", []))
+        metrics = dict(result.get("metrics") or {})
+    except (ValueError, AttributeError, TypeError):
         return "The recorded verification result is unreadable; run `int8 verify --update-card` again."
-    rows = ["| check | result | figure | threshold |", "|---|---|---|---|"]
-    for check in result.get("checks", []):
-        rows.append(
-            f"| {check.get('name', '')} | {'pass' if check.get('passed') else 'FAIL'} | "
-            f"{check.get('figure', '')} | {check.get('threshold', '')} |"
-        )
     against = result.get("against") or "the original"
-    return f"Verified with int8 {result.get('int8_version', '')} against {against}:\n\n" + "\n".join(rows)
+    when = f" on {result['created'][:10]}" if result.get("created") else ""
+    scope = "structure and integrity checks only" if result.get("quick") else f"compared with {against}"
+    verdict = "All checks passed." if result.get("passed", not any(c.get("status") == "fail" for c in checks)) else (
+        "**Some checks failed**: see the table."
+    )
+    lines = [f"Checked with `int8 verify` (int8 {result.get('int8_version', '?')}){when}, {scope}. {verdict}", ""]
+    figures = [(label, metrics[key]) for key, label in _METRICS if metrics.get(key) is not None]
+    if figures:
+        lines += ["| measure | value |", "|---|---|"]
+        lines += [f"| {label} | {_cell(_fmt(value))} |" for label, value in figures]
+        lines.append("")
+    lines += ["| check | result | figure | threshold |", "|---|---|---|---|"]
+    for c in checks:
+        status = c.get("status") or ("pass" if c.get("passed") else "fail")
+        shown = {"pass": "pass", "fail": "**FAIL**", "skip": "skipped"}.get(status, status)
+        lines.append(f"| {_cell(c.get('name'))} | {shown} | {_cell(c.get('figure'))} | {_cell(c.get('threshold'))} |")
+    return "\n".join(lines)
 
 
-def render_card(folder: Path, report: ConversionReport, preset: Preset | None = None, original_card: Path | None = None):
-    """Build the ModelCard for the converted checkpoint in ``folder``."""
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_card(
+    folder: Path,
+    report: ConversionReport,
+    preset: Preset | None = None,
+    original_card: Path | None = None,
+    repo_id: str | None = None,
+):
+    """Build the ModelCard for the converted checkpoint in ``folder``.
+
+    ``repo_id`` is where the checkpoint is (or will be) published: the usage
+    snippets load it from there. Without one they use the placeholder NAME-int8.
+    """
     from huggingface_hub import ModelCard
 
     original = _original_metadata(original_card)
     data = card_metadata(report, preset, original)
     base = base_model_id(report)
     name = (base or Path(report.source.id).name).split("/")[-1]
-    repo_hint = f"{name}-int8"
+    repo_hint = repo_id or placeholder_repo(report)
     q = report.quantization
     totals = report.totals
     causal = report.model.task == "causal-lm"
@@ -136,7 +184,7 @@ def render_card(folder: Path, report: ConversionReport, preset: Preset | None = 
 An 8-bit version of {origin}: {about}. The large weight matrices are stored in
 int8 with one absmax scale per block of {q.block_size} values, which takes the checkpoint
 from {_gb(totals.bytes_in)} to {_gb(totals.bytes_out)} ({totals.ratio:.2f}x smaller) so it loads, runs
-and fine-tunes on one ordinary GPU. Converted with int8 {report.int8_version}.
+and fine-tunes on one ordinary GPU. Converted with int8 {report.int8_version}{_provenance(report)}.
 {"See the [original model card](https://huggingface.co/" + base + ") for what the model does, how it was trained, its limitations and its license." if base else ""}
 
 ## How it was quantized
@@ -204,19 +252,96 @@ model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def placeholder_repo(report: ConversionReport) -> str:
+    """The id the snippets use before the checkpoint has a repo: NAME-int8, as `int8 convert` names the folder."""
+    base = base_model_id(report)
+    return f"{(base or Path(report.source.id).name).split('/')[-1]}-int8"
+
+
+def _provenance(report: ConversionReport) -> str:
+    src = report.source
+    if src.kind in ("hub", "preset") and src.commit:
+        return f" from commit `{src.commit[:12]}` of `{src.id}`" + (f" (preset `{src.preset}`)" if src.preset else "")
+    return ""
+
+
+_SERVE_LINE = re.compile(r"^vllm serve (?P<repo>[\w.-]+(?:/[\w.-]+)?)\s*$", re.MULTILINE)
+
+
+def recorded_repo_id(card_path: Path) -> str | None:
+    """The repo id a card written by int8 was rendered for (its `vllm serve` snippet), if any."""
+    try:
+        m = _SERVE_LINE.search(Path(card_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return m["repo"] if m and "/" in m["repo"] else None
+
+
 def write_card(
-    folder: Path, report: ConversionReport, preset: Preset | None = None, original_card: Path | None = None
+    folder: Path,
+    report: ConversionReport,
+    preset: Preset | None = None,
+    original_card: Path | None = None,
+    repo_id: str | None = None,
 ) -> Path:
     """Write README.md into ``folder``.
 
     ``original_card`` is the source model's README.md; without one, the
     metadata of the card already in ``folder`` is kept (a rewrite after
-    `int8 verify` keeps the license, languages and datasets it had).
+    `int8 verify` keeps the license, languages and datasets it had), and so is
+    the repo id its snippets were rendered for, unless ``repo_id`` names another.
     """
     folder = Path(folder)
+    existing = folder / CARD_NAME
+    if repo_id is None and existing.is_file():
+        repo_id = recorded_repo_id(existing)
     if original_card is None or not Path(original_card).is_file():
-        original_card = folder / CARD_NAME
-    card = render_card(folder, report, preset, original_card)
-    path = folder / CARD_NAME
-    card.save(path)
-    return path
+        original_card = existing if existing.is_file() else _cached_original_card(report)
+    card = render_card(folder, report, preset, original_card, repo_id)
+    tmp = folder / f".{CARD_NAME}.int8-tmp"
+    card.save(tmp)
+    tmp.replace(existing)
+    return existing
+
+
+def _cached_original_card(report: ConversionReport) -> Path | None:
+    """The source model's README.md from the Hub cache, when the checkpoint came from the Hub and it is still there."""
+    base = base_model_id(report)
+    if base is None:
+        return None
+    local = Path(report.source.id) / CARD_NAME
+    if report.source.kind == "local" and local.is_file():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base, CARD_NAME, revision=report.source.commit or report.source.revision)
+    except Exception:  # no cache, a malformed id: no original card, the preset's metadata still applies
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def rewrite_card(folder: Path, repo_id: str | None = None) -> Path:
+    """Render README.md again from ``int8_report.json`` and the latest ``int8_verify.json`` in ``folder``.
+
+    What `int8 card`, `int8 verify --update-card` and `int8 push` call. Raises
+    `int8.errors.Int8Error` when the folder has no readable conversion report.
+    """
+    from ..errors import Int8Error, SourceNotFound
+    from ..presets import get_preset
+    from ..report import REPORT_NAME
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceNotFound(f"folder {folder} does not exist")
+    try:
+        report = ConversionReport.load(folder)
+    except FileNotFoundError:
+        raise Int8Error(
+            f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
+            "The card is rendered from the conversion report; convert the model with int8 first.",
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({type(e).__name__}: {e})") from None
+    preset = get_preset(report.source.preset) if report.source.preset else None
+    return write_card(folder, report, preset=preset, repo_id=repo_id)

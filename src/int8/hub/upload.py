@@ -1,0 +1,218 @@
+"""`int8 push`: publish a converted folder to the Hub, after verify's quick checks pass.
+
+The upload is ``huggingface_hub``'s ``upload_folder``: large files go through
+LFS, and a re-run after an interruption sends only what the Hub does not have
+yet (the LFS batch call answers which objects it already holds). The token
+comes from the caller, ``HF_TOKEN`` or the stored login (`hf auth login`); it
+is handed to the client and never printed, logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HubError, Int8Error, SourceNotFound, VerificationFailed
+
+IGNORE_PATTERNS = [".*", "**/.*", "*.int8-tmp"]
+"""Never uploaded: hidden files (editor swap files, half-written temporaries, caches)."""
+
+TOKEN_HINT = "Set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens), or run `hf auth login`."
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where the checkpoint went."""
+
+    repo_id: str
+    repo_url: str
+    commit_url: str
+    commit: str
+    revision: str | None = None
+    pr_url: str | None = None
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    message: str | None = None,
+    token: str | None = None,
+    quiet: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> PushResult:
+    """Verify ``folder`` (quick checks), then upload it to the model repo ``repo_id``.
+
+    Creates the repo (``private`` if asked) unless ``create_pr``, which opens a
+    pull request on an existing repo instead; ``revision`` is the branch to
+    commit to (created from main when missing) or, with ``create_pr``, the
+    branch the PR targets. README.md is rendered again first, so that its
+    snippets load ``repo_id`` and it carries the latest full `int8 verify`
+    figures. ``repo_id`` without an owner goes to the token's own namespace.
+    ``quiet`` hides huggingface_hub's upload bars; ``progress`` is told each step.
+
+    Raises `int8.errors.VerificationFailed` when the quick checks fail (nothing
+    is sent) and `int8.errors.HubError` for a missing or rejected token, no
+    write access, a malformed repo id, or a network failure.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    from .card import rewrite_card
+    from .download import _progress_bars
+    from .timeouts import bounded, metadata_timeout, transfer_timeout
+
+    say = progress or (lambda _msg: None)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceNotFound(f"folder {folder} does not exist", "Give the folder that `int8 convert` wrote.")
+    _check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
+    api = HfApi(token=token)
+    try:
+        with bounded(metadata_timeout()):
+            user = api.whoami()
+    except Exception as e:
+        raise translate_push_error(e, repo_id) from None
+    if "/" not in repo_id:
+        repo_id = f"{user['name']}/{repo_id}"
+
+    say(f"Rendering the model card for {repo_id}")
+    rewrite_card(folder, repo_id=repo_id)
+    say("Running int8 verify's quick checks")
+    _verify(folder)
+
+    try:
+        with bounded(transfer_timeout()):
+            if create_pr:
+                api.repo_info(repo_id, timeout=metadata_timeout())  # a PR needs a repo to be opened on
+            else:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                if revision:
+                    api.create_branch(repo_id, branch=revision, exist_ok=True)
+            say(f"Uploading {folder} to {repo_id}" + (f" ({revision})" if revision else ""))
+            with _progress_bars(not quiet):
+                info = api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    commit_message=message or _default_message(folder),
+                    revision=revision,
+                    create_pr=create_pr,
+                    ignore_patterns=IGNORE_PATTERNS,
+                )
+    except Exception as e:
+        raise translate_push_error(e, repo_id, revision=revision, create_pr=create_pr) from None
+    return PushResult(
+        repo_id=repo_id,
+        repo_url=str(info.repo_url),
+        commit_url=info.commit_url,
+        commit=info.oid,
+        revision=info.pr_revision if create_pr else revision,
+        pr_url=info.pr_url,
+    )
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(
+            f"{repo_id!r} is not a valid Hub repo id ({str(e).splitlines()[0]})",
+            "Use OWNER/NAME (or NAME for your own namespace): letters, digits, '-', '_' and '.'.",
+        ) from None
+
+
+def _verify(folder: Path) -> None:
+    """verify's quick checks (structure, integrity, card); refuse to publish what fails them."""
+    from ..verify import verify_checkpoint
+
+    result = verify_checkpoint(folder, quick=True)
+    if result.passed:
+        return
+    failed = [c for c in result.checks if not c.passed]
+    lines = [f"{c.name}: {c.detail or c.figure}" for c in failed[:5]]
+    raise VerificationFailed(
+        f"{folder} failed int8 verify's quick checks, so nothing was published:\n  " + "\n  ".join(lines),
+        f"Run `int8 verify {folder}` for details; convert again (--overwrite) to repair the folder.",
+    )
+
+
+def _default_message(folder: Path) -> str:
+    from ..report import ConversionReport
+
+    try:
+        report = ConversionReport.load(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "Upload int8 checkpoint"
+    source = report.source.id if report.source.kind != "local" else Path(report.source.id).name
+    return f"Upload int8 checkpoint of {source} (block size {report.quantization.block_size})"
+
+
+def translate_push_error(
+    e: Exception, repo_id: str, *, revision: str | None = None, create_pr: bool = False
+) -> Exception:
+    """Map huggingface_hub / network exceptions raised while publishing onto int8's user errors."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalTokenNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from .download import _is_network_error, _is_timeout
+
+    if isinstance(e, Int8Error):
+        return e
+    endpoint = constants.ENDPOINT
+    owner = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
+    again = "Run the same command again: files the Hub already received are not sent again."
+    if isinstance(e, LocalTokenNotFoundError):
+        return HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
+    if isinstance(e, HFValidationError):
+        return HubError(f"{repo_id!r} is not a valid Hub repo id ({str(e).splitlines()[0]})")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"branch {revision!r} does not exist in {repo_id}", "Open the PR against an existing branch.")
+    if isinstance(e, RepositoryNotFoundError):
+        if create_pr:
+            return HubError(f"{repo_id} does not exist (or is private): a pull request needs an existing repo",
+                            "Push without --create-pr to create it.")
+        return HubError(f"{repo_id} was not found on {endpoint}", "Check the repo id and that the token can see it.")
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            return HubError(f"the Hub rejected the token (401) while publishing to {repo_id}",
+                            "The token is invalid or expired. " + TOKEN_HINT)
+        if status == 403:
+            return HubError(
+                f"the token has no write access to {owner!r} (403): cannot publish to {repo_id}",
+                "Use a token with write access to that namespace (a fine-grained or read token is not enough), "
+                "publish under your own namespace, or open a pull request with --create-pr.",
+            )
+        return HubError(f"the Hub refused the upload to {repo_id}: {_first_line(e)}", again)
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, RuntimeError) and cause is not None and "uploading" in str(e):  # an LFS transfer failed
+        return HubError(f"the upload to {repo_id} was interrupted ({_first_line(e)} {_first_line(cause)})", again)
+    if _is_timeout(e):
+        from .timeouts import ENV
+
+        return HubError(f"the Hub at {endpoint} did not answer in time while publishing to {repo_id}",
+                        f"Check the network (and HF_ENDPOINT); {ENV}=SECONDS waits longer. {again}")
+    if _is_network_error(e):
+        return HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {_first_line(e)})",
+                        f"Check the network (and HF_ENDPOINT). {again}")
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
