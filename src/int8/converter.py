@@ -145,15 +145,22 @@ def convert(
     subclasses for every problem with the input or output.
     """
     progress = progress or _NoProgress()
+    # Everything the user typed is checked before anything is downloaded.
     dev = resolve_device(device)
+    if dtype is not None:
+        parse_dtype(dtype)
+    if block_size is not None and block_size < 1:
+        raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
+    shard_bytes = parse_size(max_shard_size)
+    out_dir = Path(out) if out is not None else default_output(source)
+    _check_output(out_dir, overwrite)
+
     resolved = resolve_source(str(source), revision=revision, token=token, quiet=quiet)
+    _check_not_overlapping(out_dir, resolved.folder)
     preset = resolved.preset
     block_size = int(block_size or (preset.block_size if preset else 128))
     out_dtype = parse_dtype(dtype or (preset.dtype if preset else "bf16"))
     skip = [*(preset.skip if preset else ()), *skip]
-    shard_bytes = parse_size(max_shard_size)
-    out_dir = Path(out) if out is not None else default_output(source)
-    _check_output(out_dir, resolved.folder, overwrite)
 
     config, config_dict = _load_config(resolved.folder)
     files = find_checkpoint(resolved.folder)
@@ -173,9 +180,9 @@ def convert(
             stats, hashes = _stream(reader, plan, tmp, dev, progress)
             _write_index(tmp, plan)
             _write_config(tmp, config_dict, plan)
-            copied = _copy_sidecars(resolved.folder, tmp)
+            _copy_sidecars(resolved.folder, tmp)
             seconds = time.perf_counter() - started
-            report = _report(resolved, files, plan, stats, hashes, tmp, seconds, dev, copied)
+            report = _report(resolved, files, plan, stats, hashes, tmp, seconds, dev)
             report.save(tmp)
             from .hub.card import write_card
 
@@ -183,10 +190,14 @@ def convert(
     return report
 
 
-def _check_output(out: Path, source: Path, overwrite: bool) -> None:
+def _check_not_overlapping(out: Path, source: Path) -> None:
     out_r, src_r = out.resolve(), source.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise OutputExists(f"--out {out} overlaps the source folder {source}", "Write the output to a separate folder.")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """An existing --out is replaced only with --overwrite, and only if it is an earlier int8 output."""
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputExists(f"{out} already exists", "Pass --overwrite to replace it, or choose another --out.")
@@ -655,7 +666,6 @@ def _report(
     folder: Path,
     seconds: float,
     device: torch.device,
-    copied: list[str],
 ) -> ConversionReport:
     tensors = []
     for e in plan.entries:
