@@ -444,3 +444,19 @@ def test_memory_is_int8_sized(converted):
             n = m.in_features * m.out_features
             assert held == n + m.out_features * math.ceil(m.in_features / BLOCK) * 2
             assert held <= 0.26 * n * 4
+
+
+def test_generate_command_registers_with_typer(converted):
+    """The function the CLI registers as `int8 generate`: its typer annotations parse and it streams to stdout."""
+    import typer
+    from typer.testing import CliRunner
+
+    from int8.runtime.generate import generate_command
+
+    app = typer.Typer()
+    app.command("generate")(generate_command)
+    app.command("noop")(lambda: None)  # a second command, so "generate" is a subcommand as in the real CLI
+    _, out = converted("gptj")
+    res = CliRunner().invoke(app, ["generate", str(out), "The keeper", "--max-new-tokens", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("The keeper") and res.output.endswith("\n")
