@@ -7,11 +7,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..errors import Int8Error, SourceNotFound
 from .result import SKIP, Check, Thresholds, VerifyResult, outcome, skipped
 from .sample import MAX_TOKENS
-from .structure import BLOCKING, Layout, check_structure
 from .target import Original, resolve_original, resolve_target
+
+if TYPE_CHECKING:
+    from .structure import Layout
+
+# torch and transformers are imported only once the target is known to exist:
+# a mistyped path is reported at once.
 
 MODEL_CHECKS = (("load", "loading"), ("forward", "loading"))
 FIDELITY_CHECKS = ("reconstruction", "top1", "kl", "perplexity")
@@ -52,14 +59,16 @@ def verify_checkpoint(
     (default: when the target is a local folder and the run is not quick, so
     a quick run never replaces the figures of a full one).
     """
-    from ..converter import resolve_device
-
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
     thresholds = thresholds or Thresholds()
     sample = _sample_text(text)
-    dev = resolve_device(device)
     tgt = resolve_target(target, revision, token)
+
+    from ..converter import resolve_device
+    from .structure import BLOCKING, check_structure
+
+    dev = resolve_device(device)
     if not any((tgt.folder / n).exists() for n in ("config.json", "int8_report.json", "model.safetensors.index.json")):
         raise SourceNotFound(
             f"{tgt.id} is not a converted checkpoint: it has no config.json, int8_report.json or shard index",

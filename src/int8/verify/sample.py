@@ -16,8 +16,10 @@ behind the decoder start token; they are scored on the target tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TEXT = """\
 The lighthouse on the northern cape was built in 1874, after two cargo ships ran aground on the same reef within a \
@@ -73,6 +75,8 @@ def tokenize(tokenizer, text: str, max_tokens: int = MAX_TOKENS) -> list[int]:
 
 def windows(ids: list[int], *, seq2seq: bool, window: int, decoder_start: int | None = None) -> list[Window]:
     """Cut ``ids`` into teacher-forced windows (see the module docstring)."""
+    import torch
+
     if window < 4:
         raise ValueError(f"window of {window} tokens is too short")
     out = []

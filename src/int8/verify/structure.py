@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..checkpoint import DTYPES, FLOAT_DTYPES, itemsize
@@ -54,6 +55,8 @@ CHUNK_BYTES = 16 << 20
 _MAX_HEADER = 100 * 1024 * 1024
 _TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+
 # Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load).
 BLOCKING = ("config", "index", "tensors")
 
@@ -75,7 +78,7 @@ class StoredTensor:
 
     @property
     def row_bytes(self) -> int:
-        return (math.prod(self.shape[1:]) if self.shape else 1) * itemsize(self.dtype)
+        return (math.prod(self.shape[1:]) if self.shape else 1) * _ITEMSIZE[self.dtype]
 
     @property
     def end(self) -> int:
@@ -646,7 +649,7 @@ def _check_chunk(
             return _check_codes_flat(scan, t, data, offset, q.in_features)
         raw = data.view(r1 - r0, -1)[:, : q.in_features]
         scan.n_codes += raw.numel()
-        if int(torch.amin(raw)) == 0:  # packed byte 0 is code -128
+        if int(raw.numpy().min()) == 0:  # packed byte 0 is code -128 (numpy: one SIMD pass, one thread)
             bad = raw == 0
             r, c = _first(bad)
             scan.codes.append(
@@ -660,16 +663,19 @@ def _check_chunk(
     if t.dtype not in FLOAT_DTYPES:
         return
     x = data.view(DTYPES[t.dtype])
-    mn, mx = torch.aminmax(x)
-    mn, mx = float(mn), float(mx)
+    nonfinite, negative = _float_flags(data, t.dtype)
     is_scale = t.name in scale_names or t.name.endswith(".weight_scale")
     cols = max(1, x.numel() // max(1, r1 - r0)) if r1 > r0 else x.numel()
     if is_scale:
         scan.n_scales += x.numel()
-        if math.isfinite(mn) and math.isfinite(mx):
-            scan.scale_min = min(scan.scale_min, mn)
-            scan.scale_max = max(scan.scale_max, mx)
-        if not (math.isfinite(mn) and math.isfinite(mx)) or mn < 0:
+        if not nonfinite and not negative and x.numel():
+            # non-negative floats sort like their bit patterns: the range costs two integer reductions
+            kind = _BITS[t.dtype][0]
+            u = data.numpy().view(kind)
+            lo, hi = torch.from_numpy(np.array([u.min(), u.max()], dtype=kind)).view(DTYPES[t.dtype]).tolist()
+            scan.scale_min = min(scan.scale_min, lo)
+            scan.scale_max = max(scan.scale_max, hi)
+        if nonfinite or negative:
             nan, inf, neg = torch.isnan(x), torch.isinf(x), x < 0
             for what, mask in (("NaN", nan), ("infinite", inf), ("negative", neg & ~inf)):
                 if bool(mask.any()):
@@ -679,11 +685,35 @@ def _check_chunk(
                     )
         return
     scan.n_float += x.numel()
-    if not (math.isfinite(mn) and math.isfinite(mx)):
+    if nonfinite:
         bad = ~torch.isfinite(x)
         i = _first(bad)[0]
         shape = f"row {r0 + i // cols}, column {i % cols}" if len(t.shape) > 1 else f"index {r0 + i}"
         scan.finite.append(f"{where} holds {int(bad.sum())} NaN or infinite value(s) (first at {shape})")
+
+
+_BITS = {  # (unsigned view, exponent mask, sign bit) of each float dtype's bit pattern
+    "F16": (np.uint16, 0x7C00, 0x8000),
+    "BF16": (np.uint16, 0x7F80, 0x8000),
+    "F32": (np.uint32, 0x7F800000, 0x80000000),
+    "F64": (np.uint64, 0x7FF0000000000000, 0x8000000000000000),
+}
+
+
+def _float_flags(data: torch.Tensor, dtype: str) -> tuple[bool, bool]:
+    """(any NaN or Inf, any value below zero) of raw float bytes, from the bit patterns.
+
+    NaN and Inf are the values whose exponent bits are all ones; a negative value
+    has the sign bit set and is not -0.0, so its pattern exceeds the sign bit
+    alone. Integer reductions in numpy run at memory speed on one thread for
+    every float dtype (bf16 included), where float reductions do not."""
+    kind, exp_mask, sign = _BITS[dtype]
+    u = data.numpy().view(kind)
+    if not u.size:
+        return False, False
+    nonfinite = int(np.bitwise_and(u, kind(exp_mask)).max()) == exp_mask
+    negative = int(u.max()) > sign
+    return nonfinite, negative
 
 
 def _check_codes_flat(scan: _Scan, t: StoredTensor, data: torch.Tensor, offset: int, in_features: int) -> None:
@@ -779,6 +809,8 @@ def _check_tokenizer(folder: Path, layout: Layout, report: ConversionReport | No
     listed = [e.name for e in report.files] if report else []
     missing = [n for n in listed if (n in TOKENIZER_FILES or n.startswith("tokenizer")) and not (folder / n).is_file()]
     problems = [f"{n} (a tokenizer file in the manifest) is missing" for n in missing]
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        problems.append(f"{folder.name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
     try:
         tok = load_tokenizer(folder)
     except Exception as e:  # any failure to load is the finding

@@ -20,7 +20,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import FOREIGN_WEIGHTS
 from ..errors import Int8Error, SourceNotFound
 from ..report import REPORT_NAME
 
@@ -64,6 +63,7 @@ def resolve_target(target: str | Path, revision: str | None = None, token: str |
 def _download(repo_id: str, revision: str | None, token) -> Target:
     from huggingface_hub import HfApi, constants, snapshot_download
 
+    from ..checkpoint import FOREIGN_WEIGHTS
     from ..hub.download import translate_hub_error
 
     ignore = list(FOREIGN_WEIGHTS)
