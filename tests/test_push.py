@@ -190,7 +190,7 @@ def test_cli_push_errors_exit_2(hub, folder, capsys, user, repo_id, message):
         assert hub.tokens[name] not in out + err
 
 
-def test_network_failures_are_bounded_and_clear(hub, folder, capsys, monkeypatch):
+def test_network_failures_are_bounded_and_clear(hub, folder, capsys, monkeypatch, fast_retries):
     from huggingface_hub import constants
 
     hub.login("alice")
@@ -201,7 +201,20 @@ def test_network_failures_are_bounded_and_clear(hub, folder, capsys, monkeypatch
         push(folder, "alice/x", quiet=True)
     assert time.monotonic() - t0 < 10
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+
+    # The server stops answering halfway: while the weights go up, then at the commit.
+    for kind in ("lfs-upload", "commit"):
+        hub.faults.hang(kind=kind)
+        t0 = time.monotonic()
+        with pytest.raises(HubError, match="did not answer in time|interrupted") as e:
+            push(folder, "alice/x", quiet=True)
+        assert time.monotonic() - t0 < 10, kind
+        assert "Run the same command again" in e.value.hint
+        hub.faults.clear()
+    from huggingface_hub.utils import close_session
+
     hub.stop()
+    close_session()  # a kept-alive connection would outlive the server's listening socket
     code, _, err = run_main(capsys, "push", str(folder), "--repo", "alice/x")
     assert code == 2 and "cannot reach the Hub" in err and "Traceback" not in err
 

@@ -75,7 +75,7 @@ def download_checkpoint(
     try:
         if constants.HF_HUB_OFFLINE:
             return _from_cache(repo_id, revision, token)
-        with bounded(transfer_timeout()), _progress_bars(not quiet):
+        with bounded(transfer_timeout()), progress_bars(not quiet):
             info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=metadata_timeout())
             files = [s.rfilename for s in info.siblings or []]
             fmt = weights_format(files)
@@ -101,8 +101,8 @@ def download_checkpoint(
 
 
 @contextlib.contextmanager
-def _progress_bars(show: bool) -> Iterator[None]:
-    """huggingface_hub's download bars, off for --quiet (the user's own setting is restored after)."""
+def progress_bars(show: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars (downloads, uploads), off for --quiet; the user's own setting is restored after."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     was_disabled = are_progress_bars_disabled()

@@ -62,7 +62,7 @@ def push(
     from huggingface_hub import HfApi, get_token
 
     from .card import rewrite_card
-    from .download import _progress_bars
+    from .download import progress_bars
     from .timeouts import bounded, metadata_timeout, transfer_timeout
 
     say = progress or (lambda _msg: None)
@@ -96,7 +96,7 @@ def push(
                 if revision:
                     api.create_branch(repo_id, branch=revision, exist_ok=True)
             say(f"Uploading {folder} to {repo_id}" + (f" ({revision})" if revision else ""))
-            with _progress_bars(not quiet):
+            with progress_bars(not quiet):
                 info = api.upload_folder(
                     repo_id=repo_id,
                     folder_path=folder,
