@@ -16,10 +16,18 @@ folder) has the schema ``int8.verify/1``::
       "seconds": 12.3,
       "thresholds": {"kl_factor": 3.0, "kl_max": 0.05, "top1_min": 0.9,
                      "top1_slack": 0.05, "ppl_ratio_max": 1.05, "scale_rtol": 0.01},
-      "metrics": {"bytes_checked": 123, "throughput_gb_s": 1.2, "tokens": 480,
-                  "top1_agreement": 0.99, "top1_reference": 0.99, "mean_kl": 1e-4,
-                  "mean_kl_reference": 1e-4, "ppl_original": 12.0, "ppl_converted": 12.01,
-                  "ppl_ratio": 1.001, "max_error_scales": 0.5},   # whichever were measured
+      "metrics": {                                # whichever were measured:
+        "bytes_checked": 123,                     #   shard bytes read and hashed
+        "scan_seconds": 0.1,                      #   time of that data pass
+        "throughput_gb_s": 1.2,                   #   bytes_checked / scan_seconds / 1e9
+        "structure_seconds": 2.0,                 #   all structure checks (imports included)
+        "sample_tokens": 480,                     #   tokens of text run
+        "max_error_scales": 0.5,                  #   worst |w - q*scale| / scale
+        "tokens": 480,                            #   positions scored
+        "top1_agreement": 0.99, "top1_reference": 0.99,
+        "mean_kl": 1e-4, "mean_kl_reference": 1e-4,   # nats/token, vs the original
+        "ppl_original": 12.0, "ppl_converted": 12.01, "ppl_ratio": 1.001
+      },
       "checks": [
         {"name": "sha256", "group": "structure", "status": "pass" | "fail" | "skip",
          "passed": true, "figure": "14 files match", "threshold": "every file of the manifest",
@@ -28,10 +36,24 @@ folder) has the schema ``int8.verify/1``::
       ]
     }
 
-``passed`` of a check is false only when it failed: a skipped check (not
-applicable, or not run because an earlier check failed or no original could
-be reached) has ``status: "skip"``, ``passed: true`` and says why in
-``figure``. Fields may be added in later versions of ``int8.verify/1``;
+The checks, always in this order (``quick`` stops after ``card``):
+
+* group ``structure``: ``report`` (int8_report.json readable), ``config``
+  (quantization_config complete and consistent), ``index`` (index and shard
+  headers agree), ``tensors`` (each quantized layer's packed weight, scale and
+  shape; every tensor's shape and dtype against config.json), ``codes`` (in
+  [-127, 127]), ``scales`` (finite, >= 0), ``finite`` (no NaN/Inf in other
+  floating tensors), ``sha256`` (the manifest), ``tokenizer``, ``card``;
+* group ``loading``: ``load`` (stock transformers + compressed-tensors, no
+  missing or unexpected keys), ``forward`` (finite logits);
+* group ``fidelity``: ``reconstruction`` (tensor by tensor against the
+  original), ``top1``, ``kl``, ``perplexity`` (on the text sample).
+
+JSON has no NaN or infinity: such a figure is written as the string
+``"nan"``, ``"inf"`` or ``"-inf"``. ``passed`` of a check is false only when it
+failed: a skipped check (not applicable, or not run because an earlier check
+failed or no original could be reached) has ``status: "skip"``,
+``passed: true`` and says why in ``figure``. Fields may be added in later versions of ``int8.verify/1``;
 none will be removed or change meaning.
 """
 

@@ -1,39 +1,29 @@
 """The structure and integrity checks: everything `int8 verify --quick` does. No model is built.
 
-One pass over the bytes of each shard does the integrity and the data checks
-together: the file is read front to back in chunks (header, tensor data and any
-gap between them), each chunk is hashed on a helper thread while the main
-thread checks the tensor it belongs to (codes in [-127, 127], scales finite and
-non-negative, no NaN or Inf in a floating tensor). Shards are scanned in
-parallel, one per core. Time therefore scales with the bytes on disk, and the
-hashing (about 1.4 GB/s per core for SHA-256) is the limit.
-
-Everything else is small: the JSON files, the safetensors headers, a model
-built on the ``meta`` device from config.json (the tensor names and shapes
-transformers expects), the tokenizer and the card.
+The data of the shards is read once (`int8.verify.scan`: hashing and value
+checks together), so the time scales with the bytes on disk. Everything else
+is small: the JSON files, the safetensors headers, a model built on the
+``meta`` device from config.json (the tensor names and shapes transformers
+expects), the tokenizer and the card.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import queue
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from ..checkpoint import DTYPES, FLOAT_DTYPES, itemsize
+from ..checkpoint import FLOAT_DTYPES, itemsize
 from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, SCHEMA as REPORT_SCHEMA, ConversionReport
+from .layout import Layout, QuantLayer, StoredTensor
 from .result import VERIFY_NAME, Check, outcome
+from .scan import ShardScan, scan_all, sha256_file
+
+__all__ = ["BLOCKING", "Layout", "QuantLayer", "StoredTensor", "check_structure", "load_tokenizer"]
 
 INDEX_NAME = "model.safetensors.index.json"
 CARD_NAME = "README.md"
@@ -51,93 +41,11 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "added_tokens.json",
 )
-CHUNK_BYTES = 16 << 20
 _MAX_HEADER = 100 * 1024 * 1024
 _TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
-_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
-
-# Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load).
 BLOCKING = ("config", "index", "tensors")
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor of a shard of the converted checkpoint."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute byte offset of its data in the file
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        return (math.prod(self.shape[1:]) if self.shape else 1) * _ITEMSIZE[self.dtype]
-
-    @property
-    def end(self) -> int:
-        return self.start + self.nbytes
-
-
-@dataclass(frozen=True)
-class QuantLayer:
-    """A quantized linear layer: its three stored tensors and the weight's logical shape."""
-
-    module: str
-    out_features: int
-    in_features: int
-    layout: str  # "linear" or "conv1d" (the model's weight is (in, out); stored as (out, in))
-    packed: StoredTensor
-    scale: StoredTensor
-    shape: StoredTensor | None
-
-
-@dataclass
-class Layout:
-    """What the structure pass learned about the checkpoint, for the model-level checks."""
-
-    folder: Path
-    config: dict[str, Any] | None = None
-    model_class: str | None = None
-    model_type: str | None = None
-    seq2seq: bool = False
-    block_size: int | None = None
-    scale_dtype: str | None = None
-    tensors: dict[str, StoredTensor] = field(default_factory=dict)
-    quantized: dict[str, QuantLayer] = field(default_factory=dict)
-    report: ConversionReport | None = None
-    model_keys: frozenset[str] = frozenset()  # the state dict names transformers expects
-    base_prefix: str = ""  # the model class's base_model_prefix ("transformer" for BLOOM)
-    tied: dict[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it copies
-    bytes_checked: int = 0  # bytes of the shards read (and hashed)
-    scan_seconds: float = 0.0  # time of the data pass over the shards
-    seconds: float = 0.0  # time of all structure checks (imports, meta model, tokenizer included)
-
-    @property
-    def kept(self) -> dict[str, StoredTensor]:
-        mine = {n for q in self.quantized.values() for n in (q.packed.name, q.scale.name, q.shape and q.shape.name)}
-        return {n: t for n, t in self.tensors.items() if n not in mine}
-
-    def model_name(self, name: str) -> str:
-        """A checkpoint's tensor name as the model names it (adds or strips the base-model prefix)."""
-        keys, prefix = self.model_keys, self.base_prefix
-        if name in keys or not prefix:
-            return name
-        if f"{prefix}.{name}" in keys:
-            return f"{prefix}.{name}"
-        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in keys:
-            return name[len(prefix) + 1 :]
-        return name
-
-    @property
-    def conv1d(self) -> bool:
-        return any(q.layout == "conv1d" for q in self.quantized.values())
+"""Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load)."""
 
 
 # --------------------------------------------------------------------------- small files
@@ -504,260 +412,10 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
             problems.append(f"{where(t)} is not a tensor of {cls} (transformers would report it as unexpected)")
 
 
-# --------------------------------------------------------------------------- the data pass
-
-
-@dataclass
-class _Scan:
-    """What one shard's data pass found."""
-
-    sha256: str = ""
-    bytes: int = 0
-    codes: list[str] = field(default_factory=list)
-    scales: list[str] = field(default_factory=list)
-    finite: list[str] = field(default_factory=list)
-    shapes: dict[str, list[int]] = field(default_factory=dict)
-    n_codes: int = 0
-    n_scales: int = 0
-    n_float: int = 0
-    scale_min: float = math.inf
-    scale_max: float = -math.inf
-    error: str | None = None
-
-
-def _first(mask: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(i) for i in mask.nonzero()[0])
-
-
-class _Hasher:
-    """SHA-256 of a file on a helper thread: hashlib releases the GIL, so it overlaps the checks."""
-
-    def __init__(self, buffers: int, nbytes: int):
-        self.sha = hashlib.sha256()
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(buffers):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
-        self._todo: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            buf, n = item
-            self.sha.update(memoryview(buf.numpy())[:n])
-            self._free.put(buf)
-
-    def take(self) -> torch.Tensor:
-        return self._free.get()
-
-    def give(self, buf: torch.Tensor, n: int) -> None:
-        self._todo.put((buf, n))
-
-    def finish(self) -> str:
-        self._todo.put(None)
-        self._thread.join()
-        return self.sha.hexdigest()
-
-
-def _scan_shard(path: Path, tensors: list[StoredTensor], layers: dict[str, QuantLayer], chunk: int = CHUNK_BYTES) -> _Scan:
-    """Hash ``path`` end to end and check each tensor's values on the way."""
-    scan = _Scan()
-    by_packed = {q.packed.name: q for q in layers.values()}
-    scale_names = {q.scale.name for q in layers.values()}
-    hasher = _Hasher(3, chunk)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            pos = 0
-
-            def read(n: int) -> tuple[torch.Tensor, int]:
-                nonlocal pos
-                buf = hasher.take()
-                mv = memoryview(buf.numpy())[:n]
-                got = 0
-                while got < n:
-                    k = f.readinto(mv[got:])
-                    if not k:
-                        break
-                    got += k
-                pos += got
-                return buf, got
-
-            def skip_to(end: int) -> None:
-                while pos < end:
-                    buf, got = read(min(chunk, end - pos))
-                    hasher.give(buf, got)
-                    if not got:
-                        return
-
-            for t in tensors:
-                if t.start < pos or t.end > size:
-                    continue  # overlapping or truncated: the index check reports it
-                skip_to(t.start)
-                if t.nbytes == 0:
-                    continue
-                rows_per = max(1, chunk // max(1, t.row_bytes))
-                if t.row_bytes > chunk:
-                    rows_per = 0
-                r = 0
-                while r < t.rows:
-                    if rows_per == 0:  # a single row larger than a chunk: checked in pieces of elements
-                        n = min(chunk, t.end - pos)
-                        r0, r1 = r, r
-                    else:
-                        r0, r1 = r, min(t.rows, r + rows_per)
-                        n = (r1 - r0) * t.row_bytes
-                    start = pos
-                    buf, got = read(n)
-                    if got < n:
-                        hasher.give(buf, got)
-                        scan.error = f"{path.name} ended while reading tensor {t.name!r}"
-                        break
-                    try:
-                        _check_chunk(scan, t, buf[:n], r0, r1, start, by_packed, scale_names)
-                    finally:
-                        hasher.give(buf, got)
-                    if rows_per == 0:
-                        if pos >= t.end:
-                            r = t.rows
-                    else:
-                        r = r1
-            skip_to(size)
-            scan.bytes = pos
-    finally:
-        scan.sha256 = hasher.finish()
-    return scan
-
-
-def _check_chunk(
-    scan: _Scan,
-    t: StoredTensor,
-    data: torch.Tensor,
-    r0: int,
-    r1: int,
-    offset: int,
-    by_packed: dict[str, QuantLayer],
-    scale_names: set[str],
-) -> None:
-    where = f"{t.file.name}: {t.name}"
-    if t.name in by_packed:
-        q = by_packed[t.name]
-        if r1 == r0:  # piecewise: treat as a flat run of bytes of one row
-            return _check_codes_flat(scan, t, data, offset, q.in_features)
-        raw = data.view(r1 - r0, -1)[:, : q.in_features]
-        scan.n_codes += raw.numel()
-        if int(raw.numpy().min()) == 0:  # packed byte 0 is code -128 (numpy: one SIMD pass, one thread)
-            bad = raw == 0
-            r, c = _first(bad)
-            scan.codes.append(
-                f"{where} holds {int(bad.sum())} code(s) of -128 (first at row {r0 + r}, column {c}); "
-                f"codes must lie in [-{QMAX}, {QMAX}]"
-            )
-        return
-    if t.dtype == "I64" and t.name.endswith(".weight_shape"):
-        scan.shapes[t.name] = data.view(torch.int64).tolist()
-        return
-    if t.dtype not in FLOAT_DTYPES:
-        return
-    x = data.view(DTYPES[t.dtype])
-    nonfinite, negative = _float_flags(data, t.dtype)
-    is_scale = t.name in scale_names or t.name.endswith(".weight_scale")
-    cols = max(1, x.numel() // max(1, r1 - r0)) if r1 > r0 else x.numel()
-    if is_scale:
-        scan.n_scales += x.numel()
-        if not nonfinite and not negative and x.numel():
-            # non-negative floats sort like their bit patterns: the range costs two integer reductions
-            kind = _BITS[t.dtype][0]
-            u = data.numpy().view(kind)
-            lo, hi = torch.from_numpy(np.array([u.min(), u.max()], dtype=kind)).view(DTYPES[t.dtype]).tolist()
-            scan.scale_min = min(scan.scale_min, lo)
-            scan.scale_max = max(scan.scale_max, hi)
-        if nonfinite or negative:
-            nan, inf, neg = torch.isnan(x), torch.isinf(x), x < 0
-            for what, mask in (("NaN", nan), ("infinite", inf), ("negative", neg & ~inf)):
-                if bool(mask.any()):
-                    i = _first(mask)[0]
-                    scan.scales.append(
-                        f"{where} has {int(mask.sum())} {what} scale(s) (first at row {r0 + i // cols}, block {i % cols})"
-                    )
-        return
-    scan.n_float += x.numel()
-    if nonfinite:
-        bad = ~torch.isfinite(x)
-        i = _first(bad)[0]
-        shape = f"row {r0 + i // cols}, column {i % cols}" if len(t.shape) > 1 else f"index {r0 + i}"
-        scan.finite.append(f"{where} holds {int(bad.sum())} NaN or infinite value(s) (first at {shape})")
-
-
-_BITS = {  # (unsigned view, exponent mask, sign bit) of each float dtype's bit pattern
-    "F16": (np.uint16, 0x7C00, 0x8000),
-    "BF16": (np.uint16, 0x7F80, 0x8000),
-    "F32": (np.uint32, 0x7F800000, 0x80000000),
-    "F64": (np.uint64, 0x7FF0000000000000, 0x8000000000000000),
-}
-
-
-def _float_flags(data: torch.Tensor, dtype: str) -> tuple[bool, bool]:
-    """(any NaN or Inf, any value below zero) of raw float bytes, from the bit patterns.
-
-    NaN and Inf are the values whose exponent bits are all ones; a negative value
-    has the sign bit set and is not -0.0, so its pattern exceeds the sign bit
-    alone. Integer reductions in numpy run at memory speed on one thread for
-    every float dtype (bf16 included), where float reductions do not."""
-    kind, exp_mask, sign = _BITS[dtype]
-    u = data.numpy().view(kind)
-    if not u.size:
-        return False, False
-    nonfinite = int(np.bitwise_and(u, kind(exp_mask)).max()) == exp_mask
-    negative = int(u.max()) > sign
-    return nonfinite, negative
-
-
-def _check_codes_flat(scan: _Scan, t: StoredTensor, data: torch.Tensor, offset: int, in_features: int) -> None:
-    """Codes of a row longer than a chunk (rows of over 16 MB: not in any real model, handled anyway)."""
-    row_bytes = t.row_bytes
-    rel = offset - t.start
-    cols = (torch.arange(data.numel(), dtype=torch.int64) + rel) % row_bytes
-    inside = cols < in_features
-    bad = (data == 0) & inside
-    scan.n_codes += int(inside.sum())
-    if bool(bad.any()):
-        i = _first(bad)[0]
-        scan.codes.append(
-            f"{t.file.name}: {t.name} holds {int(bad.sum())} code(s) of -128 "
-            f"(first at row {(rel + i) // row_bytes}, column {(rel + i) % row_bytes}); codes must lie in [-{QMAX}, {QMAX}]"
-        )
-
-
-def _scan_all(shards: list[Path], layout: Layout, workers: int | None) -> dict[Path, _Scan]:
-    by_file: dict[Path, list[StoredTensor]] = {p: [] for p in shards}
-    for t in layout.tensors.values():
-        by_file.setdefault(t.file, []).append(t)
-    for ts in by_file.values():
-        ts.sort(key=lambda t: t.start)
-    n = max(1, min(len(by_file), workers or os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="int8-verify-scan") as pool:
-        futures = {p: pool.submit(_scan_shard, p, ts, layout.quantized) for p, ts in by_file.items()}
-        return {p: f.result() for p, f in futures.items()}
-
-
 # --------------------------------------------------------------------------- integrity, tokenizer, card
 
 
-def _sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
-        mv = memoryview(buf)
-        while n := f.readinto(mv):
-            h.update(mv[:n])
-    return h.hexdigest()
-
-
-def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[Path, _Scan]) -> Check:
+def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[Path, ShardScan]) -> Check:
     threshold = "every file as in the manifest; no unlisted weight or config file"
     if report is None:
         return outcome("sha256", [f"no manifest: {REPORT_NAME} is missing or unreadable"], figure="no manifest",
@@ -775,7 +433,7 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
             problems.append(f"{entry.name} has {size} bytes, the manifest says {entry.bytes}")
             continue
         scan = hashed.get(entry.name)
-        digest = scan.sha256 if scan is not None and scan.sha256 else _sha256_file(path)
+        digest = scan.sha256 if scan is not None and scan.sha256 else sha256_file(path)
         if digest != entry.sha256:
             problems.append(
                 f"{entry.name}: SHA-256 {digest[:16]}... differs from the manifest's {entry.sha256[:16]}...: "
@@ -889,7 +547,7 @@ def check_structure(folder: Path, *, workers: int | None = None) -> tuple[list[C
     elif meta is None:
         tensor_problems.append("not checked: config.json does not give the model's tensors")
     scan_started = time.perf_counter()
-    scans = _scan_all(shards, layout, workers)
+    scans = scan_all(shards, layout, workers)
     layout.scan_seconds = time.perf_counter() - scan_started
     code_problems, scale_problems, finite_problems = [], [], []
     shapes: dict[str, list[int]] = {}
