@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     # 1. The int8 model: big linears stay int8 in memory.
     model = load(path, device=args.device)
-    from int8.runtime.load import resolve_folder
+    from int8.runtime.loader import resolve_folder
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_folder(path))
     seq2seq = bool(model.config.is_encoder_decoder)

@@ -382,6 +382,11 @@ def verify(
     sys.exit(0 if result.passed else 1)
 
 
+from .runtime.generate import generate_command  # noqa: E402  (imports neither torch nor transformers)
+
+app.command("generate", help="Generate text from an int8 checkpoint, streaming tokens as they come.")(generate_command)
+
+
 @app.command()
 def presets() -> None:
     """List the model presets that `int8 convert NAME` accepts."""

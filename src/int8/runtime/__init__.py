@@ -2,16 +2,27 @@
 
 `load` returns a transformers model whose quantized linears are `Int8Linear`
 layers (int8 codes + per-block scales in memory, de-quantized just in time).
-Importing this package also teaches PEFT to put LoRA adapters on those layers
-(see `int8.runtime.lora`).
+Loading also teaches PEFT to put LoRA adapters on those layers (see
+`int8.runtime.lora`). The names below are imported on first use, so that
+importing `int8.runtime.generate` for the CLI does not import torch and PEFT.
 """
 
 from __future__ import annotations
 
-from .layer import Int8Linear
-from .load import load
-from .lora import Int8LoraLinear, adapter_optimizer, register_peft
-
 __all__ = ["Int8Linear", "Int8LoraLinear", "adapter_optimizer", "load", "register_peft"]
 
-register_peft()
+
+def __getattr__(name: str):
+    if name == "load":
+        from .loader import load
+
+        return load
+    if name == "Int8Linear":
+        from .layer import Int8Linear
+
+        return Int8Linear
+    if name in ("Int8LoraLinear", "adapter_optimizer", "register_peft"):
+        from . import lora
+
+        return getattr(lora, name)
+    raise AttributeError(f"module 'int8.runtime' has no attribute {name!r}")

@@ -142,7 +142,7 @@ def run_generate(
     stream: TextIO | None = None,
 ) -> str:
     """`generate_command` as a function: writes to ``stream`` as tokens come; returns the generated text."""
-    from .load import load, resolve_folder
+    from .loader import load, resolve_folder
 
     from transformers.utils import logging as hf_logging
 

@@ -26,6 +26,9 @@ import torch
 
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
 from .layer import Int8Linear
+from .lora import register_peft
+
+register_peft()  # LoRA adapters attach to the layers `load` creates
 
 QUANT_METHOD = "int8-runtime"
 INDEX_NAME = "model.safetensors.index.json"
