@@ -149,6 +149,17 @@ def test_clean_conversion_passes(arch, tiny, tmp_path):
     assert run(folder, quick=True).passed
 
 
+@pytest.mark.parametrize("arch,form", [("bloom", "safetensors-legacy"), ("t5", "bin-sharded")])
+def test_originals_in_other_forms(arch, form, tmp_path):
+    """Originals whose names lack the model's prefix (old BLOOM) or that are sharded .bin files."""
+    src = make_tiny(arch, tmp_path / "src", form=form)
+    out = tmp_path / "out"
+    int8.convert(src, out, block_size=BLOCK, device="cpu")
+    result = run(out)
+    assert result.passed, failed(result)
+    assert result.check("reconstruction").status == "pass" and result.metrics["max_error_scales"] > 0.45
+
+
 def test_quick_mode_builds_no_model_and_keeps_the_full_record(damaged, monkeypatch):
     folder = damaged()
     run(folder)

@@ -79,8 +79,18 @@ def free(model) -> None:
 
 
 def compute_dtype(device: torch.device, layout: Layout) -> torch.dtype:
-    """float32 on CPU (exact for every stored dtype); the checkpoint's dtype on a GPU (half the memory)."""
+    """The dtype both models run in.
+
+    float32 whenever it fits: every stored dtype widens to it exactly, so the
+    figures measure the checkpoint and not the arithmetic. On a GPU whose free
+    memory could not hold the model in float32 (with room for activations),
+    the checkpoint's own dtype (half the memory)."""
     if device.type == "cpu":
+        return torch.float32
+    report = layout.report
+    params = report.totals.params_quantized + report.totals.params_kept if report else 0
+    free, _ = torch.cuda.mem_get_info(device)
+    if params and 4 * params <= 0.6 * free:
         return torch.float32
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(layout.scale_dtype or "", torch.float32)
 
