@@ -436,13 +436,18 @@ def test_cli_update_card(damaged):
     from int8.cli import app
 
     folder = damaged()
+    text = folder.parent / "sample.txt"
+    text.write_text("A short text of our own, for the fidelity figures. " * 2)  # 102 bytes: one window
     assert "Not measured yet" in (folder / "README.md").read_text()
-    res = CliRunner().invoke(app, ["verify", str(folder), "--device", "cpu", "--max-tokens", str(TOKENS), "--update-card"])
+    res = CliRunner().invoke(
+        app, ["verify", str(folder), "--device", "cpu", "--text", str(text), "--update-card", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     card = (folder / "README.md").read_text()
     saved = json.loads((folder / VERIFY_NAME).read_text())
     assert "Not measured yet" not in card and "| kl | pass |" in card
     assert f"{saved['metrics']['mean_kl']:.4g}" in card
+    assert saved["metrics"]["sample_tokens"] == len(text.read_text()) - 1  # byte-level tokens, one window
     assert run(folder, quick=True).passed  # the card and the result are outside the manifest
 
 

@@ -112,12 +112,18 @@ def verify_checkpoint(
         metrics=metrics,
         folder=tgt.folder,
     )
+    asked = save
     if save is None:
         save = tgt.kind == "local" and not quick
     if save:
         if tgt.kind != "local":
             raise Int8Error("the result is saved into local folders only; this target is a Hub repo")
-        result.save(tgt.folder)
+        try:
+            result.save(tgt.folder)
+        except OSError as e:
+            if asked:  # asked for explicitly (--update-card): the caller must know
+                raise Int8Error(f"cannot write {tgt.folder}/int8_verify.json: {e.strerror}") from None
+            # by default the record is a convenience: a read-only folder is still verified
     return result
 
 
