@@ -371,6 +371,8 @@ def test_usage_errors_raise(tiny, tmp_path):
         verify_checkpoint(clean, against=str(tmp_path / "no-original"))
     with pytest.raises(SourceNotFound):
         verify_checkpoint(clean, text=tmp_path / "missing.txt")
+    with pytest.raises(Int8Error, match="itself a quantized checkpoint"):
+        verify_checkpoint(clean, against=str(clean), save=False)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(Int8Error, match="not a converted checkpoint"):

@@ -200,6 +200,13 @@ def _model_checks(
     original_lp: list[torch.Tensor] = []
     reference = Agreement()
     fidelity: list[Check] = []
+    if not fidelity_why and _is_quantized(original.folder):
+        if explicit:
+            raise Int8Error(
+                f"--against {original.id} is itself a quantized checkpoint",
+                "Compare with the full-precision original the checkpoint was converted from.",
+            )
+        fidelity_why = f"the recorded original {original.id} is itself quantized; pass --against"
     if not fidelity_why:
         say(f"Comparing tensors with the original ({original.id})")
         try:
@@ -329,6 +336,15 @@ def _load(layout: Layout, mode: str, dtype, device) -> tuple[Check, object | Non
     else:
         figure = f"{cls}, de-quantized at load (transformers cannot run {layout.model_type} run-compressed)"
     return outcome("load", problems, figure=figure, threshold=threshold, group="loading"), model
+
+
+def _is_quantized(folder: Path | None) -> bool:
+    import json
+
+    try:
+        return "quantization_config" in json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _first_line(e: BaseException) -> str:
