@@ -42,6 +42,11 @@ def reference(w: np.ndarray, block: int, scale_dtype: str):
 
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+from int8 import kernels  # noqa: E402
+
+BACKENDS = ["torch"] + (["numba"] if kernels.available() else [])
+"""Both implementations (the fused numba kernel, torch ops) must give the same bytes."""
+
 
 def weights_with_outliers(rows, cols, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -52,39 +57,43 @@ def weights_with_outliers(rows, cols, seed=0):
     return w
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale_dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape,block", [((64, 256), 128), ((33, 96), 32), ((8, 100), 32), ((5, 7), 4)])
-def test_codes_and_scales_match_reference(scale_dtype, shape, block):
+def test_codes_and_scales_match_reference(scale_dtype, shape, block, backend):
     w = weights_with_outliers(*shape)
-    qw = quantize(w, block, SCALE_DTYPES[scale_dtype])
+    qw = quantize(w, block, SCALE_DTYPES[scale_dtype], backend=backend)
     q_ref, s_ref = reference(w.numpy(), block, scale_dtype)
     assert qw.codes.dtype == torch.int8 and qw.codes.shape == shape
     np.testing.assert_array_equal(qw.codes.numpy(), q_ref)
     np.testing.assert_array_equal(qw.scales.float().numpy(), s_ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale_dtype", ["fp32", "fp16", "bf16"])
-def test_reconstruction_within_half_a_scale(scale_dtype):
+def test_reconstruction_within_half_a_scale(scale_dtype, backend):
     w = weights_with_outliers(128, 512, seed=3)
-    qw = quantize(w, 64, SCALE_DTYPES[scale_dtype])
+    qw = quantize(w, 64, SCALE_DTYPES[scale_dtype], backend=backend)
     err = (qw.dequantize() - w).abs()
     half = qw.scales.float().repeat_interleave(64, dim=1) / 2
     assert bool((err <= half * (1 + 1e-6) + 1e-12).all())
     assert int(qw.codes.min()) >= -127 and int(qw.codes.max()) <= 127
 
 
-def test_ties_round_half_to_even():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_round_half_to_even(backend):
     # absmax 127 -> scale exactly 1, so w / scale lands on .5 ties
     w = torch.tensor([[127.0, 2.5, 3.5, -2.5, -3.5, 0.5, 1.5, -0.5]])
-    qw = quantize(w, 8)
+    qw = quantize(w, 8, backend=backend)
     assert float(qw.scales[0, 0]) == 1.0
     assert qw.codes.tolist() == [[127, 2, 4, -2, -4, 0, 2, 0]]
 
 
-def test_zero_blocks_give_zero_codes_and_scales():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_blocks_give_zero_codes_and_scales(backend):
     w = torch.zeros(4, 256)
     w[1, 130] = 1.0
-    qw = quantize(w, 128)
+    qw = quantize(w, 128, backend=backend)
     assert torch.equal(qw.scales[0], torch.zeros(2)) and float(qw.scales[1, 0]) == 0.0
     assert int(qw.codes[1, 130]) == 127 and int(qw.codes.abs().sum()) == 127
     assert torch.isfinite(qw.dequantize()).all()
@@ -99,33 +108,37 @@ def test_ragged_last_block_has_its_own_scale():
     assert torch.equal(qw.codes, torch.full((2, 10), 127, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weights_are_refused(bad):
+def test_non_finite_weights_are_refused(bad, backend):
     w = torch.randn(4, 64)
     w[2, 7] = bad
     with pytest.raises(NonFiniteWeights):
-        quantize(w, 32)
+        quantize(w, 32, backend=backend)
 
 
-def test_scale_overflowing_fp16_is_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_overflowing_fp16_is_refused(backend):
     w = torch.full((1, 32), 1e7)
     with pytest.raises(NonFiniteWeights, match="too large"):
-        quantize(w, 32, torch.float16)
+        quantize(w, 32, torch.float16, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("src_dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_sources_are_widened_exactly(src_dtype):
+def test_half_precision_sources_are_widened_exactly(src_dtype, backend):
     w = weights_with_outliers(16, 128).to(src_dtype)
-    qw = quantize(w, 32, torch.bfloat16)
+    qw = quantize(w, 32, torch.bfloat16, backend=backend)
     q_ref, s_ref = reference(w.float().numpy(), 32, "bf16")
     np.testing.assert_array_equal(qw.codes.numpy(), q_ref)
 
 
-def test_error_stats_are_in_units_of_scale():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_error_stats_are_in_units_of_scale(backend):
     w = weights_with_outliers(64, 256, seed=7)
     codes = torch.empty(64, 256, dtype=torch.int8)
     scales = torch.empty(64, 2, dtype=torch.float32)
-    st = quantize_into(w, 128, codes, scales)
+    st = quantize_into(w, 128, codes, scales, backend=backend)
     rel = (w / scales.repeat_interleave(128, 1).clamp_min(1e-30) - codes.float()).abs()
     rel[3] = 0  # the all-zero row: error 0
     assert st.max_abs == pytest.approx(float(rel.max()), abs=1e-6) and st.max_abs <= 0.5
@@ -145,13 +158,14 @@ def test_packed_layout_is_compressed_tensors():
         assert torch.equal(unpack_from_int32(packed, 8, torch.Size([6, cols])), codes)
 
 
-def test_offset_codes_are_the_packed_bytes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_offset_codes_are_the_packed_bytes(backend):
     w = weights_with_outliers(8, 64)
     codes = torch.empty(8, 64, dtype=torch.int8)
     packed = torch.empty(8, 64, dtype=torch.int8)
     scales = torch.empty(8, 2)
-    quantize_into(w, 32, codes, scales)
-    quantize_into(w, 32, packed, scales, offset_codes=True)
+    quantize_into(w, 32, codes, scales, backend=backend)
+    quantize_into(w, 32, packed, scales, offset_codes=True, backend=backend)
     assert torch.equal(packed.view(torch.int32), pack_codes(codes))
 
 
@@ -174,3 +188,35 @@ def test_cuda_is_byte_identical_to_cpu():
         cpu = quantize(w, 128, dt)
         gpu = quantize(w.cuda(), 128, dt)
         assert torch.equal(cpu.codes, gpu.codes.cpu()) and torch.equal(cpu.scales, gpu.scales.cpu())
+
+
+@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_rounds_scales_exactly_like_torch(scale_dtype):
+    """The kernel's own float32 -> bf16/fp16 rounding, over 12 orders of magnitude, subnormals,
+    the largest finite values and the overflow boundary, against torch's cast."""
+    g = torch.Generator().manual_seed(5)
+    mags = 10.0 ** torch.randint(-12, 6, (200_000,), generator=g).float()
+    amax = torch.cat([torch.rand(200_000, generator=g) * mags, torch.tensor([0.0, 65504.0, 65519.0, 6.1e-5, 5.96e-8, 1e-40])])
+    amax = (amax * 127).float()
+    w = torch.zeros(amax.numel(), 4)
+    w[:, 0] = amax
+    finite = torch.isfinite((amax / 127).to(scale_dtype))
+    ours = quantize(w[finite], 4, scale_dtype, backend="numba")
+    theirs = quantize(w[finite], 4, scale_dtype, backend="torch")
+    assert torch.equal(ours.scales, theirs.scales) and torch.equal(ours.codes, theirs.codes)
+    if not bool(finite.all()):
+        with pytest.raises(NonFiniteWeights, match="too large"):
+            quantize(w[~finite][:1], 4, scale_dtype, backend="numba")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_tensor_with_padding_columns(backend):
+    """in % 4 != 0: the packed rows carry zero padding, the codes are unaffected."""
+    w = weights_with_outliers(6, 20)
+    packed = torch.zeros(6, 24, dtype=torch.int8)
+    scales = torch.empty(6, 5)
+    quantize_into(w, 4, packed, scales, offset_codes=True, backend=backend)
+    q_ref, _ = reference(w.numpy(), 4, "fp32")
+    assert torch.equal(unpack_codes(packed.view(torch.int32), 20), torch.from_numpy(q_ref))
+    assert int(packed[:, 20:].abs().sum()) == 0

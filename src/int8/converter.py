@@ -18,37 +18,31 @@ import contextlib
 import datetime as _dt
 import errno
 import json
-import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from . import __version__
-from .checkpoint import DTYPES, FLOAT_DTYPES, CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
-from .errors import BadTensor, CorruptCheckpoint, Int8Error, OutputError, OutputExists, UnsupportedModel
+from .checkpoint import CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
+from .errors import CorruptCheckpoint, Int8Error, OutputError, OutputExists, UnsupportedModel
 from .plan import (
     DROP,
     KEEP,
     QUANTIZE,
     TORCH_NAMES,
     ConversionPlan,
-    ShardPlan,
-    TensorPlan,
     make_plan,
     parse_dtype,
     parse_size,
 )
-from .quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
+from .quantize import ErrorStats, num_blocks
+from .pipeline import stream
 from .report import (
     REPORT_NAME,
     ConversionReport,
@@ -60,7 +54,7 @@ from .report import (
     Totals,
 )
 from .sources import ResolvedSource, resolve_source
-from .writer import ShardWriter, sha256_file
+from .writer import sha256_file
 
 CHUNK_BYTES = 32 << 20
 INDEX_NAME = "model.safetensors.index.json"
@@ -177,7 +171,7 @@ def convert(
         )
         _check_space(out_dir, plan)
         with _staged(out_dir, overwrite) as tmp:
-            stats, hashes = _stream(reader, plan, tmp, dev, progress)
+            stats, hashes = stream(reader, plan, tmp, dev, progress)
             _write_index(tmp, plan)
             _write_config(tmp, config_dict, plan)
             _copy_sidecars(resolved.folder, tmp)
@@ -287,322 +281,6 @@ def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-
-
-class _Stopped(Exception):
-    """Another stage failed; this one stops quietly."""
-
-
-class _BufferPool:
-    """A few reusable byte buffers: reuse keeps memory flat and avoids page-faulting fresh memory."""
-
-    def __init__(self, nbytes: int, count: int, stop: threading.Event):
-        self.nbytes = nbytes
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put(None)  # allocated on first use
-        self._stop = stop
-
-    def take(self, n: int) -> tuple[torch.Tensor, Callable[[], None]]:
-        if n > self.nbytes:
-            return torch.empty(n, dtype=torch.uint8), _noop
-        while True:
-            try:
-                buf = self._free.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise _Stopped from None
-        if buf is None:
-            buf = torch.empty(self.nbytes, dtype=torch.uint8)
-        return buf, lambda: self._free.put(buf)
-
-
-def _noop() -> None:
-    pass
-
-
-@dataclass
-class _Chunk:
-    entry: TensorPlan
-    r0: int
-    r1: int
-    data: torch.Tensor
-    release: Callable[[], None]
-
-
-def _row_ranges(e: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    t = e.source
-    if e.action == QUANTIZE and e.layout == "conv1d":
-        yield 0, t.rows  # the input dimension is the row dimension: quantize it whole
-        return
-    row_bytes = max(1, t.row_numel * itemsize(t.dtype))
-    step = max(1, chunk_bytes // row_bytes)
-    for r0 in range(0, t.rows, step):
-        yield r0, min(t.rows, r0 + step)
-
-
-def _as_bytes(t: torch.Tensor):
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> None:
-    while True:
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            if stop.is_set():
-                raise _Stopped from None
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _single_threaded_torch() -> Iterator[None]:
-    """Torch's OpenMP threads spin at barriers; beside our reader and writer threads they
-    oversubscribe the cores and slow quantization down tenfold. Inside the stream every torch
-    op runs on the thread that calls it, and `_Workers` spreads chunks over the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class _Workers:
-    """Quantize the row blocks of a chunk on several threads (torch releases the GIL)."""
-
-    def __init__(self, n: int):
-        self.n = max(1, n)
-        self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="int8-quantize") if self.n > 1 else None
-
-    def quantize(self, w: torch.Tensor, block_size: int, codes: torch.Tensor, scales: torch.Tensor) -> ErrorStats:
-        rows = w.shape[0]
-        if self._pool is None or rows < 2 * self.n:
-            return quantize_into(w, block_size, codes, scales, offset_codes=True)
-        step = -(-rows // self.n)
-        parts = [
-            self._pool.submit(quantize_into, w[r:r + step], block_size, codes[r:r + step], scales[r:r + step], offset_codes=True)
-            for r in range(0, rows, step)
-        ]
-        stats = ErrorStats()
-        for f in parts:
-            stats.merge(f.result())
-        return stats
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
-def _stream(
-    reader: CheckpointReader,
-    plan: ConversionPlan,
-    folder: Path,
-    device: torch.device,
-    progress: Progress,
-    chunk_bytes: int = CHUNK_BYTES,
-) -> tuple[dict[str, ErrorStats], dict[str, str]]:
-    """Read, quantize and write every planned tensor; return error stats and shard hashes."""
-    with _single_threaded_torch():
-        workers = _Workers(_cpu_count() if device.type == "cpu" else 1)
-        try:
-            return _run_stages(reader, plan, folder, device, progress, chunk_bytes, workers)
-        finally:
-            workers.close()
-
-
-def _run_stages(reader, plan, folder, device, progress, chunk_bytes, workers: _Workers):
-    stop = threading.Event()
-    in_pool = _BufferPool(chunk_bytes, 3, stop)
-    out_pool = _BufferPool(chunk_bytes, 3, stop)
-    to_compute: queue.Queue = queue.Queue(maxsize=2)
-    to_write: queue.Queue = queue.Queue(maxsize=8)
-    hashes: dict[str, str] = {}
-    failures: list[BaseException] = []
-
-    def read_stage() -> None:
-        try:
-            for shard in plan.shards:
-                _put(to_compute, shard, stop)
-                for e in shard.entries:
-                    for r0, r1 in _row_ranges(e, chunk_bytes):
-                        n = (r1 - r0) * e.source.row_numel * itemsize(e.source.dtype)
-                        buf, release = in_pool.take(n)
-                        data = reader.read_rows(e.source, r0, r1, buf)
-                        _put(to_compute, _Chunk(e, r0, r1, data, release), stop)
-            _put(to_compute, None, stop)
-        except _Stopped:
-            pass
-        except BaseException as exc:  # handed to the main thread, which raises it
-            failures.append(exc)
-            stop.set()
-
-    def write_stage() -> None:
-        writer: ShardWriter | None = None
-        try:
-            while True:
-                try:
-                    msg = to_write.get(timeout=0.1)
-                except queue.Empty:
-                    if stop.is_set():
-                        raise _Stopped from None
-                    continue
-                if msg is None:
-                    return
-                if isinstance(msg, ShardPlan):
-                    outputs = [o for e in msg.entries for o in e.outputs]
-                    writer = ShardWriter(folder / msg.filename, outputs, metadata={"format": "pt"})
-                elif msg == "close":
-                    hashes[writer.path.name] = writer.close()
-                    writer = None
-                else:
-                    data, release = msg
-                    writer.write(data)
-                    release()
-        except BaseException as exc:
-            if not isinstance(exc, _Stopped):
-                failures.append(exc)
-            stop.set()
-            if writer is not None:
-                writer.abort()
-            while True:  # free what the compute stage is waiting for
-                try:
-                    msg = to_write.get(timeout=0.2)
-                except queue.Empty:
-                    return
-                if isinstance(msg, tuple):
-                    msg[1]()
-                if msg is None:
-                    return
-
-    def send(item) -> None:
-        _put(to_write, item, stop)
-
-    threads = [threading.Thread(target=read_stage, daemon=True), threading.Thread(target=write_stage, daemon=True)]
-    for th in threads:
-        th.start()
-    stats: dict[str, ErrorStats] = {}
-    scales: dict[str, torch.Tensor] = {}
-    progress.start(sum(e.source.nbytes for s in plan.shards for e in s.entries), len(plan.written))
-    open_shard = False
-    try:
-        while True:
-            try:
-                item = to_compute.get(timeout=0.1)
-            except queue.Empty:
-                if stop.is_set():
-                    raise _Stopped from None
-                continue
-            if item is None:
-                break
-            if isinstance(item, ShardPlan):
-                if open_shard:
-                    send("close")
-                send(item)
-                open_shard = True
-                continue
-            e = item.entry
-            if e.action == QUANTIZE:
-                _quantize_chunk(item, plan.block_size, device, out_pool, stats, scales, send, workers)
-            else:
-                _keep_chunk(item, out_pool, send)
-            progress.advance(item.data.numel() * item.data.element_size(), int(item.r1 == e.source.rows))
-        if open_shard:
-            send("close")
-        send(None)
-        threads[1].join()
-    except BaseException as exc:
-        stop.set()
-        for th in threads:
-            th.join(timeout=30)
-        if isinstance(exc, _Stopped) and failures:
-            raise failures[0] from None
-        raise
-    finally:
-        stop.set()
-        progress.finish()
-    if failures:
-        raise failures[0]
-    return stats, hashes
-
-
-def _quantize_chunk(c: _Chunk, block_size: int, device, pool: _BufferPool, stats, scales, send, workers: _Workers) -> None:
-    e = c.entry
-    out_f, in_f = e.out_features, e.in_features
-    w = c.data.t().contiguous() if e.layout == "conv1d" else c.data
-    rows = w.shape[0]
-    width = packed_columns(in_f) * 4
-    if e.name not in scales:
-        scales[e.name] = torch.empty(out_f, num_blocks(in_f, block_size), dtype=DTYPES[e.out_dtype])
-    r0, r1 = (0, out_f) if e.layout == "conv1d" else (c.r0, c.r1)
-    buf, release_out = pool.take(rows * width)
-    codes = buf[: rows * width].view(torch.int8).view(rows, width)
-    try:
-        if device.type == "cpu":
-            if width > in_f:
-                codes[:, in_f:] = 0
-            st = workers.quantize(w, block_size, codes, scales[e.name][r0:r1])
-        else:
-            codes_d = torch.zeros(rows, width, dtype=torch.int8, device=device)
-            scales_d = torch.empty(rows, scales[e.name].shape[1], dtype=scales[e.name].dtype, device=device)
-            st = quantize_into(w.to(device), block_size, codes_d, scales_d, offset_codes=True)
-            codes.copy_(codes_d)
-            scales[e.name][r0:r1].copy_(scales_d)
-    except NonFiniteWeights as err:
-        release_out()
-        raise BadTensor(
-            f"tensor {e.source.name!r} in {e.source.file.name} contains {err}: the int8 output would be garbage",
-            "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
-        ) from None
-    finally:
-        c.release()
-    stats.setdefault(e.name, ErrorStats()).merge(st)
-    send((_as_bytes(codes), release_out))
-    if c.r1 == e.source.rows:
-        send((_as_bytes(scales.pop(e.name)), _noop))
-        send((_as_bytes(torch.tensor([out_f, in_f], dtype=torch.int64)), _noop))
-
-
-def _keep_chunk(c: _Chunk, pool: _BufferPool, send) -> None:
-    e = c.entry
-    x = c.data
-    if e.source.dtype in FLOAT_DTYPES and not _all_finite(x):
-        c.release()
-        raise BadTensor(
-            f"tensor {e.source.name!r} in {e.source.file.name} contains NaN or Inf values: the output would be garbage",
-            "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
-        )
-    if e.out_dtype == e.source.dtype:
-        send((_as_bytes(x), c.release))
-        return
-    target = DTYPES[e.out_dtype]
-    nbytes = x.numel() * itemsize(e.out_dtype)
-    buf, release_out = pool.take(nbytes)
-    y = buf[:nbytes].view(target).view(x.shape).copy_(x)
-    c.release()
-    if e.out_dtype == "F16" and not _all_finite(y):
-        release_out()
-        raise BadTensor(
-            f"tensor {e.source.name!r} has values beyond float16's range (|x| > 65504)",
-            "Convert with --dtype bf16 (same range as fp32) instead.",
-        )
-    send((_as_bytes(y), release_out))
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in ``x``. A float32 sum is one fast pass and is finite whenever every
-    value is (barring overflow of the sum itself, which the exact check then settles)."""
-    if not x.numel() or bool(torch.isfinite(torch.sum(x, dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(x).all())
 
 
 def _write_index(folder: Path, plan: ConversionPlan) -> None:

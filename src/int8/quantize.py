@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 QMAX = 127
 """Codes lie in [-QMAX, QMAX]: symmetric, so -128 is never produced."""
 
@@ -106,7 +108,9 @@ def scales_from_absmax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Te
     return (amax.float() / QMAX).to(scale_dtype)
 
 
-def quantize(w: torch.Tensor, block_size: int = 128, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+def quantize(
+    w: torch.Tensor, block_size: int = 128, scale_dtype: torch.dtype = torch.float32, *, backend: str | None = None
+) -> QuantizedWeight:
     """Quantize a 2-D weight ``(out, in)`` block-wise along ``in``.
 
     A ragged last block (``in`` not a multiple of ``block_size``) is quantized
@@ -121,7 +125,7 @@ def quantize(w: torch.Tensor, block_size: int = 128, scale_dtype: torch.dtype = 
     src = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.contiguous()
     codes = torch.empty(rows, cols + pad, dtype=torch.int8, device=w.device)
     scales = torch.empty(rows, (cols + pad) // block_size, dtype=scale_dtype, device=w.device)
-    quantize_into(src, block_size, codes, scales)
+    quantize_into(src, block_size, codes, scales, backend=backend)
     return QuantizedWeight(codes[:, :cols].contiguous() if pad else codes, scales, block_size)
 
 
@@ -132,6 +136,7 @@ def quantize_into(
     scales_out: torch.Tensor,
     *,
     offset_codes: bool = False,
+    backend: str | None = None,
 ) -> ErrorStats:
     """Quantize rows of ``w`` into preallocated outputs; return the error statistics.
 
@@ -141,12 +146,52 @@ def quantize_into(
     With ``offset_codes=True`` it receives the packed bytes instead (code + 128,
     as uint8 viewed through int8), ready to be written as ``weight_packed``.
     ``scales_out`` is ``(rows, in / block_size)`` in the scale dtype.
+
+    On CPU the fused numba kernel (`int8.kernels`) does the work when numba is
+    installed, else (and on CUDA) torch ops do; ``backend`` ("numba" or
+    "torch") forces one. Both produce the same bytes.
     """
     rows, cols = w.shape
     if cols % block_size:
         raise ValueError(f"{cols} input features are not a multiple of block size {block_size}")
     if not w.is_contiguous():
         raise ValueError("quantize_into needs a contiguous tensor")
+    if backend is None:
+        backend = "numba" if w.device.type == "cpu" and kernels.available() else "torch"
+    if backend == "numba":
+        return _quantize_into_kernel(w, block_size, codes_out, scales_out, offset_codes)
+    return _quantize_into_torch(w, block_size, codes_out, scales_out, offset_codes)
+
+
+def _quantize_into_kernel(w, block_size, codes_out, scales_out, offset_codes) -> ErrorStats:
+    rows, cols = w.shape
+    nblocks = cols // block_size
+    step = rows if w.dtype == torch.float32 else max(1, _SUBCHUNK_VALUES // cols)
+    space = _workspace(w.device, step * cols if w.dtype != torch.float32 else 0, step * nblocks)
+    stats = ErrorStats()
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        x = w[r0:r1]
+        if x.dtype != torch.float32:
+            x = space.f32[0][: n * cols].view(n, cols).copy_(x)
+        scales32 = space.small[0][: n * nblocks].view(n, nblocks)
+        packed = codes_out[r0:r1, :cols].view(torch.uint8)
+        status, a, b, zero_blocks = kernels.quantize_rows(x, block_size, packed, scales32, scales_out.dtype)
+        if status == kernels.NON_FINITE:
+            raise NonFiniteWeights("NaN or Inf values")
+        if status == kernels.SCALE_OVERFLOW:
+            amax = float(x[a, b * block_size : (b + 1) * block_size].abs().max())
+            raise NonFiniteWeights(f"values too large for {scales_out.dtype} scales (|w| up to {amax:.3g})")
+        scales_out[r0:r1] = scales32
+        if not offset_codes:
+            packed.bitwise_xor_(0x80)
+        stats.merge(ErrorStats(max_abs=a / 16777216.0, sum_abs=status, count=n * cols, zero_blocks=zero_blocks))
+    return stats
+
+
+def _quantize_into_torch(w, block_size, codes_out, scales_out, offset_codes) -> ErrorStats:
+    rows, cols = w.shape
     nblocks = cols // block_size
     step = max(1, _SUBCHUNK_VALUES // cols)
     dev = w.device

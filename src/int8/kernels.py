@@ -1,0 +1,134 @@
+"""The fused CPU kernel: the scheme of `int8.quantize`, one pass per block, compiled with numba.
+
+Torch's eager ops make about ten passes over each chunk (absmax, divide,
+round, error, narrow, ...), which on a 2-core machine caps the converter well
+below the memory bandwidth. Here each block of ``block_size`` values is read
+once from memory and everything happens while it sits in L1: absmax, the
+scale (rounded to the scale dtype exactly as torch rounds: nearest, ties to
+even, subnormals and overflow included), the IEEE float32 division, the
+rounding (``rint``: nearest, ties to even), the error statistics and the
+packed byte (code + 128).
+
+The bytes are identical to `int8.quantize.quantize_into` (the torch
+implementation, which the CUDA path uses): the tests compare both with an
+independent numpy reference. Only the error *sum* may differ in its last
+bits (its additions are reassociated to vectorize).
+
+numba is optional: without it, `available()` is False and the torch path is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:  # pragma: no cover - exercised when numba is installed (it is a dependency)
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    _HAVE_NUMBA = False
+
+# (explicit mantissa bits, exponent of the smallest normal, largest finite) of each scale dtype
+FORMATS = {
+    torch.float32: (23, -126, float(torch.finfo(torch.float32).max)),
+    torch.bfloat16: (7, -126, float(torch.finfo(torch.bfloat16).max)),
+    torch.float16: (10, -14, float(torch.finfo(torch.float16).max)),
+}
+
+NON_FINITE = -1.0
+SCALE_OVERFLOW = -2.0
+
+
+def available() -> bool:
+    return _HAVE_NUMBA
+
+
+if _HAVE_NUMBA:
+    _jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    # `reassoc` lets LLVM vectorize the error sum; it cannot change a division, a rint or a
+    # conversion, so the codes and scales are exact. No `arcp` (reciprocals) and no `nnan`.
+    _jit_reassoc = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"})
+
+    @numba.njit(inline="always", cache=True)
+    def _pow2(e):
+        """2**e as float32, for -149 <= e <= 127."""
+        if e >= -126:
+            return np.uint32((e + 127) << 23).view(np.float32)
+        return np.uint32(1 << (e + 149)).view(np.float32)
+
+    @numba.njit(inline="always", cache=True)
+    def _round_scale(s, mant_bits, emin):
+        """Round a finite non-negative float32 to `mant_bits` mantissa bits, nearest-even,
+        with subnormals below 2**emin: x / ulp is a power-of-two scaling, so rint is exact."""
+        if mant_bits >= 23 or s == 0:
+            return s
+        e = np.int32((np.float32(s).view(np.uint32) >> 23) & 0xFF) - 127
+        if e < emin:
+            e = emin
+        ulp = _pow2(e - mant_bits)
+        return np.rint(s / ulp) * ulp
+
+    @_jit_reassoc
+    def _quantize_rows(w, block, mant_bits, emin, max_finite, packed, scales):
+        """w (rows, cols) float32 C-contiguous -> packed (rows, >= cols) uint8 = code + 128,
+        scales (rows, cols / block) float32 (values representable in the scale dtype).
+
+        Returns (status, a, b, zero_blocks): status >= 0 is the error sum and `a` the error max
+        in units of 2**-24 of a scale; status NON_FINITE or SCALE_OVERFLOW names row a, block b.
+        """
+        rows, cols = w.shape
+        nb = cols // block
+        bits = w.view(np.uint32)
+        tiny = _pow2(emin)
+        esum = 0.0
+        emax = np.int32(0)
+        zero_blocks = 0
+        for r in range(rows):
+            for b in range(nb):
+                base = b * block
+                m = np.uint32(0)  # |w| as bits: same order as the floats, NaN/Inf >= 0x7F800000
+                for j in range(block):
+                    v = np.uint32(bits[r, base + j] & np.uint32(0x7FFFFFFF))
+                    m = v if v > m else m
+                if m >= np.uint32(0x7F800000):
+                    return NON_FINITE, r, b, zero_blocks
+                s = _round_scale(np.uint32(m).view(np.float32) / np.float32(127.0), mant_bits, emin)
+                if s > max_finite:
+                    return SCALE_OVERFLOW, r, b, zero_blocks
+                scales[r, b] = s
+                if s == 0:
+                    zero_blocks += 1
+                    d = np.float32(1.0)
+                else:
+                    d = s
+                bsum = np.float32(0.0)
+                bmax = np.int32(0)
+                if s >= tiny:  # a normal scale: |w / s| <= 127.25, no clamp needed
+                    for j in range(block):
+                        x = w[r, base + j] / d
+                        q = np.rint(x)
+                        e = abs(x - q)
+                        bsum += e
+                        bmax = max(bmax, np.int32(e * np.float32(16777216.0)))
+                        packed[r, base + j] = np.uint8(np.int32(q) + np.int32(128))
+                else:  # a subnormal fp16 scale is coarse: clamp
+                    for j in range(block):
+                        x = w[r, base + j] / d
+                        q = min(max(np.rint(x), np.float32(-127.0)), np.float32(127.0))
+                        e = abs(x - q)
+                        bsum += e
+                        bmax = max(bmax, np.int32(min(e, np.float32(64.0)) * np.float32(16777216.0)))
+                        packed[r, base + j] = np.uint8(np.int32(q) + np.int32(128))
+                esum += bsum
+                emax = max(emax, bmax)
+        return esum, emax, 0, zero_blocks
+
+
+def quantize_rows(w: torch.Tensor, block_size: int, packed: torch.Tensor, scales32: torch.Tensor, scale_dtype: torch.dtype):
+    """Run the kernel on CPU tensors (see `_quantize_rows`); `w` float32 contiguous,
+    `packed` uint8 (rows, >= in), `scales32` float32 (rows, in / block)."""
+    mant_bits, emin, max_finite = FORMATS[scale_dtype]
+    return _quantize_rows(
+        w.numpy(), block_size, mant_bits, emin, np.float32(max_finite), packed.numpy(), scales32.numpy()
+    )

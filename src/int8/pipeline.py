@@ -1,0 +1,357 @@
+"""The streaming engine of `int8 convert`: read, quantize and write at once, in flat memory.
+
+Work is cut into units: a row chunk of a tensor (about ``CHUNK_BYTES`` of
+source), or the opening or closing of an output shard. Worker threads take
+units in plan order, each reading its chunk with ``pread`` and quantizing it
+(torch and the numba kernel release the GIL, so the workers run on all
+cores); a writer thread appends the results to the shards strictly in plan
+order, hashing as it goes. A unit holds a permit from the moment a worker
+takes it until the writer has written it, so at most ``permits`` chunks are
+in memory at once, whatever the model's size, and the writer can always
+make progress (the unit it waits for was taken before any later one).
+Progress is reported from the calling thread, where Ctrl-C lands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPES, FLOAT_DTYPES, CheckpointReader, itemsize
+from .errors import BadTensor
+from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
+from .quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
+from .writer import ShardWriter
+
+CHUNK_BYTES = 32 << 20
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Torch's OpenMP threads spin at barriers; beside our own threads they oversubscribe the
+    cores and slow everything down tenfold. While streaming, each torch op runs on the thread
+    that calls it and the workers spread the work over the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Stopped(Exception):
+    """Another thread failed or the run was interrupted; this one stops quietly."""
+
+
+class _BufferPool:
+    """Reusable byte buffers: reuse keeps memory flat and avoids page-faulting fresh memory."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A buffer of at least ``n`` bytes and the function that gives it back (idempotent)."""
+        if n > self.nbytes:
+            return torch.empty(n, dtype=torch.uint8), _noop
+        with self._lock:
+            buf = self._free.pop() if self._free else torch.empty(self.nbytes, dtype=torch.uint8)
+        given = []
+
+        def release() -> None:
+            with self._lock:
+                if not given:
+                    given.append(True)
+                    self._free.append(buf)
+
+        return buf, release
+
+
+def _noop() -> None:
+    pass
+
+
+@dataclass
+class _Unit:
+    seq: int
+    shard: ShardPlan | None = None  # open this shard (when entry is None)
+    close: bool = False  # close the current shard
+    entry: TensorPlan | None = None
+    r0: int = 0
+    r1: int = 0
+    outputs: list[tuple[object, Callable[[], None]]] = field(default_factory=list)
+
+
+def _units(plan: ConversionPlan, chunk_bytes: int) -> Iterator[_Unit]:
+    seq = 0
+    for shard in plan.shards:
+        yield _Unit(seq, shard=shard)
+        seq += 1
+        for e in shard.entries:
+            t = e.source
+            if e.action == QUANTIZE and e.layout == "conv1d":
+                ranges = [(0, t.rows)]  # the input dimension is the row dimension: whole tensor
+            else:
+                step = max(1, chunk_bytes // max(1, t.row_numel * itemsize(t.dtype)))
+                ranges = [(r, min(t.rows, r + step)) for r in range(0, t.rows, step)]
+            for r0, r1 in ranges:
+                yield _Unit(seq, entry=e, r0=r0, r1=r1)
+                seq += 1
+        yield _Unit(seq, close=True)
+        seq += 1
+
+
+def _as_bytes(t: torch.Tensor):
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class Pipeline:
+    """One conversion stream: `run()` returns per-tensor error stats and the shards' SHA-256."""
+
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        plan: ConversionPlan,
+        folder: Path,
+        device: torch.device,
+        workers: int,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
+        self.reader, self.plan, self.folder, self.device = reader, plan, folder, device
+        self.n_workers = max(1, workers)
+        self.chunk_bytes = chunk_bytes
+        self.pool = _BufferPool(chunk_bytes)
+        self.stop = threading.Event()
+        self.failures: list[BaseException] = []
+        self.stats: dict[str, ErrorStats] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._units = _units(plan, chunk_bytes)
+        self._permits = threading.Semaphore(2 * self.n_workers + 2)
+        self._done: queue.Queue[_Unit | None] = queue.Queue()
+        self._progress: queue.Queue[tuple[int, int]] = queue.Queue()
+
+    # -- the calling thread ------------------------------------------------------------------
+
+    def run(self, progress) -> tuple[dict[str, ErrorStats], dict[str, str]]:
+        progress.start(sum(e.source.nbytes for s in self.plan.shards for e in s.entries), len(self.plan.written))
+        threads = [threading.Thread(target=self._work, name=f"int8-worker-{i}", daemon=True) for i in range(self.n_workers)]
+        threads.append(threading.Thread(target=self._write, name="int8-writer", daemon=True))
+        for th in threads:
+            th.start()
+        try:
+            while True:
+                try:
+                    nbytes, tensors = self._progress.get(timeout=0.1)
+                except queue.Empty:
+                    if not threads[-1].is_alive() and self._progress.empty():
+                        break
+                    continue
+                progress.advance(nbytes, tensors)
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            self.stop.set()
+            for th in threads:
+                th.join(timeout=30)
+            progress.finish()
+        if self.failures:
+            raise self.failures[0]
+        return self.stats, self.hashes
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _take(self) -> _Unit | None:
+        while not self._permits.acquire(timeout=0.1):
+            if self.stop.is_set():
+                raise _Stopped
+        with self._lock:  # permits and units are handed out in the same order
+            unit = next(self._units, None)
+        if unit is None:
+            self._permits.release()
+        return unit
+
+    def _work(self) -> None:
+        try:
+            while not self.stop.is_set():
+                unit = self._take()
+                if unit is None:
+                    self._done.put(None)
+                    return
+                if unit.entry is not None:
+                    self._process(unit)
+                self._done.put(unit)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the calling thread
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self.failures.append(exc)
+        self.stop.set()
+
+    def _process(self, u: _Unit) -> None:
+        e = u.entry
+        t = e.source
+        buf, release_in = self.pool.take((u.r1 - u.r0) * t.row_numel * itemsize(t.dtype))
+        try:
+            data = self.reader.read_rows(t, u.r0, u.r1, buf)
+            if e.action == QUANTIZE:
+                self._quantize(u, data)
+                release_in()
+            else:
+                self._keep(u, data, release_in)
+        except BaseException:
+            release_in()
+            for _, release in u.outputs:
+                release()
+            u.outputs.clear()
+            raise
+        self._progress.put((data.numel() * data.element_size(), int(u.r1 == t.rows)))
+
+    def _quantize(self, u: _Unit, data: torch.Tensor) -> None:
+        e = u.entry
+        out_f, in_f = e.out_features, e.in_features
+        w = data.t().contiguous() if e.layout == "conv1d" else data
+        rows = w.shape[0]
+        width = packed_columns(in_f) * 4
+        with self._lock:
+            if e.name not in self.scales:
+                self.scales[e.name] = torch.empty(out_f, num_blocks(in_f, self.plan.block_size), dtype=DTYPES[e.out_dtype])
+            scales = self.scales[e.name]
+        r0, r1 = (0, out_f) if e.layout == "conv1d" else (u.r0, u.r1)
+        buf, release_out = self.pool.take(rows * width)
+        u.outputs.append((None, release_out))  # released on failure; replaced below
+        codes = buf[: rows * width].view(torch.int8).view(rows, width)
+        if width > in_f:
+            codes[:, in_f:] = 0
+        try:
+            if self.device.type == "cpu":
+                st = quantize_into(w, self.plan.block_size, codes, scales[r0:r1], offset_codes=True)
+            else:
+                codes_d = torch.zeros(rows, width, dtype=torch.int8, device=self.device)
+                scales_d = torch.empty(rows, scales.shape[1], dtype=scales.dtype, device=self.device)
+                st = quantize_into(w.to(self.device), self.plan.block_size, codes_d, scales_d, offset_codes=True)
+                codes.copy_(codes_d)
+                scales[r0:r1].copy_(scales_d)
+        except NonFiniteWeights as err:
+            raise BadTensor(
+                f"tensor {e.source.name!r} in {e.source.file.name} contains {err}: the int8 output would be garbage",
+                "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
+            ) from None
+        with self._lock:
+            self.stats.setdefault(e.name, ErrorStats()).merge(st)
+        u.outputs[-1] = (_as_bytes(codes), release_out)
+        if u.r1 == e.source.rows:
+            # Written after every earlier unit of this tensor, hence after all its rows are done.
+            u.outputs.append((scales, _noop))
+            u.outputs.append((torch.tensor([out_f, in_f], dtype=torch.int64), _noop))
+
+    def _keep(self, u: _Unit, x: torch.Tensor, release_in: Callable[[], None]) -> None:
+        e = u.entry
+        if e.source.dtype in FLOAT_DTYPES and not all_finite(x):
+            raise BadTensor(
+                f"tensor {e.source.name!r} in {e.source.file.name} contains NaN or Inf values: the output would be garbage",
+                "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
+            )
+        if e.out_dtype == e.source.dtype:
+            u.outputs.append((_as_bytes(x), release_in))
+            return
+        nbytes = x.numel() * itemsize(e.out_dtype)
+        buf, release_out = self.pool.take(nbytes)
+        u.outputs.append((None, release_out))
+        y = buf[:nbytes].view(DTYPES[e.out_dtype]).view(x.shape).copy_(x)
+        release_in()
+        if e.out_dtype == "F16" and not all_finite(y):
+            raise BadTensor(
+                f"tensor {e.source.name!r} has values beyond float16's range (|x| > 65504)",
+                "Convert with --dtype bf16 (same range as fp32) instead.",
+            )
+        u.outputs[-1] = (_as_bytes(y), release_out)
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        pending: dict[int, _Unit] = {}
+        expected = 0
+        finished_workers = 0
+        writer: ShardWriter | None = None
+        try:
+            while finished_workers < self.n_workers or pending:
+                try:
+                    unit = self._done.get(timeout=0.1)
+                except queue.Empty:
+                    if self.stop.is_set():
+                        raise _Stopped from None
+                    continue
+                if unit is None:
+                    finished_workers += 1
+                    continue
+                pending[unit.seq] = unit
+                while expected in pending:
+                    u = pending.pop(expected)
+                    expected += 1
+                    if u.shard is not None and u.entry is None:
+                        outputs = [o for e in u.shard.entries for o in e.outputs]
+                        writer = ShardWriter(self.folder / u.shard.filename, outputs, metadata={"format": "pt"})
+                    elif u.close:
+                        self.hashes[writer.path.name] = writer.close()
+                        writer = None
+                    else:
+                        for data, release in u.outputs:
+                            writer.write(_as_bytes(data) if isinstance(data, torch.Tensor) else data)
+                            release()
+                        if u.entry.action == QUANTIZE and u.r1 == u.entry.source.rows:
+                            with self._lock:
+                                self.scales.pop(u.entry.name, None)
+                    self._permits.release()
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            if writer is not None:  # a shard left open: the run failed or was interrupted
+                writer.abort()
+            for u in pending.values():
+                for _, release in u.outputs:
+                    release()
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``. A float32 sum is one fast pass and is finite whenever every
+    value is (barring overflow of the sum itself, which the exact check then settles)."""
+    if not x.numel() or bool(torch.isfinite(torch.sum(x, dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def stream(
+    reader: CheckpointReader,
+    plan: ConversionPlan,
+    folder: Path,
+    device: torch.device,
+    progress,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[dict[str, ErrorStats], dict[str, str]]:
+    """Read, quantize and write every planned tensor; return error stats and shard hashes."""
+    with single_threaded_torch():
+        workers = cpu_count() if device.type == "cpu" else 1
+        return Pipeline(reader, plan, folder, device, workers, chunk_bytes).run(progress)
