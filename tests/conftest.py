@@ -21,6 +21,4 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-
 pytest_plugins = ["hubserver"]

@@ -20,7 +20,6 @@ from test_hub_download import folder_files, run_main
 
 import int8
 from int8.hub.card import base_model_id, recorded_repo_id, rewrite_card
-from int8.report import ConversionReport
 from int8.verify import Check, VerifyResult
 
 ORIGINAL_CARD = (

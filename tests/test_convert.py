@@ -11,13 +11,12 @@ that random noise of the same distribution causes).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from models import ARCHS, load_original, make_tiny
+from models import load_original, make_tiny
 from safetensors import safe_open
 from test_quantize import reference
 

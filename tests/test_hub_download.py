@@ -7,8 +7,6 @@ exit code 2, in bounded time.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time

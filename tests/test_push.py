@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
