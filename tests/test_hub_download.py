@@ -252,6 +252,20 @@ def test_server_that_does_not_answer_fails_in_bounded_time(hub, history, tmp_pat
         convert("alice/tiny", tmp_path / "o")
 
 
+def test_verify_against_a_server_that_does_not_answer(hub, monkeypatch, fast_retries):
+    """`int8 verify OWNER/NAME` downloads through the same bounded path as convert."""
+    from huggingface_hub import constants
+
+    from int8.verify import verify_checkpoint
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.unresponsive_endpoint)
+    monkeypatch.setenv("INT8_HUB_TIMEOUT", "0.3")
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match="did not answer in time"):
+        verify_checkpoint("alice/tiny-int8", quick=True)
+    assert time.monotonic() - t0 < 10
+
+
 def test_subprocess_against_a_server_that_does_not_answer(hub, tmp_path):
     env = hub.env(HF_ENDPOINT=hub.unresponsive_endpoint, INT8_HUB_TIMEOUT="1", PYTHONWARNINGS="ignore")
     t0 = time.monotonic()

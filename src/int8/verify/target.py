@@ -65,6 +65,7 @@ def _download(repo_id: str, revision: str | None, token) -> Target:
 
     from ..checkpoint import FOREIGN_WEIGHTS
     from ..hub.download import translate_hub_error
+    from ..hub.timeouts import bounded, metadata_timeout, transfer_timeout
 
     ignore = list(FOREIGN_WEIGHTS)
     try:
@@ -73,8 +74,11 @@ def _download(repo_id: str, revision: str | None, token) -> Target:
                 repo_id, revision=revision, token=token, ignore_patterns=ignore, local_files_only=True
             )
             return Target(Path(folder), "hub", repo_id, revision, Path(folder).name)
-        info = HfApi().model_info(repo_id, revision=revision, token=token)
-        folder = snapshot_download(repo_id, revision=info.sha, token=token, ignore_patterns=ignore)
+        with bounded(transfer_timeout()):  # a Hub that never answers is an error, not a hang
+            info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=metadata_timeout())
+            folder = snapshot_download(
+                repo_id, revision=info.sha, token=token, ignore_patterns=ignore, etag_timeout=metadata_timeout()
+            )
         return Target(Path(folder), "hub", repo_id, revision, info.sha)
     except Exception as e:  # the client's errors, said in int8's words
         raise translate_hub_error(e, repo_id, revision) from None
