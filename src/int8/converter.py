@@ -171,12 +171,14 @@ def convert(
         )
         _check_space(out_dir, plan)
         with _staged(out_dir, overwrite) as tmp:
+            stream_started = time.perf_counter()
             stats, hashes = stream(reader, plan, tmp, dev, progress)
+            stream_seconds = time.perf_counter() - stream_started
             _write_index(tmp, plan)
             _write_config(tmp, config_dict, plan)
             _copy_sidecars(resolved.folder, tmp)
             seconds = time.perf_counter() - started
-            report = _report(resolved, files, plan, stats, hashes, tmp, seconds, dev)
+            report = _report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
             report.save(tmp)
             from .hub.card import write_card
 
@@ -343,6 +345,7 @@ def _report(
     hashes: dict[str, str],
     folder: Path,
     seconds: float,
+    stream_seconds: float,
     device: torch.device,
 ) -> ConversionReport:
     tensors = []
@@ -395,6 +398,7 @@ def _report(
             bytes_in=files.nbytes,
             bytes_out=sum(f.bytes for f in entries if f.name.endswith(".safetensors")),
             seconds=round(seconds, 3),
+            stream_seconds=round(stream_seconds, 3),
             device=str(device),
             tensors_quantized=sum(e.action == QUANTIZE for e in plan.entries),
             tensors_kept=sum(e.action == KEEP for e in plan.entries),

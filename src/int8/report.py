@@ -8,8 +8,9 @@ Written as ``int8_report.json`` in every converted folder. Schema
 * ``model``: the transformers class and model type;
 * ``quantization``: scheme, bits, block size, dtypes, the unquantized Linear
   modules (``ignore``), the rounding rule;
-* ``totals``: bytes in and out, ratio, seconds, throughput (GB of input per
-  second), the device;
+* ``totals``: bytes in and out, ratio, seconds (the whole conversion after
+  the download) and stream seconds (reading, quantizing and writing the
+  tensors), throughput (GB of input per second of streaming), the device;
 * ``tensors``: one entry per source tensor: ``quantized`` (shape, blocks, the
   max and mean absolute error in units of each block's scale — at most 0.5 by
   construction), ``kept`` (stored dtype and why it was not quantized) or
@@ -70,6 +71,7 @@ class Totals:
     tensors_dropped: int
     params_quantized: int
     params_kept: int
+    stream_seconds: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -77,7 +79,8 @@ class Totals:
 
     @property
     def throughput_gb_s(self) -> float:
-        return self.bytes_in / self.seconds / 1e9 if self.seconds else 0.0
+        seconds = self.stream_seconds or self.seconds
+        return self.bytes_in / seconds / 1e9 if seconds else 0.0
 
 
 @dataclass
