@@ -37,6 +37,22 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
+SIDECAR_FILES = (
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template.*",
+    "LICENSE*",
+)
+"""Files besides config.json and the weights that a checkpoint folder carries (tokenizer,
+generation settings, license); the converter copies them unchanged."""
+
 # Weight files of other frameworks that int8 never reads (and never copies).
 FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ckpt", "*.onnx", "*.gguf", "*.pt", "*.pth", "*.ot", "*.tflite")
 
@@ -143,46 +159,67 @@ def _index_files(index: Path) -> tuple[Path, ...]:
     return tuple(index.parent / n for n in names)
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse and validate a safetensors header; return (header, data_start)."""
+def scan_safetensors_header(path: Path) -> tuple[list[SourceTensor], int, list[str]]:
+    """Parse a safetensors header, collecting every problem instead of stopping at the first.
+
+    Returns the tensors sorted by offset (``offset`` absolute in the file), the
+    byte where the data starts, and the problems (none for a sound file): a
+    header that cannot be read, malformed or overlapping entries, unknown
+    dtypes, and tensors cut off by truncation (the first one named).
+    """
     size = path.stat().st_size
+    name = path.name
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CorruptCheckpoint(f"{path} is truncated ({size} bytes): not a safetensors file")
+            return [], 0, [f"{name} is truncated to {size} bytes: not even a safetensors header"]
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > _MAX_HEADER or n > size - 8:
-            raise CorruptCheckpoint(
-                f"{path} is not a valid safetensors file (header length {n}, file size {size})",
-                "The file is truncated or corrupt: download or save it again.",
-            )
+            return [], 0, [f"{name} has a header length of {n} bytes but the file holds {size}: truncated or corrupt"]
         raw = f.read(n)
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+            raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptCheckpoint(f"{path} has a corrupt safetensors header ({e})") from None
-    data_start = 8 + n
-    data_size = size - data_start
-    end_max = 0
-    for name, info in header.items():
-        if name == "__metadata__":
+        return [], 0, [f"{name} has a corrupt safetensors header ({e})"]
+    start = 8 + n
+    problems: list[str] = []
+    tensors: list[SourceTensor] = []
+    for tname, info in header.items():
+        if tname == "__metadata__":
             continue
         try:
-            dtype, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
-            expected = math.prod(shape) * itemsize(dtype)
+            dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpoint(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if e - b != expected or b < 0:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r} has offsets {b}..{e} that do not fit shape {shape} {dtype}")
-        end_max = max(end_max, e)
-    if end_max > data_size:
-        raise CorruptCheckpoint(
-            f"{path} is truncated: its header describes {end_max} bytes of tensor data but the file holds {data_size}",
-            "Download or save the checkpoint again.",
+            problems.append(f"{name}: tensor {tname!r} has a malformed header entry {info!r}")
+            continue
+        if dtype not in DTYPES:
+            problems.append(f"{name}: tensor {tname!r} has dtype {dtype}, which int8 does not read")
+            continue
+        if b < 0 or e - b != math.prod(shape) * itemsize(dtype):
+            problems.append(f"{name}: tensor {tname!r} has offsets {b}..{e}, which do not fit {dtype} {list(shape)}")
+            continue
+        tensors.append(SourceTensor(tname, dtype, shape, path, start + b))
+    tensors.sort(key=lambda t: t.offset)
+    for a, b in zip(tensors, tensors[1:]):
+        if b.offset < a.offset + a.nbytes:
+            problems.append(f"{name}: tensors {a.name!r} and {b.name!r} overlap in the file")
+    cut = [t for t in tensors if t.offset + t.nbytes > size]
+    if cut:
+        problems.append(
+            f"{name} is truncated: {size} bytes, but tensor {cut[0].name!r} ends at byte {cut[0].offset + cut[0].nbytes}"
+            + (f" ({len(cut) - 1} more tensor(s) after it are cut off too)" if len(cut) > 1 else "")
         )
-    return header, data_start
+    return tensors, start, problems
+
+
+def read_safetensors_header(path: Path) -> list[SourceTensor]:
+    """The tensors of a sound safetensors file, sorted by offset; `CorruptCheckpoint` otherwise."""
+    tensors, _, problems = scan_safetensors_header(path)
+    if problems:
+        raise CorruptCheckpoint(f"{path}: {problems[0]}", "Download or save the checkpoint again.")
+    return tensors
 
 
 def _madvise_dontneed(addr: int, length: int) -> None:
@@ -233,17 +270,9 @@ class CheckpointReader:
     def _open_safetensors(self, index_map: dict[str, str] | None) -> None:
         found: dict[str, Path] = {}
         for path in self.files.files:
-            header, start = read_safetensors_header(path)
-            entries = sorted(
-                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
-            )
-            for name, info in entries:
-                if info["dtype"] not in DTYPES:
-                    raise UnsupportedModel(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, which int8 does not convert")
-                found[name] = path
-                self.tensors.append(
-                    SourceTensor(name, info["dtype"], tuple(info["shape"]), path, start + info["data_offsets"][0])
-                )
+            for t in read_safetensors_header(path):
+                found[t.name] = path
+                self.tensors.append(t)
             self._fds[path] = os.open(path, os.O_RDONLY)
         self._check_index(index_map, found)
 

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
+from .checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
 from .errors import CorruptCheckpoint, Int8Error, OutputError, OutputExists, UnsupportedModel
 from .plan import (
     DROP,
@@ -59,22 +59,6 @@ from .writer import sha256_file
 CHUNK_BYTES = 32 << 20
 INDEX_NAME = "model.safetensors.index.json"
 CARD_NAME = "README.md"
-SIDECAR_GLOBS = (
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece*.model",
-    "chat_template.*",
-    "LICENSE*",
-)
-"""Files copied unchanged from the source folder (config.json is rewritten, README.md replaced)."""
-
-
 class Progress(Protocol):
     """What the converter reports while it works (the CLI draws it with rich)."""
 
@@ -329,7 +313,7 @@ def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None
 
 def _copy_sidecars(src: Path, dst: Path) -> list[str]:
     copied = []
-    for pattern in SIDECAR_GLOBS:
+    for pattern in SIDECAR_FILES:
         for p in sorted(src.glob(pattern)):
             if p.is_file() and not (dst / p.name).exists():
                 shutil.copyfile(p, dst / p.name)

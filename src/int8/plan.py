@@ -155,7 +155,7 @@ def model_class_for(config) -> type:
 
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
-        if isinstance(cls, type):
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
             return cls
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
         try:

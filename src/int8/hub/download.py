@@ -13,27 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import SIDECAR_FILES
 from ..errors import HubError, NoWeightsFound, SourceNotFound
 
 WEIGHT_PATTERNS = {
     "safetensors": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
     "pytorch": ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"],
 }
-SIDECAR_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece*.model",
-    "chat_template.*",
-    "README.md",
-    "LICENSE*",
-]
+SIDECAR_PATTERNS = ["config.json", "README.md", *SIDECAR_FILES]
 """Files other than the weights that a converted checkpoint needs or that the card reads."""
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")

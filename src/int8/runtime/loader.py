@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
+from ..plan import model_class_for
 from .layer import Int8Linear
 from .lora import register_peft
 
@@ -82,11 +83,7 @@ def _headers(folder: Path) -> dict[str, dict]:
             f"no {SINGLE_NAME} or {INDEX_NAME} in {folder}",
             "int8.load reads the safetensors checkpoints that `int8 convert` writes.",
         )
-    out: dict[str, dict] = {}
-    for p in paths:
-        header, _ = read_safetensors_header(p)
-        out.update({k: v for k, v in header.items() if k != "__metadata__"})
-    return out
+    return {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for p in paths for t in read_safetensors_header(p)}
 
 
 def check_quantization_config(qc: Any, folder: Path) -> int:
@@ -336,22 +333,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config)
         raise Int8Error(f"unknown dtype {dtype!r}", "Use fp32, fp16, bf16 or auto.") from None
 
 
-def model_class(config):
-    """The transformers class for this config: causal LM or seq2seq, from ``architectures`` or the Auto maps."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-            return cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
-        try:
-            return auto._model_mapping[type(config)]
-        except (KeyError, ValueError):
-            continue
-    raise UnsupportedModel(f"transformers has no causal-LM or seq2seq class for model type {config.model_type!r}")
-
-
 def load(
     path_or_repo: str | Path,
     *,
@@ -388,7 +369,7 @@ def load(
     specs = quantized_layers(folder, group_size)
     dev = resolve_device(device)
     compute = resolve_dtype(dtype, dev, config)
-    cls = model_class(config)
+    cls = model_class_for(config)
 
     _register()
     qc_dict = qc if isinstance(qc, dict) else qc.to_dict()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import FLOAT_DTYPES, itemsize
+from ..checkpoint import FLOAT_DTYPES, scan_safetensors_header
 from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, SCHEMA as REPORT_SCHEMA, ConversionReport
 from .layout import Layout, QuantLayer, StoredTensor
@@ -185,51 +184,11 @@ def _meta_model(folder: Path):
 
 def _read_header(path: Path, problems: list[str]) -> tuple[list[StoredTensor], int, int] | None:
     """Parse a shard's safetensors header; return (tensors by offset, data start, bytes present)."""
-    size = path.stat().st_size
-    name = path.name
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            problems.append(f"{name} is truncated to {size} bytes: not even a safetensors header")
-            return None
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER or n > size - 8:
-            problems.append(f"{name} has a header length of {n} bytes but the file holds {size}: truncated or corrupt")
-            return None
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        problems.append(f"{name} has a corrupt safetensors header ({e})")
+    tensors, start, found = scan_safetensors_header(path)
+    problems.extend(found)
+    if not start:
         return None
-    start = 8 + n
-    tensors = []
-    for tname, info in header.items():
-        if tname == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-            nbytes = math.prod(shape) * itemsize(dtype)
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{name}: tensor {tname!r} has a malformed header entry {info!r}")
-            continue
-        if b < 0 or e - b != nbytes:
-            problems.append(f"{name}: tensor {tname!r} has offsets {b}..{e}, which do not fit {dtype} {shape}")
-            continue
-        tensors.append(StoredTensor(tname, dtype, tuple(shape), path, start + b, nbytes))
-    tensors.sort(key=lambda t: t.start)
-    for a, b in zip(tensors, tensors[1:]):
-        if b.start < a.end:
-            problems.append(f"{name}: tensors {a.name!r} and {b.name!r} overlap in the file")
-    cut = [t for t in tensors if t.end > size]
-    if cut:
-        problems.append(
-            f"{name} is truncated: {size} bytes, but tensor {cut[0].name!r} ends at byte {cut[0].end}"
-            + (f" ({len(cut) - 1} more tensor(s) after it are cut off too)" if len(cut) > 1 else "")
-        )
-    return tensors, start, size
+    return [StoredTensor(t.name, t.dtype, t.shape, path, t.offset, t.nbytes) for t in tensors], start, path.stat().st_size
 
 
 def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
