@@ -304,3 +304,14 @@ def test_convert_and_push_round_trip(hub, tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "card-snippet", "exec"), scope)
     assert isinstance(scope["model"], tf.GPTJForCausalLM)
+
+
+@pytest.mark.parametrize("user,repo_id,message", [(None, "alice/x", "no Hugging Face token"), ("alice", "a/b/c", "not a valid Hub repo id")])
+def test_convert_push_checks_the_token_before_converting(hub, capsys, tmp_path, user, repo_id, message):
+    """`int8 convert SRC --push ID` with no token (or a bad id) fails at once: nothing is converted."""
+    src = make_tiny("gptj", tmp_path / "src")
+    hub.login(user)
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, "convert", str(src), "--out", str(out), "--push", repo_id)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()

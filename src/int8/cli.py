@@ -174,6 +174,10 @@ def convert(
     from .converter import convert as run_convert
     from .converter import default_output
 
+    if push:
+        from .hub.upload import check_can_push
+
+        check_can_push(push)  # a missing token or a malformed repo id fails now, not after the conversion
     progress = None if quiet else RichProgress("Converting")
     report = run_convert(
         source,

@@ -59,7 +59,7 @@ def push(
     is sent) and `int8.errors.HubError` for a missing or rejected token, no
     write access, a malformed repo id, or a network failure.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
     from .card import rewrite_card
     from .download import progress_bars
@@ -69,18 +69,8 @@ def push(
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceNotFound(f"folder {folder} does not exist", "Give the folder that `int8 convert` wrote.")
-    _check_repo_id(repo_id)
-    token = token or get_token()
-    if not token:
-        raise HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
+    repo_id, token = check_can_push(repo_id, token)
     api = HfApi(token=token)
-    try:
-        with bounded(metadata_timeout()):
-            user = api.whoami()
-    except Exception as e:
-        raise translate_push_error(e, repo_id) from None
-    if "/" not in repo_id:
-        repo_id = f"{user['name']}/{repo_id}"
 
     say(f"Rendering the model card for {repo_id}")
     rewrite_card(folder, repo_id=repo_id)
@@ -115,6 +105,28 @@ def push(
         revision=info.pr_revision if create_pr else revision,
         pr_url=info.pr_url,
     )
+
+
+def check_can_push(repo_id: str, token: str | None = None) -> tuple[str, str]:
+    """Check what can be checked before any work: the repo id's form, a token, and that the
+    Hub accepts it. Returns the full repo id (OWNER/NAME) and the token.
+    `int8 convert --push` calls this before converting, so a missing token costs seconds, not a conversion."""
+    from huggingface_hub import HfApi, get_token
+
+    from .timeouts import bounded, metadata_timeout
+
+    _check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
+    try:
+        with bounded(metadata_timeout()):
+            user = HfApi(token=token).whoami()
+    except Exception as e:
+        raise translate_push_error(e, repo_id) from None
+    if "/" not in repo_id:
+        repo_id = f"{user['name']}/{repo_id}"
+    return repo_id, token
 
 
 def _check_repo_id(repo_id: str) -> None:
