@@ -24,7 +24,9 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +233,10 @@ def _madvise_dontneed(addr: int, length: int) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
+def _noop() -> None:
+    pass
+
+
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -245,6 +251,7 @@ class CheckpointReader:
         self.files = files
         self.tensors: list[SourceTensor] = []
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._bin: dict[str, torch.Tensor] = {}
         index_map = self._index_map()
         if files.format == "safetensors":
@@ -274,6 +281,10 @@ class CheckpointReader:
                 found[t.name] = path
                 self.tensors.append(t)
             self._fds[path] = os.open(path, os.O_RDONLY)
+            if os.fstat(self._fds[path]).st_size:
+                mm = mmap.mmap(self._fds[path], 0, access=mmap.ACCESS_READ)
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+                self._maps[path] = mm
         self._check_index(index_map, found)
 
     def _open_bin(self, index_map: dict[str, str] | None) -> None:
@@ -330,12 +341,49 @@ class CheckpointReader:
         shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
         return view.view(DTYPES[t.dtype]).view(shape)
 
+    def view_rows(self, t: SourceTensor, r0: int, r1: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Rows ``[r0, r1)`` of ``t`` without copying: a view of the page cache through a read-only
+        mapping, and the function that drops those pages from this process once the view is no longer
+        used (the data stays in the page cache; the resident set stays flat). Never write to the view."""
+        count = (r1 - r0) * t.row_numel
+        nbytes = count * itemsize(t.dtype)
+        shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
+        if t.name in self._bin:
+            src = self._bin[t.name]
+            if not src.is_contiguous():
+                buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                return self.read_rows(t, r0, r1, buf), _noop
+            part = src.reshape(-1)[r0 * t.row_numel : r0 * t.row_numel + count]
+            return part.view(shape), lambda: _madvise_dontneed(part.data_ptr(), nbytes)
+        mm = self._maps.get(t.file)
+        if mm is None or nbytes == 0:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            return self.read_rows(t, r0, r1, buf), _noop
+        start = t.offset + r0 * t.row_numel * itemsize(t.dtype)
+        with warnings.catch_warnings():  # read-only memory: the view is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start)
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (start + nbytes) // page * page
+
+        def release() -> None:
+            if hi > lo and not mm.closed:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+        return raw.view(DTYPES[t.dtype]).view(shape), release
+
     def read(self, t: SourceTensor) -> torch.Tensor:
         """The whole tensor, in its own memory."""
         buf = torch.empty(max(t.nbytes, 1), dtype=torch.uint8)
         return self.read_rows(t, 0, t.rows, buf)
 
     def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still referenced somewhere: the mapping goes with it
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

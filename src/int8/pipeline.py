@@ -211,9 +211,8 @@ class Pipeline:
     def _process(self, u: _Unit) -> None:
         e = u.entry
         t = e.source
-        buf, release_in = self.pool.take((u.r1 - u.r0) * t.row_numel * itemsize(t.dtype))
+        data, release_in = self.reader.view_rows(t, u.r0, u.r1)  # no copy: the page cache, read in place
         try:
-            data = self.reader.read_rows(t, u.r0, u.r1, buf)
             if e.action == QUANTIZE:
                 self._quantize(u, data)
                 release_in()
