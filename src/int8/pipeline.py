@@ -28,7 +28,7 @@ from .checkpoint import DTYPES, FLOAT_DTYPES, CheckpointReader, itemsize
 from .errors import BadTensor
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
 from .quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
-from .writer import ShardWriter
+from .writer import BackgroundHasher, ShardWriter
 
 CHUNK_BYTES = 32 << 20
 
@@ -293,6 +293,7 @@ class Pipeline:
         expected = 0
         finished_workers = 0
         writer: ShardWriter | None = None
+        hasher = BackgroundHasher()
         try:
             while finished_workers < self.n_workers or pending:
                 try:
@@ -310,14 +311,13 @@ class Pipeline:
                     expected += 1
                     if u.shard is not None and u.entry is None:
                         outputs = [o for e in u.shard.entries for o in e.outputs]
-                        writer = ShardWriter(self.folder / u.shard.filename, outputs, metadata={"format": "pt"})
+                        writer = ShardWriter(self.folder / u.shard.filename, outputs, {"format": "pt"}, hasher)
                     elif u.close:
                         self.hashes[writer.path.name] = writer.close()
                         writer = None
                     else:
-                        for data, release in u.outputs:
-                            writer.write(_as_bytes(data) if isinstance(data, torch.Tensor) else data)
-                            release()
+                        for data, release in u.outputs:  # a buffer goes back to its pool once written and hashed
+                            writer.write(_as_bytes(data) if isinstance(data, torch.Tensor) else data, after=release)
                         if u.entry.action == QUANTIZE and u.r1 == u.entry.source.rows:
                             with self._lock:
                                 self.scales.pop(u.entry.name, None)
@@ -329,6 +329,7 @@ class Pipeline:
         finally:
             if writer is not None:  # a shard left open: the run failed or was interrupted
                 writer.abort()
+            hasher.close()
             for u in pending.values():
                 for _, release in u.outputs:
                     release()
