@@ -241,10 +241,10 @@ def test_disk_full_leaves_nothing(src, tmp_path, monkeypatch):
 
     real = writer.ShardWriter._put
 
-    def put(self, data):
+    def put(self, data, after=None):
         if self.bytes_written > 100_000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(self, data)
+        real(self, data, after)
 
     monkeypatch.setattr(writer.ShardWriter, "_put", put)
     out = tmp_path / "out"
