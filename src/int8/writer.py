@@ -43,10 +43,11 @@ class BackgroundHasher:
 
     Hashing a shard is inherently sequential; doing it on its own thread takes it off
     the writer's critical path. Each piece of data stays alive until it is hashed, and
-    its ``after`` callback (giving a buffer back to its pool) runs then.
+    its ``after`` callback (giving a buffer back to its pool) runs then. ``depth`` bounds
+    the pieces waiting (each pins a buffer), so memory stays bounded when hashing lags.
     """
 
-    def __init__(self, depth: int = 32):
+    def __init__(self, depth: int = 4):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="int8-sha256", daemon=True)
         self._thread.start()
