@@ -198,6 +198,8 @@ def convert(
     if not quiet:
         t = report.totals
         table = Table(title="int8 convert", show_header=False, title_justify="left")
+        table.add_column()
+        table.add_column(overflow="fold")  # a long output path wraps whole, never cut with an ellipsis
         table.add_row("source", report.source.id + (f" @ {report.source.commit[:12]}" if report.source.commit else ""))
         table.add_row("model", f"{report.model.architecture} ({report.model.model_type})")
         table.add_row("size in", _size(t.bytes_in))
@@ -397,8 +399,11 @@ def presets() -> None:
     from .presets import all_presets
 
     table = Table(title="int8 presets")
-    for col in ("preset", "Hub repo", "params", "dtype", "license"):
-        table.add_column(col)
+    table.add_column("preset", no_wrap=True)
+    table.add_column("Hub repo", overflow="fold", min_width=29)  # a repo id is copied from here: wrap it, never cut it
+    for col in ("params", "dtype"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("license", overflow="fold")
     for p in all_presets().values():
         table.add_row(p.name, p.repo, p.parameters, p.dtype, p.card.license or "")
     out.print(table)

@@ -19,8 +19,8 @@ def result_table(result: VerifyResult):
     table = Table(title=title, title_justify="left")
     table.add_column("check", no_wrap=True)
     table.add_column("result", no_wrap=True)
-    table.add_column("figure")
-    table.add_column("threshold")
+    table.add_column("figure", overflow="fold")
+    table.add_column("threshold", overflow="fold")
     group = None
     for c in result.checks:
         if group is not None and c.group != group:
