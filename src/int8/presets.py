@@ -7,10 +7,15 @@ editable install) reads the repository's top-level ``configs/``.
 from __future__ import annotations
 
 import difflib
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 from .errors import Int8Error
 
