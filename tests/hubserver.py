@@ -1162,7 +1162,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         try:
             return json.loads(self.body() or b"null")
         except json.JSONDecodeError as e:
-            raise HubError(400, f"Invalid JSON body: {e}")
+            raise HubError(400, f"Invalid JSON body: {e}") from e
 
     def send(self, status: int, body: bytes | str | dict | list = b"", headers: dict | None = None,
              content_type: str | None = None, head_length: int | None = None) -> None:
@@ -1783,7 +1783,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         try:
             items = [json.loads(ln) for ln in lines]
         except json.JSONDecodeError as e:
-            raise HubError(400, f"Invalid ndjson payload: {e}")
+            raise HubError(400, f"Invalid ndjson payload: {e}") from e
         if not items or items[0].get("key") != "header":
             raise HubError(400, "The first line of the payload must be the commit header")
         header = items[0].get("value") or {}

@@ -73,7 +73,7 @@ def build_model(arch: str, seed: int = 0, outliers: bool = True, untied_head: bo
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             w = getattr(module, "weight", None)
             if w is None or w.ndim != 2 or isinstance(module, torch.nn.Embedding):
                 continue

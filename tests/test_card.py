@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
 from hubserver import validate_card_metadata
+from huggingface_hub import ModelCard
 from models import make_tiny
 from test_hub_download import folder_files, run_main
 

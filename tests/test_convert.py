@@ -188,7 +188,9 @@ def test_stock_transformers_loads_the_output(arch, form, sources, tmp_path):
         assert float(top2[0] - top2[1]) <= 2 * 3 * noise_dev
 
 
-@pytest.mark.parametrize("dtype,src_dtype", [("bf16", torch.float32), ("fp16", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,src_dtype", [("bf16", torch.float32), ("fp16", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
 @pytest.mark.parametrize("arch", ["gptj", "t5"])
 def test_dtypes(arch, dtype, src_dtype, sources, tmp_path):
     src = sources(arch, "safetensors", src_dtype)

@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from hubserver import HubServer, git_blob_sha, validate_card_metadata
 
 pytest.importorskip("huggingface_hub")

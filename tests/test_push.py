@@ -306,7 +306,9 @@ def test_convert_and_push_round_trip(hub, tmp_path, monkeypatch):
     assert isinstance(scope["model"], tf.GPTJForCausalLM)
 
 
-@pytest.mark.parametrize("user,repo_id,message", [(None, "alice/x", "no Hugging Face token"), ("alice", "a/b/c", "not a valid Hub repo id")])
+@pytest.mark.parametrize(
+    "user,repo_id,message", [(None, "alice/x", "no Hugging Face token"), ("alice", "a/b/c", "not a valid Hub repo id")]
+)
 def test_convert_push_checks_the_token_before_converting(hub, capsys, tmp_path, user, repo_id, message):
     """`int8 convert SRC --push ID` with no token (or a bad id) fails at once: nothing is converted."""
     src = make_tiny("gptj", tmp_path / "src")

@@ -18,6 +18,7 @@ Two on-disk forms are read:
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import math
 import mmap
@@ -204,7 +205,7 @@ def scan_safetensors_header(path: Path) -> tuple[list[SourceTensor], int, list[s
             continue
         tensors.append(SourceTensor(tname, dtype, shape, path, start + b))
     tensors.sort(key=lambda t: t.offset)
-    for a, b in zip(tensors, tensors[1:]):
+    for a, b in itertools.pairwise(tensors):
         if b.offset < a.offset + a.nbytes:
             problems.append(f"{name}: tensors {a.name!r} and {b.name!r} overlap in the file")
     cut = [t for t in tensors if t.offset + t.nbytes > size]

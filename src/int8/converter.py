@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
 from .errors import CorruptCheckpoint, Int8Error, OutputError, OutputExists, UnsupportedModel
+from .pipeline import stream
 from .plan import (
     DROP,
     KEEP,
@@ -42,7 +43,6 @@ from .plan import (
     parse_size,
 )
 from .quantize import ErrorStats, num_blocks
-from .pipeline import stream
 from .report import (
     REPORT_NAME,
     ConversionReport,

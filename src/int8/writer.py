@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import queue
-import threading
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 

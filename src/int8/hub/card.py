@@ -185,7 +185,7 @@ An 8-bit version of {origin}: {about}. The large weight matrices are stored in
 int8 with one absmax scale per block of {q.block_size} values, which takes the checkpoint
 from {_gb(totals.bytes_in)} to {_gb(totals.bytes_out)} ({totals.ratio:.2f}x smaller) so it loads, runs
 and fine-tunes on one ordinary GPU. Converted with int8 {report.int8_version}{_provenance(report)}.
-{"See the [original model card](https://huggingface.co/" + base + ") for what the model does, how it was trained, its limitations and its license." if base else ""}
+{_see_original(base)}
 
 ## How it was quantized
 
@@ -256,6 +256,15 @@ def placeholder_repo(report: ConversionReport) -> str:
     """The id the snippets use before the checkpoint has a repo: NAME-int8, as `int8 convert` names the folder."""
     base = base_model_id(report)
     return f"{(base or Path(report.source.id).name).split('/')[-1]}-int8"
+
+
+def _see_original(base: str | None) -> str:
+    if not base:
+        return ""
+    return (
+        f"See the [original model card](https://huggingface.co/{base}) for what the model does, "
+        "how it was trained, its limitations and its license."
+    )
 
 
 def _provenance(report: ConversionReport) -> str:

@@ -142,9 +142,9 @@ def run_generate(
     stream: TextIO | None = None,
 ) -> str:
     """`generate_command` as a function: writes to ``stream`` as tokens come; returns the generated text."""
-    from .loader import load, resolve_folder
-
     from transformers.utils import logging as hf_logging
+
+    from .loader import load, resolve_folder
 
     hf_logging.disable_progress_bar()  # the CLI streams text; no "Loading weights" bar in between
     stream = stream if stream is not None else sys.stdout

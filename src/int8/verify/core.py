@@ -6,7 +6,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..errors import Int8Error, SourceNotFound
@@ -225,13 +224,13 @@ def _model_checks(
             fidelity_why = f"transformers cannot load the original {original.id} ({_first_line(e)})"
         else:
             try:
-                for w, lg in zip(wins, models.logits(model, wins, device)):
+                for lg in models.logits(model, wins, device):
                     original_lp.append(torch.log_softmax(lg, dim=-1))
                 say("Running the reference (the original with ideal int8 rounding noise)")
                 unmatched = models.to_reference(model, layout)
                 if unmatched:
                     metrics["reference_unmatched"] = len(unmatched)
-                for w, lp, lg in zip(wins, original_lp, models.logits(model, wins, device)):
+                for w, lp, lg in zip(wins, original_lp, models.logits(model, wins, device), strict=True):
                     reference.update(lp, lg, w.targets)
             except models.NotALanguageModel as e:
                 original_lp.clear()
@@ -250,7 +249,7 @@ def _model_checks(
         try:
             run = wins if original_lp else wins[:1]
             bad, seen = [], 0
-            for i, (w, (lg, is_logits)) in enumerate(zip(run, models.outputs(model, run, device))):
+            for i, (w, (lg, is_logits)) in enumerate(zip(run, models.outputs(model, run, device), strict=True)):
                 seen += lg.numel()
                 n_bad = int((~torch.isfinite(lg)).sum())
                 what = "logits" if is_logits else "outputs"

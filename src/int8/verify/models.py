@@ -158,7 +158,7 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
     state = {}
     with CheckpointReader(find_checkpoint(layout.folder)) as reader:
         stored = {t.name: t for t in reader.tensors}
-        for name, t in layout.kept.items():
+        for name in layout.kept:
             state[name] = reader.read(stored[name])
         for q in layout.quantized.values():
             codes = unpack_codes(reader.read(stored[q.packed.name]), q.in_features)

@@ -17,7 +17,8 @@ import torch
 
 from ..checkpoint import FLOAT_DTYPES, scan_safetensors_header
 from ..quantize import QMAX, packed_columns
-from ..report import REPORT_NAME, SCHEMA as REPORT_SCHEMA, ConversionReport
+from ..report import REPORT_NAME, ConversionReport
+from ..report import SCHEMA as REPORT_SCHEMA
 from .layout import Layout, QuantLayer, StoredTensor
 from .result import VERIFY_NAME, Check, outcome
 from .scan import ShardScan, scan_all, sha256_file
