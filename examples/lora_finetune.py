@@ -11,7 +11,7 @@
 The big weight matrices stay frozen in int8 (de-quantized just in time for each
 multiplication); only the small LoRA adapters train, with gradient
 checkpointing. The adapter is saved with PEFT's own ``save_pretrained`` and
-reloaded with ``PeftModel.from_pretrained`` on a fresh int8 model, which
+reloaded with ``int8.runtime.load_adapter`` (PEFT's ``PeftModel.from_pretrained``) on a fresh int8 model, which
 reproduces the fine-tuned outputs exactly.
 """
 
@@ -85,11 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from int8.runtime import adapter_optimizer, load
+    from int8.runtime import adapter_optimizer, get_peft_model, load, load_adapter
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     # 3. Save the adapter with PEFT, reload it on a fresh int8 model, check the outputs agree.
     out = args.out or tmp / "adapter"
     model.save_pretrained(out)
-    reloaded = PeftModel.from_pretrained(load(path, device=args.device), out).eval()
+    reloaded = load_adapter(load(path, device=args.device), out).eval()
     probe = held_out[:2].to(args.device)
     with torch.no_grad():
         kw = {"decoder_input_ids": probe[:, :8]} if seq2seq else {}

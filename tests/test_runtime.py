@@ -259,7 +259,9 @@ def no_dropout(model):
 
 @pytest.mark.parametrize("arch", ["gptj", "t5", "bloom"])
 def test_lora_finetune_lowers_loss_keeps_int8_and_reloads(arch, converted, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig
+
+    from int8.runtime import get_peft_model, load_adapter
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -300,7 +302,7 @@ def test_lora_finetune_lowers_loss_keeps_int8_and_reloads(arch, converted, tmp_p
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     ids = ids_for(arch, seed=3)
     ref = logits(model, arch, ids)
-    reloaded = PeftModel.from_pretrained(load(out, device="cpu"), tmp_path / "adapter").eval()
+    reloaded = load_adapter(load(out, device="cpu"), tmp_path / "adapter").eval()
     assert any(isinstance(m, Int8LoraLinear) for m in reloaded.modules())
     assert torch.equal(logits(reloaded, arch, ids), ref)
     assert not torch.equal(logits(load(out, device="cpu"), arch, ids), ref)  # the adapter does something
@@ -309,7 +311,9 @@ def test_lora_finetune_lowers_loss_keeps_int8_and_reloads(arch, converted, tmp_p
 
 @pytest.mark.parametrize("arch", ["gptj", "t5"])
 def test_gradient_checkpointing_gives_the_same_gradients(arch, converted):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from int8.runtime import get_peft_model
 
     _, out = converted(arch)
     ids = ids_for(arch, n=16, batch=2, seed=4)
@@ -333,7 +337,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, converted):
 
 
 def test_all_linear_targets_int8_layers_but_not_the_head(converted):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from int8.runtime import get_peft_model
 
     _, out = converted("gptj")
     model = get_peft_model(load(out, device="cpu"), LoraConfig(r=2, target_modules="all-linear"))
@@ -343,7 +349,9 @@ def test_all_linear_targets_int8_layers_but_not_the_head(converted):
 
 
 def test_merging_into_int8_is_refused(converted):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from int8.runtime import get_peft_model
 
     _, out = converted("gptj")
     model = get_peft_model(load(out, device="cpu"), LoraConfig(r=2, target_modules=["q_proj"]))
@@ -460,3 +468,30 @@ def test_generate_command_registers_with_typer(converted):
     res = CliRunner().invoke(app, ["generate", str(out), "The keeper", "--max-new-tokens", "5", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert res.output.startswith("The keeper") and res.output.endswith("\n")
+
+
+def test_peft_itself_is_left_unchanged(converted):
+    """int8 registers its LoRA layer per config (PEFT's extension point), never by patching PEFT."""
+    import subprocess
+    import sys
+
+    _, out = converted("gptj")
+    code = f"""
+import peft.tuners.lora.model as m, peft.tuners.tuners_utils as u
+before = (m.LoraModel._create_new_module, u._maybe_include_all_linear_layers)
+import int8.runtime.loader, int8.runtime.lora
+from int8.runtime import load, get_peft_model
+from peft import LoraConfig
+model = get_peft_model(load({str(out)!r}, device="cpu"), LoraConfig(r=2, target_modules=["q_proj"]))
+assert (m.LoraModel._create_new_module, u._maybe_include_all_linear_layers) == before
+import peft
+try:
+    peft.get_peft_model(load({str(out)!r}, device="cpu"), LoraConfig(r=2, target_modules=["q_proj"]))
+except ValueError as e:
+    print("plain peft refuses:", e)
+else:
+    raise SystemExit("plain peft.get_peft_model accepted Int8Linear: something patched PEFT")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "plain peft refuses" in r.stdout

@@ -3,7 +3,7 @@
 transformers does the loading (shards, tied weights, the modules a model keeps
 in fp32, non-persistent buffers, generation config, device placement); int8
 hooks in as a transformers *quantizer* (``quant_method = "int8-runtime"``,
-registered with transformers' own ``register_quantizer``): before the weights
+registered with transformers' public ``register_quantizer``, on first use): before the weights
 load it swaps every layer that the checkpoint stores as ``weight_packed`` for an
 `Int8Linear` with buffers of the checkpoint's names, shapes and dtypes, so
 transformers' loader fills them as they are, with no conversion. After loading,
@@ -27,9 +27,6 @@ import torch
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
 from ..plan import model_class_for
 from .layer import Int8Linear
-from .lora import register_peft
-
-register_peft()  # LoRA adapters attach to the layers `load` creates
 
 QUANT_METHOD = "int8-runtime"
 INDEX_NAME = "model.safetensors.index.json"
@@ -166,14 +163,18 @@ def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerS
 # The transformers quantizer
 
 
+_registered = False
+
+
 def _register() -> None:
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-    from transformers.quantizers.base import HfQuantizer
+    """Register int8's loader with transformers' public quantizer registry, once, on first `load`."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
-        return
-
+    @register_quantization_config(QUANT_METHOD)
     class Int8RuntimeConfig(QuantizationConfigMixin):
         """Loads a compressed-tensors int8 checkpoint into `Int8Linear` layers.
 
@@ -195,6 +196,7 @@ def _register() -> None:
         def __repr__(self) -> str:
             return f"Int8RuntimeConfig({len(self.layers)} int8 layers)"
 
+    @register_quantizer(QUANT_METHOD)
     class Int8RuntimeQuantizer(HfQuantizer):
         requires_calibration = False
 
@@ -218,8 +220,7 @@ def _register() -> None:
         def is_compileable(self) -> bool:
             return True
 
-    AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = Int8RuntimeConfig
-    AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = Int8RuntimeQuantizer
+    _registered = True
 
 
 def _model_names(model, specs: dict[str, QuantizedLayerSpec]) -> dict[str, QuantizedLayerSpec]:

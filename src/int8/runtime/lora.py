@@ -1,17 +1,20 @@
 """LoRA adapters on `Int8Linear` layers, through PEFT's custom-module mechanism.
 
 PEFT lets a ``LoraConfig`` map a layer type to a LoRA class
-(``LoraConfig._register_custom_module``). `register_peft` (run when
-`int8.runtime` is imported) makes that mapping automatic: whenever PEFT builds
-LoRA layers for a model that has `Int8Linear` layers, it registers
-``{Int8Linear: Int8LoraLinear}`` on the config first. So plain
+(``LoraConfig._register_custom_module``, its documented extension point). int8
+uses it explicitly, per config, and never changes PEFT itself:
 
-    model = int8.load(path)
-    model = peft.get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    from int8.runtime import lora
+    model = lora.get_peft_model(int8.load(path), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    ...
+    model.save_pretrained("my-adapter")                      # PEFT's own files
+    model = lora.load_adapter(int8.load(path), "my-adapter")
 
-works, as do ``target_modules="all-linear"``, ``PeftModel.from_pretrained``
-and transformers' ``model.add_adapter``. Adapters save and load with PEFT's
-own files; the int8 codes and scales are frozen and never change.
+``lora.get_peft_model`` / ``lora.load_adapter`` are PEFT's ``get_peft_model`` /
+``PeftModel.from_pretrained`` with the config prepared by `lora_config_for`
+(which also resolves ``target_modules="all-linear"`` to the int8 layers); with
+PEFT's functions directly, pass ``lora_config_for(model, config)`` as the config.
+The int8 codes and scales are frozen and never change.
 
 `Int8LoraLinear` computes ``base(x) + B(A(dropout(x))) * scaling`` with the
 adapter matrices in their own (usually float32) dtype. Merging an adapter into
@@ -20,6 +23,7 @@ the int8 weight is refused: it would re-quantize the base weight.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -151,53 +155,53 @@ def _has_bitsandbytes() -> bool:
 
 
 LORA_MAPPING = {Int8Linear: Int8LoraLinear}
-"""For ``LoraConfig._register_custom_module(LORA_MAPPING)`` (done automatically by `register_peft`)."""
+"""For ``LoraConfig._register_custom_module(LORA_MAPPING)`` (what `lora_config_for` does)."""
 
 
 def _base(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def register_peft() -> None:
-    """Make PEFT build `Int8LoraLinear` for `Int8Linear` layers without the user registering anything.
+def lora_config_for(model: torch.nn.Module, config):
+    """``config`` (a PEFT ``LoraConfig``), made to put `Int8LoraLinear` adapters on ``model``'s `Int8Linear` layers.
 
-    Wraps two PEFT hooks, idempotently: ``LoraModel._create_new_module`` (registers
-    `LORA_MAPPING` on the config when the target is an `Int8Linear`) and
-    ``_maybe_include_all_linear_layers`` (so ``target_modules="all-linear"`` includes
-    `Int8Linear` layers, minus the output head, as it does ``nn.Linear``).
+    Uses PEFT's custom-module registration (``LoraConfig._register_custom_module``)
+    on this config only, so nothing in PEFT changes for other models. With
+    ``target_modules="all-linear"`` the int8 layers are named explicitly (PEFT's
+    own expansion sees ``nn.Linear`` only), leaving out the output head as PEFT does.
+    Returns the same config object.
     """
-    from peft.tuners import tuners_utils
-    from peft.tuners.lora.model import LoraModel
+    config._register_custom_module(LORA_MAPPING)
+    target = getattr(config, "target_modules", None)
+    if isinstance(target, str) and target.lower() == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_names = {n for n, m in model.named_modules() if m is head}
+        names = {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, (Int8Linear, torch.nn.Linear)) and m is not head and n not in head_names
+        }
+        if not names:
+            raise ValueError("target_modules='all-linear': the model has no linear layers to adapt")
+        config.target_modules = names
+    return config
 
-    create = LoraModel._create_new_module
-    if not getattr(create, "_int8_runtime", False):
 
-        def _create_new_module(lora_config, adapter_name, target, **kwargs):
-            if isinstance(_base(target), Int8Linear):
-                custom = getattr(lora_config, "_custom_modules", None) or {}
-                if Int8Linear not in custom:
-                    lora_config._register_custom_module(LORA_MAPPING)
-            return create(lora_config, adapter_name, target, **kwargs)
+def get_peft_model(model: torch.nn.Module, config, **kwargs):
+    """`peft.get_peft_model` for an int8 model: the config is prepared with `lora_config_for` first."""
+    import peft
 
-        _create_new_module._int8_runtime = True
-        LoraModel._create_new_module = staticmethod(_create_new_module)
+    return peft.get_peft_model(model, lora_config_for(model, config), **kwargs)
 
-    include = tuners_utils._maybe_include_all_linear_layers
-    if not getattr(include, "_int8_runtime", False):
 
-        def _maybe_include_all_linear_layers(peft_config, model):
-            target = getattr(peft_config, "target_modules", None)
-            wants_all = isinstance(target, str) and target.lower() == tuners_utils.INCLUDE_LINEAR_LAYERS_SHORTHAND
-            peft_config = include(peft_config, model)
-            if wants_all:
-                head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-                names = {
-                    name
-                    for name, m in model.named_modules()
-                    if isinstance(m, Int8Linear) and m is not head and ".base_layer" not in f".{name}"
-                }
-                peft_config.target_modules = set(peft_config.target_modules or ()) | names
-            return peft_config
+def load_adapter(model: torch.nn.Module, adapter: str | Path, **kwargs):
+    """`peft.PeftModel.from_pretrained` for an int8 model: a saved LoRA adapter put back on its int8 layers.
 
-        _maybe_include_all_linear_layers._int8_runtime = True
-        tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    ``kwargs`` go to ``PeftModel.from_pretrained`` (``is_trainable``, ``adapter_name``, ``revision``, ...).
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(adapter), **{
+        k: v for k, v in kwargs.items() if k in ("revision", "subfolder", "token")
+    })
+    return PeftModel.from_pretrained(model, adapter, config=lora_config_for(model, config), **kwargs)
