@@ -260,9 +260,9 @@ def no_dropout(model):
 @pytest.mark.parametrize("arch", ["gptj", "t5", "bloom"])
 def test_lora_finetune_lowers_loss_keeps_int8_and_reloads(arch, converted, tmp_path):
     from peft import LoraConfig
+    from transformers import AutoTokenizer
 
     from int8.runtime import get_peft_model, load_adapter
-    from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     # T5 with its original tied head (the tiny untied random head leaves LoRA little room to move the logits)

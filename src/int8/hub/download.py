@@ -8,7 +8,6 @@ offline mode (``HF_HUB_OFFLINE=1`` serves a previous download from the cache).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ WEIGHT_PATTERNS = {
 SIDECAR_PATTERNS = ["config.json", "README.md", *SIDECAR_FILES]
 """Files other than the weights that a converted checkpoint needs or that the card reads."""
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -75,14 +73,15 @@ def download_checkpoint(
             folder = Path(
                 snapshot_download(
                     repo_id,
-                    revision=info.sha,  # the commit just resolved: no second lookup, no race with a new push
+                    # by name, so that the client records branch/tag -> commit in the cache's refs/ itself
+                    # (an offline run then finds the snapshot by name); the commit is the snapshot's own
+                    revision=revision,
                     allow_patterns=WEIGHT_PATTERNS[fmt] + SIDECAR_PATTERNS,
                     token=token,
                     etag_timeout=metadata_timeout(),
                 )
             )
-        _remember_ref(folder, revision, info.sha)
-        return Downloaded(folder, repo_id, revision, info.sha, fmt)
+        return Downloaded(folder, repo_id, revision, folder.name, fmt)
     except Exception as e:  # translate the client's errors into ones that say what to do
         raise translate_hub_error(e, repo_id, revision) from None
 
@@ -100,26 +99,6 @@ def progress_bars(show: bool) -> Iterator[None]:
     finally:
         if not show and not was_disabled:
             enable_progress_bars()
-
-
-def _remember_ref(folder: Path, revision: str | None, commit: str | None) -> None:
-    """Record branch/tag -> commit in the cache's refs/, so an offline run finds this snapshot by name.
-
-    (snapshot_download was given the commit hash, so it wrote no ref itself.)
-    """
-    rev = revision or "main"
-    if commit is None or _COMMIT.fullmatch(rev):
-        return
-    ref = folder.parent.parent / "refs" / rev
-    try:
-        if ref.is_file() and ref.read_text().strip() == commit:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.tmp")
-        tmp.write_text(commit)
-        tmp.replace(ref)
-    except OSError:  # a read-only cache still works online
-        pass
 
 
 def _from_cache(repo_id: str, revision: str | None, token) -> Downloaded:
