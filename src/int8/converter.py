@@ -97,10 +97,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def default_output(source: str | Path) -> Path:
-    """./NAME-int8, NAME being the preset, the repo's name or the folder's name (`int8 convert .`: the current folder's)."""
+    """./NAME-int8, NAME being the preset, the repo's name or the folder's name.
+
+    For a local folder that holds the current folder (`int8 convert .`), the output goes beside
+    that folder instead: it cannot be written inside its own source."""
     path = Path(str(source)).expanduser()
-    name = path.resolve().name if path.exists() else str(source).rstrip("/").rsplit("/", 1)[-1]
-    return Path.cwd() / f"{name or 'model'}-int8"
+    if path.exists():
+        folder = path.resolve()
+        out = Path.cwd() / f"{folder.name or 'model'}-int8"
+        return folder.parent / out.name if folder == Path.cwd().resolve() or folder in out.resolve().parents else out
+    return Path.cwd() / f"{str(source).rstrip('/').rsplit('/', 1)[-1] or 'model'}-int8"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")

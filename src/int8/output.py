@@ -375,9 +375,9 @@ def start(out: Path, overwrite: bool) -> Staging:
     except OSError as e:
         raise OutputError(f"cannot create the folder {out.parent} for --out: {e.strerror}") from None
     with _folder_lock(out.parent) as lock:
-        identity = check_replaceable(out, overwrite)
         if lock is Lock.ACQUIRED:
             clean_stale(out)
+        identity = check_replaceable(out, overwrite)
         for _ in range(100):
             folder = out.parent / f".{out.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
             try:
