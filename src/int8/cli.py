@@ -291,7 +291,7 @@ def push(
 
     `int8 push gpt-j-6b-int8 --repo your-org/gpt-j-6b-int8 --private`
 
-    `int8 push gpt-j-6b-int8 --repo someone/gpt-j-6b-int8 --create-pr -m "Refresh the card"`
+    `int8 push gpt-j-6b-int8 --repo org/gpt-j-6b-int8 --create-pr -m "New card"`
     """
     _push(path, repo, quiet=quiet, private=private, revision=revision, create_pr=create_pr, message=message)
 
