@@ -99,7 +99,10 @@ def check_replaceable(out: Path, overwrite: bool) -> Identity | None:
         raise OutputExists(f"{out} exists and is not a folder; int8 will not replace it", "Choose another --out.")
     if not overwrite:
         raise OutputExists(f"{out} already exists", "Pass --overwrite to replace it, or choose another --out.")
-    in_the_way = foreign_entries(out)
+    try:
+        in_the_way = foreign_entries(out)
+    except OSError as e:  # it changed while being looked at
+        raise OutputError(f"cannot look inside --out {out}: {e.strerror or e}") from None
     if in_the_way:
         shown = ", ".join(in_the_way[:_MAX_LISTED]) + (f" and {len(in_the_way) - _MAX_LISTED} more" if len(in_the_way) > _MAX_LISTED else "")
         raise OutputExists(
@@ -284,6 +287,8 @@ def clean_stale(out: Path) -> list[Path]:
     for p in _partials(out):
         try:
             if OLD in p.name:
+                if p.is_symlink() or not p.is_dir():
+                    continue
                 if not os.path.lexists(out):
                     os.rename(p, out)
                     continue
