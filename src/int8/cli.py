@@ -14,9 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as _escape
 from rich.table import Table
 
-from . import __version__
+from . import __version__, options
 from .errors import Int8Error
 
 console = Console(stderr=True, highlight=False)
@@ -39,9 +40,9 @@ app = typer.Typer(
         "Turn big FP32 language-model checkpoints into 8-bit ones that run and fine-tune on one GPU, "
         "check them, and publish them.\n\n"
         "Typical use:\n\n"
-        "  int8 convert flan-t5-small --out flan-t5-small-int8\n\n"
-        "  int8 verify flan-t5-small-int8\n\n"
-        "  int8 push flan-t5-small-int8 --repo you/flan-t5-small-int8"
+        "`int8 convert flan-t5-small --out flan-t5-small-int8`\n\n"
+        "`int8 verify flan-t5-small-int8`\n\n"
+        "`int8 push flan-t5-small-int8 --repo you/flan-t5-small-int8`"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -113,11 +114,18 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _checked_size(value: str) -> str:
+    options.shard_size(value)
+    return value
+
+
 @app.command(epilog=_preset_epilog())
 def convert(
     source: Annotated[str, typer.Argument(help="A preset name (`int8 presets`), a Hub repo id (owner/name), or a local folder.")],
     out_dir: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./NAME-int8.", show_default=False)
+        Optional[Path],
+        typer.Option("--out", "-o", help="Output folder. Default: `./NAME-int8`.", show_default=False,
+                     callback=lambda v: None if v is None else options.output_folder(v)),
     ] = None,
     block_size: Annotated[
         Optional[int],
@@ -144,13 +152,23 @@ def convert(
         typer.Option(
             "--skip",
             help="Keep modules matching PATTERN unquantized (repeatable): a module name or one of its dotted parts "
-            "(lm_head, mlp.fc_in), a glob (*.attn.*), or re:REGEX. lm_head and the model class's fp32 modules are always kept.",
+            "(`lm_head`, `mlp.fc_in`), a glob (`*.attn.*`), or `re:REGEX`. lm_head and the model class's fp32 modules "
+            "are always kept. A pattern that matches nothing is warned about.",
             metavar="PATTERN",
+            callback=options.skip_patterns,
         ),
     ] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of the source.")] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it holds an earlier int8 output.")] = False,
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of the source (not for a local folder).")
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.", callback=_checked_size)
+    ] = "5GB",
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace --out if it holds an earlier int8 output and nothing else "
+                     "(a folder with other files in it is never replaced)."),
+    ] = False,
     push: Annotated[
         Optional[str],
         typer.Option("--push", help="After converting, publish to this Hub repo (as `int8 push` does).", metavar="REPO_ID"),
@@ -165,23 +183,33 @@ def convert(
 
     Examples:
 
-      int8 convert gpt-j-6b
+    `int8 convert gpt-j-6b`
 
-      int8 convert bigscience/bloomz-560m --out bloomz-int8 --dtype fp16
+    `int8 convert bigscience/bloomz-560m --out bloomz-int8 --dtype fp16`
 
-      int8 convert ./my-model --block-size 64 --skip "re:.*attn.*"
+    `int8 convert ./my-model --block-size 64 --skip "re:.*\\.attn\\..*"`
+
+    `int8 convert ./my-model --skip lm_head --skip "*.mlp.fc_out"`
     """
     from .converter import convert as run_convert
     from .converter import default_output
 
+    options.local_revision(source, revision)
+    folder = out_dir if out_dir is not None else default_output(source)
     if push:
         from .hub.upload import check_can_push
 
         check_can_push(push)  # a missing token or a malformed repo id fails now, not after the conversion
     progress = None if quiet else RichProgress("Converting")
+    warned: list[str] = []
+
+    def warn(message: str) -> None:  # as soon as it is known: before the long work
+        warned.append(message)
+        console.print(f"[yellow]Warning:[/] {message}", markup=True, highlight=False)
+
     report = run_convert(
         source,
-        out_dir,
+        folder,
         block_size=block_size,
         dtype=dtype,
         device=device,
@@ -191,10 +219,11 @@ def convert(
         overwrite=overwrite,
         progress=progress,
         quiet=quiet,
+        on_warning=warn,
     )
     for w in report.warnings:
-        console.print(f"[yellow]Warning:[/] {w}")
-    folder = out_dir if out_dir is not None else default_output(source)
+        if w not in warned:
+            warn(w)
     if not quiet:
         t = report.totals
         table = Table(title="int8 convert", show_header=False, title_justify="left")
@@ -258,11 +287,11 @@ def push(
 
     Examples:
 
-      int8 push flan-t5-small-int8 --repo you/flan-t5-small-int8
+    `int8 push flan-t5-small-int8 --repo you/flan-t5-small-int8`
 
-      int8 push gpt-j-6b-int8 --repo your-org/gpt-j-6b-int8 --private
+    `int8 push gpt-j-6b-int8 --repo your-org/gpt-j-6b-int8 --private`
 
-      int8 push gpt-j-6b-int8 --repo someone/gpt-j-6b-int8 --create-pr -m "Refresh the card"
+    `int8 push gpt-j-6b-int8 --repo org/gpt-j-6b-int8 --create-pr -m "New card"`
     """
     _push(path, repo, quiet=quiet, private=private, revision=revision, create_pr=create_pr, message=message)
 
@@ -310,29 +339,34 @@ def verify(
     ] = False,
     json_file: Annotated[
         Optional[Path],
-        typer.Option("--json", help="Also write the result to FILE as JSON (schema int8.verify/1).", metavar="FILE",
-                     show_default=False),
+        typer.Option("--json", help="Also write the result to FILE as JSON (schema int8.verify/1), whole or not at all.",
+                     metavar="FILE", show_default=False, callback=options.json_output),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="Where models run: auto (GPU if any), cpu, cuda, cuda:N.")] = "auto",
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of TARGET.")] = None,
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of TARGET (not for a local folder).")
+    ] = None,
     update_card: Annotated[
         bool, typer.Option("--update-card", help="Record the result in the folder's model card (README.md).")
     ] = False,
     max_kl: Annotated[
-        Optional[float], typer.Option("--max-kl", min=0.0, help="Ceiling on mean KL divergence, nats/token [default: 0.05].",
-                                      show_default=False)
+        Optional[float], typer.Option("--max-kl", help="Ceiling on mean KL divergence, nats/token [default: 0.05].",
+                                      show_default=False, callback=options.callback(options.finite, "--max-kl", low=0.0))
     ] = None,
     kl_factor: Annotated[
-        Optional[float], typer.Option("--kl-factor", min=0.0, help="Mean KL may be this many times that of ideal int8 "
-                                      "rounding noise [default: 3].", show_default=False)
+        Optional[float], typer.Option("--kl-factor", help="Mean KL may be this many times that of ideal int8 "
+                                      "rounding noise [default: 3].", show_default=False,
+                                      callback=options.callback(options.finite, "--kl-factor", low=0.0, low_open=True))
     ] = None,
     min_top1: Annotated[
-        Optional[float], typer.Option("--min-top1", min=0.0, max=1.0, help="Least top-1 next-token agreement "
-                                      "[default: 0.9, or the noise reference's less 0.05].", show_default=False)
+        Optional[float], typer.Option("--min-top1", help="Least top-1 next-token agreement, 0 to 1 "
+                                      "[default: 0.9, or the noise reference's less 0.05].", show_default=False,
+                                      callback=options.callback(options.finite, "--min-top1", low=0.0, high=1.0))
     ] = None,
     max_ppl_ratio: Annotated[
-        Optional[float], typer.Option("--max-ppl-ratio", min=1.0, help="Perplexity within this ratio of the "
-                                      "original's, either way [default: 1.05].", show_default=False)
+        Optional[float], typer.Option("--max-ppl-ratio", help="Perplexity within this ratio of the "
+                                      "original's, either way [default: 1.05].", show_default=False,
+                                      callback=options.callback(options.finite, "--max-ppl-ratio", low=1.0))
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=8, help="Tokens of the text to score, at most.")] = 2048,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table: failures and the verdict only.")] = False,
@@ -347,11 +381,11 @@ def verify(
 
     Examples:
 
-      int8 verify gpt-j-6b-int8
+    `int8 verify gpt-j-6b-int8`
 
-      int8 verify gpt-j-6b-int8 --quick --json verify.json
+    `int8 verify gpt-j-6b-int8 --quick --json verify.json`
 
-      int8 verify you/flan-t5-small-int8 --against flan-t5-small --update-card
+    `int8 verify you/flan-t5-small-int8 --against flan-t5-small --update-card`
     """
     from dataclasses import replace
 
@@ -359,6 +393,7 @@ def verify(
     from .verify.render import print_result
     from .verify.render import update_card as rewrite_card
 
+    options.local_revision(target, revision)
     if update_card and not Path(target).expanduser().is_dir():
         raise Int8Error(f"--update-card rewrites the card of a local folder, and {target} is not one")
     overrides = {"kl_max": max_kl, "kl_factor": kl_factor, "top1_min": min_top1, "ppl_ratio_max": max_ppl_ratio}
@@ -379,9 +414,9 @@ def verify(
     )
     if json_file is not None:
         try:
-            json_file.write_text(result.to_json())
+            options.write_text_atomically(json_file, result.to_json())
         except OSError as e:
-            raise Int8Error(f"cannot write --json {json_file}: {e.strerror}") from None
+            raise Int8Error(f"cannot write --json {json_file}: {e.strerror or e}", "Nothing was written there.") from None
     if update_card:
         rewrite_card(result)
     print_result(out, console, result, quiet=quiet)
@@ -390,7 +425,7 @@ def verify(
 
 from .runtime.generate import generate_command  # noqa: E402  (imports neither torch nor transformers)
 
-app.command("generate", help="Generate text from an int8 checkpoint, streaming tokens as they come.")(generate_command)
+app.command("generate")(generate_command)
 
 
 @app.command()
@@ -409,34 +444,63 @@ def presets() -> None:
     out.print(table)
 
 
+_signal_received: list[int] = []
+"""The first SIGINT/SIGTERM of this run (the exit code is 128 + its number)."""
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT and SIGTERM (a CI job's timeout) both unwind as KeyboardInterrupt, so cleanups run."""
+    if not _signal_received:
+        _signal_received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _run_app() -> int:
+    """Run the command; return its exit code. Every way out of `int8` goes through here."""
+    try:
+        rc = app(standalone_mode=False)
+    except Int8Error as e:
+        console.print("[bold red]Error:[/] " + _escape(e.message), markup=True)
+        if e.hint:
+            console.print(f"[dim]{_escape(e.hint)}[/]", markup=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        rc = 130
+    except typer.Exit as e:
+        rc = e.exit_code
+    except typer.Abort:
+        rc = 130 if _signal_received else 1
+        if not _signal_received:
+            console.print("Aborted.")
+    except typer.TyperException as e:  # a bad option value or usage: one line, and where to look
+        if not hasattr(e, "format_message"):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `int8` or `int8 convert` alone: the help
+            e.show()
+            return getattr(e, "exit_code", 2)
+        console.print("[bold red]Error:[/] " + _escape(e.format_message()), markup=True)
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            console.print(f"[dim]Run '{_escape(ctx.command_path)} --help' for the options.[/]", markup=True)
+        return getattr(e, "exit_code", 2)
+    if _signal_received or rc == 130:
+        signum = _signal_received[0] if _signal_received else signal.SIGINT
+        console.print("[bold red]Interrupted.[/]", markup=True)
+        return 128 + int(signum)
+    return rc if isinstance(rc, int) else 0
+
+
 def main() -> None:
-    """Entry point of the `int8` console script."""
-
-    def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
+    """Entry point of the `int8` console script: exit 0 on success, 1 for a failed check, 2 for a
+    user error, 130 after Ctrl-C and 143 after SIGTERM (once the run has cleaned up after itself)."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
-    except Int8Error as e:
-        console.print(f"[bold red]Error:[/] {e.message}")
-        if e.hint:
-            console.print(f"[dim]{e.hint}[/]")
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        console.print("[bold red]Interrupted.[/] Nothing half-written was left behind.")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        console.print("Aborted.")
-        sys.exit(1)
-    except typer.TyperException as e:  # a bad option value or usage: typer explains it
-        if not hasattr(e, "show"):
-            raise
-        e.show()
-        sys.exit(getattr(e, "exit_code", 2))
+        rc = _run_app()
+    except KeyboardInterrupt:  # a second signal while the first was being handled
+        rc = 128 + (_signal_received[0] if _signal_received else int(signal.SIGINT))
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

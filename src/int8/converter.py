@@ -19,18 +19,18 @@ import datetime as _dt
 import errno
 import json
 import shutil
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from . import __version__
+from . import __version__, options
 from .checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
-from .errors import CorruptCheckpoint, Int8Error, OutputError, OutputExists, UnsupportedModel
+from .errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
+from .output import check_replaceable
+from .output import start as start_staging
 from .pipeline import stream
 from .plan import (
     DROP,
@@ -40,7 +40,7 @@ from .plan import (
     ConversionPlan,
     make_plan,
     parse_dtype,
-    parse_size,
+    unmatched_patterns,
 )
 from .quantize import ErrorStats, num_blocks
 from .report import (
@@ -97,8 +97,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def default_output(source: str | Path) -> Path:
-    """./NAME-int8, NAME being the preset, the repo's name or the folder's name."""
-    return Path.cwd() / f"{Path(str(source).rstrip('/')).name}-int8"
+    """./NAME-int8, NAME being the preset, the repo's name or the folder's name.
+
+    For a local folder that holds the current folder (`int8 convert .`), the output goes beside
+    that folder instead: it cannot be written inside its own source."""
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        folder = path.resolve()
+        out = Path.cwd() / f"{folder.name or 'model'}-int8"
+        return folder.parent / out.name if folder == Path.cwd().resolve() or folder in out.resolve().parents else out
+    return Path.cwd() / f"{str(source).rstrip('/').rsplit('/', 1)[-1] or 'model'}-int8"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in TOKENIZER_FILES) or any(folder.glob("sentencepiece*.model"))
 
 
 def convert(
@@ -115,12 +130,16 @@ def convert(
     token: str | bool | None = None,
     progress: Progress | None = None,
     quiet: bool = True,
+    on_warning: Callable[[str], None] | None = None,
 ) -> ConversionReport:
     """Convert a checkpoint to int8; return the report (also saved in the output folder).
 
     ``source`` is a preset name (see `int8.presets`), a local folder or a Hub
-    repo id. ``out`` defaults to ``./<name>-int8``. Raises `int8.errors.Int8Error`
-    subclasses for every problem with the input or output.
+    repo id. ``out`` defaults to ``./<name>-int8``; an existing ``out`` is replaced only with
+    ``overwrite`` and only when int8 provably wrote it (see `int8.output`). ``on_warning`` is
+    called with each warning as soon as it is known (before the tensors stream); the warnings
+    are also in the report. Raises `int8.errors.Int8Error` subclasses for every problem with
+    the input or output.
     """
     progress = progress or _NoProgress()
     # Everything the user typed is checked before anything is downloaded.
@@ -129,16 +148,30 @@ def convert(
         parse_dtype(dtype)
     if block_size is not None and block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
-    shard_bytes = parse_size(max_shard_size)
-    out_dir = Path(out) if out is not None else default_output(source)
-    _check_output(out_dir, overwrite)
+    shard_bytes = options.shard_size(max_shard_size)
+    user_skip = options.skip_patterns(skip)
+    options.local_revision(source, revision)
+    out_dir = options.output_folder(out if out is not None else default_output(source))
+    check_replaceable(out_dir, overwrite)
 
     resolved = resolve_source(str(source), revision=revision, token=token, quiet=quiet)
     _check_not_overlapping(out_dir, resolved.folder)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    if not has_tokenizer(resolved.folder):
+        warn(
+            f"{resolved.id} has no tokenizer: the conversion goes on, but `int8 verify` and `int8 push` need one. "
+            "Save it into the source folder (tokenizer.save_pretrained(folder)) and convert again"
+        )
     preset = resolved.preset
     block_size = int(block_size or (preset.block_size if preset else 128))
     out_dtype = parse_dtype(dtype or (preset.dtype if preset else "bf16"))
-    skip = [*(preset.skip if preset else ()), *skip]
+    skip = [*(preset.skip if preset else ()), *user_skip]
 
     config, config_dict = _load_config(resolved.folder)
     files = find_checkpoint(resolved.folder)
@@ -153,6 +186,11 @@ def convert(
             max_shard_size=shard_bytes,
             same_data=lambda a, b: _same_data(reader, a, b),
         )
+        unmatched = unmatched_patterns(plan, user_skip)
+        if unmatched:
+            warn(f"--skip {', '.join(repr(p) for p in unmatched)} matched no module of {plan.model_class}, so it changes nothing")
+        for w in plan.warnings:
+            warn(w)
         _check_space(out_dir, plan)
         with _staged(out_dir, overwrite) as tmp:
             stream_started = time.perf_counter()
@@ -163,6 +201,7 @@ def convert(
             _copy_sidecars(resolved.folder, tmp)
             seconds = time.perf_counter() - started
             report = _report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
+            report.warnings = [*warnings, *(w for w in report.warnings if w not in warnings)]
             report.save(tmp)
             from .hub.card import write_card
 
@@ -174,20 +213,6 @@ def _check_not_overlapping(out: Path, source: Path) -> None:
     out_r, src_r = out.resolve(), source.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise OutputExists(f"--out {out} overlaps the source folder {source}", "Write the output to a separate folder.")
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    """An existing --out is replaced only with --overwrite, and only if it is an earlier int8 output."""
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise OutputExists(f"{out} already exists", "Pass --overwrite to replace it, or choose another --out.")
-        if not out.is_dir():
-            raise OutputExists(f"{out} exists and is not a folder; int8 will not replace it")
-        if any(out.iterdir()) and not (out / REPORT_NAME).is_file():
-            raise OutputExists(
-                f"{out} exists and is not an int8 output folder; int8 will not replace it, even with --overwrite",
-                "Choose another --out, or remove that folder yourself.",
-            )
 
 
 def _load_config(folder: Path):
@@ -230,7 +255,7 @@ def _same_data(reader: CheckpointReader, a, b) -> bool:
 
 
 def _check_space(out: Path, plan: ConversionPlan) -> None:
-    parent = out.parent if out.parent.exists() else Path.cwd()
+    parent = next((p for p in out.parents if p.exists()), Path.cwd())
     free = shutil.disk_usage(parent).free
     need = plan.bytes_out + (64 << 20)
     if free < need:
@@ -242,31 +267,30 @@ def _check_space(out: Path, plan: ConversionPlan) -> None:
 
 @contextlib.contextmanager
 def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Build the output in a hidden folder beside ``out``; move it into place on success only."""
+    """Build the output in a locked staging folder beside ``out``; move it into place on success only.
+
+    `int8.output` holds the rules: what may be replaced (checked again at the end), the exclusive
+    atomic rename, the cleaning of staging folders left by killed runs."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.int8-partial-", dir=out.parent))
+        staging = start_staging(out, overwrite)
     except OSError as e:
         raise OutputError(f"cannot create the output folder {out}: {e.strerror}") from None
     try:
-        yield tmp
+        yield staging.folder
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.discard()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OutputError(
                 f"the disk filled up while writing {out}; nothing was left behind",
                 "Free some space or choose another --out, then run again.",
             ) from None
-        if isinstance(e, OSError) and not isinstance(e, Int8Error):
+        if isinstance(e, OSError):
             raise OutputError(f"writing {out} failed: {e}") from None
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.int8-old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    try:
+        staging.finish()
+    except OSError as e:
+        raise OutputError(f"moving the output into place at {out} failed: {e.strerror or e}; nothing was left behind") from None
 
 
 def _write_index(folder: Path, plan: ConversionPlan) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from fractions import Fraction
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ def parse_size(text: str | int) -> int:
     unit = (m.group(2) or "B").upper().rstrip("B") or "B"
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    size = int(float(m.group(1)) * base**power)
+    if len(m.group(1)) > 30:
+        raise UnsupportedModel(f"size {text.strip()[:40]!r} is too large", "Write it like 5GB, 500MB or 2GiB.")
+    size = int(Fraction(m.group(1)) * base**power)  # exact: no float overflow or rounding
     if size <= 0:
         raise UnsupportedModel(f"size {text!r} must be positive")
     return size
@@ -180,6 +183,25 @@ def build_meta_model(config):
         raise UnsupportedModel(f"{cls.__name__} cannot be built from this config.json: {e}") from None
 
 
+def check_pattern(pattern: str) -> None:
+    """Refuse a skip pattern that cannot match as meant: empty, or a ``re:`` that is not a regular expression."""
+    if not pattern.strip() or pattern.strip() == "re:":
+        raise UnsupportedModel("an empty skip pattern", "Give a module name (lm_head), a glob (*.attn.*) or re:REGEX.")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise UnsupportedModel(
+                f"{pattern[3:]!r} is not a valid regular expression ({e})", "Check the brackets and escapes of the re: pattern."
+            ) from None
+
+
+def unmatched_patterns(plan: ConversionPlan, patterns: Iterable[str]) -> list[str]:
+    """The skip patterns that match no module holding a tensor of the plan (they would change nothing)."""
+    modules = {e.module for e in plan.entries}
+    return [p for p in patterns if not any(matches(m, p) for m in modules)]
+
+
 def matches(module: str, pattern: str) -> bool:
     """A skip pattern matches a module name.
 
@@ -222,8 +244,10 @@ def make_plan(
     """
     if block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
-    model = build_meta_model(config)
     skip = list(skip)
+    for pattern in skip:
+        check_pattern(pattern)
+    model = build_meta_model(config)
     names = _NameMapper(model)
     modules = dict(model.named_modules())
     params = {k: v for k, v in model.state_dict(keep_vars=True).items()}

@@ -192,7 +192,7 @@ and fine-tunes on one ordinary GPU. Converted with int8 {report.int8_version}{_p
 - Every `nn.Linear` weight, except those listed below, in blocks of {q.block_size} consecutive input values:
   `scale = absmax / 127` (stored in {q.dtype}), `q = round(w / scale)` in [-127, 127].
   Each weight is reconstructed as `q * scale`, within half a scale of the original.
-- Stored in the [compressed-tensors](https://github.com/neuralmagic/compressed-tensors) `pack-quantized`
+- Stored in the [compressed-tensors](https://github.com/vllm-project/compressed-tensors) `pack-quantized`
   format (8 bits, symmetric, group size {q.block_size}): plain transformers loads it and vLLM serves it.
 - Kept in {q.dtype} (not quantized), and why:
 {_kept_summary(report)}
