@@ -104,7 +104,8 @@ def check_replaceable(out: Path, overwrite: bool) -> Identity | None:
     except OSError as e:  # it changed while being looked at
         raise OutputError(f"cannot look inside --out {out}: {e.strerror or e}") from None
     if in_the_way:
-        shown = ", ".join(in_the_way[:_MAX_LISTED]) + (f" and {len(in_the_way) - _MAX_LISTED} more" if len(in_the_way) > _MAX_LISTED else "")
+        more = len(in_the_way) - _MAX_LISTED
+        shown = ", ".join(in_the_way[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
         raise OutputExists(
             f"{out} is not an int8 output as int8 wrote it ({shown}); int8 will not replace it, even with --overwrite",
             "Move those out of the folder, choose another --out, or remove the folder yourself.",

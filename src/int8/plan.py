@@ -13,9 +13,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from fractions import Fraction
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import torch

@@ -176,9 +176,8 @@ def run_generate(
     """`generate_command` as a function: writes to ``stream`` as tokens come; returns the generated text."""
     from transformers.utils import logging as hf_logging
 
-    from .loader import load, resolve_folder
-
     from ..options import local_revision
+    from .loader import load, resolve_folder
 
     _check_new_tokens(max_new_tokens)
     _check_temperature(temperature)
