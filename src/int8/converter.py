@@ -191,23 +191,21 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def _load_config(folder: Path):
-    from transformers import AutoConfig
+    from .hf import load_config, read_json_object
 
     path = folder / "config.json"
     if not path.is_file():
         raise CorruptCheckpoint(f"{folder} has no config.json", "A transformers checkpoint folder needs config.json.")
-    try:
-        config_dict = json.loads(path.read_text())
-    except ValueError as e:
-        raise CorruptCheckpoint(f"{path} is not valid JSON ({e})") from None
+    config_dict = read_json_object(path, what=str(path))
     if "quantization_config" in config_dict:
-        method = config_dict["quantization_config"].get("quant_method", "?")
+        qc = config_dict["quantization_config"]
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise UnsupportedModel(
             f"{folder} is already quantized ({method})", "Convert the original full-precision checkpoint instead."
         )
     try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as e:
+        config = load_config(folder)
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
         raise UnsupportedModel(f"transformers cannot read {path}: {str(e).splitlines()[0]}") from None
     return config, config_dict
 

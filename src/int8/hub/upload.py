@@ -99,11 +99,11 @@ def push(
         raise translate_push_error(e, repo_id, revision=revision, create_pr=create_pr) from None
     return PushResult(
         repo_id=repo_id,
-        repo_url=str(info.repo_url),
-        commit_url=info.commit_url,
+        repo_url=redact(str(info.repo_url)),
+        commit_url=redact(info.commit_url),
         commit=info.oid,
         revision=info.pr_revision if create_pr else revision,
-        pr_url=info.pr_url,
+        pr_url=redact(info.pr_url) if info.pr_url else None,
     )
 
 
@@ -171,8 +171,13 @@ def _default_message(folder: Path) -> str:
 def translate_push_error(
     e: Exception, repo_id: str, *, revision: str | None = None, create_pr: bool = False
 ) -> Exception:
-    """Map huggingface_hub / network exceptions raised while publishing onto int8's user errors."""
-    from huggingface_hub import constants
+    """Map huggingface_hub / network exceptions raised while publishing onto int8's user errors (URL credentials removed)."""
+    from .redact import redact_error
+
+    return redact_error(_translate(e, repo_id, revision=revision, create_pr=create_pr))
+
+
+def _translate(e: Exception, repo_id: str, *, revision: str | None, create_pr: bool) -> Exception:
     from huggingface_hub.errors import (
         HfHubHTTPError,
         HFValidationError,
@@ -185,7 +190,9 @@ def translate_push_error(
 
     if isinstance(e, Int8Error):
         return e
-    endpoint = constants.ENDPOINT
+    from .redact import endpoint as public_endpoint
+
+    endpoint = public_endpoint()
     owner = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
     again = "Run the same command again: files the Hub already received are not sent again."
     if isinstance(e, LocalTokenNotFoundError):

@@ -179,10 +179,10 @@ def _model_checks(
             break
         except Exception:  # the tokenizer check has already said why; try the original's
             continue
-    from transformers import AutoConfig
+    from ..hf import load_config
 
     with models.quiet():
-        config = AutoConfig.from_pretrained(layout.folder)
+        config = load_config(layout.folder)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     ids = tokenize(tokenizer, text, min(max_tokens, models.token_cap(vocab))) if tokenizer is not None else []
     seq2seq = layout.seq2seq

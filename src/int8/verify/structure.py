@@ -170,11 +170,10 @@ def _check_config(folder: Path, layout: Layout, report: ConversionReport | None)
 
 
 def _meta_model(folder: Path):
-    from transformers import AutoConfig
-
+    from ..hf import load_config
     from ..plan import build_meta_model
 
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return build_meta_model(config)
@@ -417,9 +416,9 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
 
 
 def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    from ..hf import load_tokenizer as hf_tokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    return hf_tokenizer(folder)
 
 
 def _check_tokenizer(folder: Path, layout: Layout, report: ConversionReport | None) -> Check:
