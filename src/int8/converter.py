@@ -52,6 +52,7 @@ from .report import (
     SourceInfo,
     TensorReport,
     Totals,
+    public_source_id,
 )
 from .sources import ResolvedSource, resolve_source
 from .writer import sha256_file
@@ -363,7 +364,7 @@ def _report(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         source=SourceInfo(
             kind=resolved.kind,
-            id=resolved.id,
+            id=public_source_id(resolved.kind, resolved.id),
             preset=resolved.preset.name if resolved.preset else None,
             revision=resolved.revision,
             commit=resolved.commit,
