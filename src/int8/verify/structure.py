@@ -415,32 +415,12 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
     return outcome("sha256", problems, figure=figure, threshold=threshold)
 
 
-def _pushed_files(folder: Path) -> list[str]:
-    """Every file `int8 push` would upload, as a path relative to the folder (sub-folders included)."""
-    import fnmatch
-    import os
-
-    from ..hub.upload import IGNORE_PATTERNS as PUSH_IGNORED
-
-    out = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        rel_root = Path(root).relative_to(folder)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            rel = (rel_root / name).as_posix()
-            if name.startswith(".") or any(fnmatch.fnmatch(rel, pat) for pat in PUSH_IGNORED):
-                continue
-            out.append(rel)
-        for name in dirs:  # a symlink to a folder is not walked but push would follow it
-            if (Path(root) / name).is_symlink():
-                out.append((rel_root / name).as_posix() + "/")
-    return sorted(out)
-
-
 def _check_files(folder: Path, report: ConversionReport | None) -> Check:
     """Every file push would upload is in the manifest (or is the card, the report or the verify record)."""
     threshold = "every file push would upload is in the manifest (README.md, int8_report.json, int8_verify.json apart)"
-    pushed = _pushed_files(folder)
+    from ..hub.upload import pushed_files
+
+    pushed = pushed_files(folder)
     if report is None:
         return outcome("files", [f"no manifest: {REPORT_NAME} is missing or unreadable"], figure="no manifest",
                        threshold=threshold)
