@@ -138,11 +138,11 @@ def pushed_files(folder: Path) -> list[str]:
         rel_root = Path(root).relative_to(folder)
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in links]
-        for name in [*files, *(f"{d}/" for d in links)]:
+        for name in [*files, *links]:
             rel = (rel_root / name).as_posix()
-            if name.startswith(".") or any(fnmatch.fnmatch(rel.rstrip("/"), pat) for pat in IGNORE_PATTERNS):
+            if name.startswith(".") or any(fnmatch.fnmatch(rel, pat) for pat in IGNORE_PATTERNS):
                 continue
-            out.append(rel)
+            out.append(rel + ("/" if name in links else ""))
     return sorted(out)
 
 
