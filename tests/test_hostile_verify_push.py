@@ -74,10 +74,14 @@ def cli(*args: str, stdin: str = "y\ny\ny\n", env: dict | None = None, cwd: Path
     return subprocess.run([*INT8, *args], input=stdin, capture_output=True, text=True, timeout=300, env=full, cwd=cwd)
 
 
+NULL = object()
+"""What a change returns to write a JSON null (a change returning None edited the data in place)."""
+
+
 def edit_json(path: Path, change) -> None:
     data = json.loads(path.read_text()) if path.exists() else None
     new = change(data)
-    path.write_text(json.dumps(data if new is None else new))
+    path.write_text("null" if new is NULL else json.dumps(data if new is None else new))
 
 
 def refresh_manifest(folder: Path) -> None:
@@ -461,7 +465,7 @@ def test_redact_helper():
 # --------------------------------------------------------------------------- 12. malformed files: failed checks, exit 2, no traceback
 
 CONFIG_DAMAGE = {
-    "null": lambda d: None,
+    "null": lambda d: NULL,
     "a list": lambda d: [d],
     "a string": lambda d: "config",
     "quantization_config null": lambda d: {**d, "quantization_config": None},
@@ -488,7 +492,7 @@ def test_malformed_config_fails_a_check(folder, variant, capsys):
 
 
 SOURCE_CONFIG_DAMAGE = {
-    "null": lambda d: None,
+    "null": lambda d: NULL,
     "a list": lambda d: [d],
     "a string": lambda d: "config",
     "quantization_config null": lambda d: {**d, "quantization_config": None},
@@ -509,7 +513,7 @@ def test_malformed_source_config_exits_2(source, tmp_path, variant, capsys):
 
 REPORT_DAMAGE = {
     "a list": lambda d: [d],
-    "null": lambda d: None,
+    "null": lambda d: NULL,
     "manifest entry without a name": lambda d: {**d, "files": [{k: v for k, v in f.items() if k != "name"} for f in d["files"]]},
     "manifest entry with an empty name": lambda d: {**d, "files": [{**d["files"][0], "name": ""}, *d["files"][1:]]},
     "files a string": lambda d: {**d, "files": "model.safetensors"},

@@ -200,9 +200,12 @@ def _load_config(folder: Path):
     config_dict = read_json_object(path, what=str(path))
     if "quantization_config" in config_dict:
         qc = config_dict["quantization_config"]
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        if not isinstance(qc, dict):
+            raise CorruptCheckpoint(f"{path}: quantization_config is {json.dumps(qc)[:40]}, not an object",
+                                    "A full-precision checkpoint has no quantization_config: remove the key.")
         raise UnsupportedModel(
-            f"{folder} is already quantized ({method})", "Convert the original full-precision checkpoint instead."
+            f"{folder} is already quantized ({qc.get('quant_method', '?')}: config.json has a quantization_config)",
+            "Convert the original full-precision checkpoint instead.",
         )
     try:
         config = load_config(folder)

@@ -86,7 +86,14 @@ def load_config(folder: Path, **kwargs):
     from transformers import AutoConfig
 
     refuse_remote_code(folder)
-    return AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except Exception as e:  # transformers' own validation (wrong types, unknown values): the file is what is wrong
+        text = " ".join(str(e).split())
+        raise CorruptCheckpoint(
+            f"transformers cannot read {Path(folder).name}/{CONFIG_NAME} ({type(e).__name__}: {text[:300]})",
+            "Fix config.json (or fetch it again): its fields must have the types transformers expects.",
+        ) from None
 
 
 def load_tokenizer(folder: Path, **kwargs):

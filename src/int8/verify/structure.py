@@ -115,9 +115,27 @@ def _quant_args(qc: dict, problems: list[str]) -> int | None:
             problems.append(f"{at}.targets is {group.get('targets')!r}; it must include 'Linear'")
     if len(sizes) > 1:
         problems.append(f"{where} has different group sizes in different groups: {sorted(sizes)}")
-    if not isinstance(qc.get("ignore", []), list):
+    ignore = qc.get("ignore", [])
+    if not isinstance(ignore, list):
         problems.append(f"{where}.ignore is not a list")
+    else:
+        for i, pat in enumerate(ignore):
+            if not isinstance(pat, str):
+                problems.append(f"{where}.ignore[{i}] is {pat!r}, not a module name or pattern")
+            elif pat.startswith("re:") and _bad_regex(pat[3:]):
+                problems.append(f"{where}.ignore[{i}] {pat!r} is not a valid regular expression ({_bad_regex(pat[3:])})")
     return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+def _bad_regex(pattern: str) -> str:
+    """Why ``pattern`` does not compile ('' when it does)."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return str(e)
+    return ""
 
 
 def _check_config(folder: Path, layout: Layout, report: ConversionReport | None):
@@ -267,7 +285,8 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
 
     tensors = layout.tensors
     qc = (layout.config or {}).get("quantization_config") or {}
-    ignore = qc.get("ignore") or []
+    ignore = qc.get("ignore") or [] if isinstance(qc, dict) else []
+    ignore = ignore if isinstance(ignore, list) else []
     gs = layout.block_size
     params = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
     modules = dict(meta.named_modules())
@@ -277,8 +296,10 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
         # compressed-tensors' matching: a module name, "re:" + a regular expression, or a class name
         kind = type(modules.get(module)).__name__
         for pat in ignore:
+            if not isinstance(pat, str):  # the config check reports it
+                continue
             if pat.startswith("re:"):
-                if re.match(pat[3:], module):
+                if not _bad_regex(pat[3:]) and re.match(pat[3:], module):
                     return True
             elif pat in (module, kind):
                 return True
