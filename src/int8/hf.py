@@ -108,3 +108,29 @@ def load_model(cls, folder: Path, **kwargs):
     """``cls.from_pretrained(folder, ...)`` for a class transformers ships, never with remote code."""
     refuse_remote_code(folder)
     return cls.from_pretrained(folder, trust_remote_code=False, **kwargs)
+
+
+def model_class(config) -> type:
+    """The model class transformers ships for ``config``: from ``architectures``, else the Auto mappings.
+
+    Only concrete `PreTrainedModel` subclasses of transformers itself count (an
+    ``architectures`` entry naming an Auto class or anything else is passed over),
+    so no class is ever resolved through remote code."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.__module__.startswith("transformers."):
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
+        try:
+            return auto._model_mapping[type(config)]
+        except (KeyError, ValueError):
+            continue
+    archs = getattr(config, "architectures", None)
+    raise UnsupportedModel(
+        f"transformers has no causal-LM or seq2seq class for model type {getattr(config, 'model_type', None)!r}"
+        + (f" (architectures {archs})" if archs else ""),
+        "int8 converts models that transformers can build without trust_remote_code.",
+    )

@@ -51,6 +51,11 @@ def verify_checkpoint(
     ``str`` is the sample itself, a `pathlib.Path` a UTF-8 file to read; the
     built-in sample by default.
 
+    A full run passes only when fidelity ran: when no original can be found
+    (none named, and the recorded one is not beside the folder, not reachable,
+    or itself quantized) the ``original`` check fails with the reason and the
+    hint (``against``, or ``quick=True`` for structure only).
+
     A failed check is a result (``result.passed`` is false), not an
     exception; `int8.errors.Int8Error` is raised for what the caller must
     fix: a target or ``against`` that does not exist or cannot be
