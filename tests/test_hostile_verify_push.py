@@ -113,7 +113,7 @@ def failed_checks(path: Path) -> dict[str, str]:
 
 EVIL_CODE = """
 from pathlib import Path
-Path(__file__).with_name("RAN").write_text("model code ran")
+Path({marker!r}).write_text("model code ran")  # absolute: transformers imports a copy from its module cache
 from transformers import PretrainedConfig
 class EvilConfig(PretrainedConfig):
     model_type = "evil"
@@ -122,12 +122,13 @@ class EvilConfig(PretrainedConfig):
 
 def plant_code(folder: Path, *, config: dict | None = None, tokenizer: dict | None = None) -> Path:
     """Put a .py file that leaves a marker when imported, and point config/tokenizer_config at it."""
-    (folder / "evil.py").write_text(EVIL_CODE)
+    marker = folder / "RAN"
+    (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(marker.resolve())))
     if config is not None:
         edit_json(folder / "config.json", lambda d: d.update(config))
     if tokenizer is not None:
         edit_json(folder / "tokenizer_config.json", lambda d: d.update(tokenizer))
-    return folder / "RAN"
+    return marker
 
 
 REMOTE_CONFIGS = {
@@ -137,6 +138,14 @@ REMOTE_CONFIGS = {
     "unknown type alone": dict(model_type="evil"),
     "auto_map naming another repo": dict(model_type="evil", auto_map={"AutoConfig": "mallory/code--evil.EvilConfig"}),
 }
+
+
+def test_the_marker_shows_when_code_runs(source):
+    """The control: transformers itself, asked to trust the folder's code, imports it and leaves the marker."""
+    marker = plant_code(source, config=REMOTE_CONFIGS["unknown type with auto_map"])
+    code = "import sys; from transformers import AutoConfig; AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)"
+    subprocess.run([sys.executable, "-c", code, str(source)], capture_output=True, timeout=300)
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("variant", sorted(REMOTE_CONFIGS))
