@@ -20,7 +20,9 @@ from test_hub_download import folder_files, run_main
 
 import int8
 from int8.hub.card import base_model_id, recorded_repo_id, rewrite_card
+from int8.report import ConversionReport
 from int8.verify import Check, VerifyResult
+from int8.verify.result import manifest_digest
 
 ORIGINAL_CARD = (
     "---\nlicense: mit\nlanguage:\n- en\n- fr\ndatasets:\n- wikitext\npipeline_tag: text-generation\n"
@@ -132,6 +134,7 @@ def verify_result(folder: Path, passed: bool = True) -> VerifyResult:
     result = VerifyResult(
         target=str(folder), checks=checks, quick=False, against="alice/tiny",
         metrics={"top1_agreement": 0.98376, "mean_kl": 7.8e-06, "ppl_ratio": 1.00004, "tokens": 2032},
+        manifest_sha256=manifest_digest(ConversionReport.load(folder).files),  # bound to these very files
     )
     result.save(folder)
     return result

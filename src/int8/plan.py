@@ -153,24 +153,10 @@ class ConversionPlan:
 
 
 def model_class_for(config) -> type:
-    """The transformers class that loads this config (from `architectures`, else the Auto classes)."""
-    import transformers
+    """The transformers class that loads this config (see `int8.hf.model_class`)."""
+    from .hf import model_class
 
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-            return cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
-        try:
-            return auto._model_mapping[type(config)]
-        except (KeyError, ValueError):
-            continue
-    archs = getattr(config, "architectures", None)
-    raise UnsupportedModel(
-        f"transformers has no causal-LM or seq2seq class for model type {config.model_type!r}"
-        + (f" (architectures {archs})" if archs else ""),
-        "int8 converts models that transformers can build without trust_remote_code.",
-    )
+    return model_class(config)
 
 
 def build_meta_model(config):

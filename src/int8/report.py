@@ -22,12 +22,28 @@ Written as ``int8_report.json`` in every converted folder. Schema
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 REPORT_NAME = "int8_report.json"
 SCHEMA = "int8.conversion/1"
+
+_CACHE_SNAPSHOT = re.compile(r"models--[^/]+?--[^/]+/snapshots/[0-9a-f]{40}")
+
+
+class InvalidReport(ValueError):
+    """An int8_report.json that is not a conversion report (the message names the field)."""
+
+
+def public_source_id(kind: str, ident: str) -> str:
+    """What the report records as the source: a preset's or Hub repo's id as is; a local folder by its name
+    (no absolute path is published; a folder inside a Hub cache keeps ``models--OWNER--NAME/snapshots/SHA``)."""
+    if kind != "local":
+        return ident
+    m = _CACHE_SNAPSHOT.search(Path(ident).as_posix())
+    return m.group(0) if m else Path(ident).name
 
 
 @dataclass
@@ -131,28 +147,54 @@ class ConversionReport:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ConversionReport:
-        def build(kind, data):
-            names = {f.name for f in fields(kind)}
-            return kind(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, d: Any) -> ConversionReport:
+        """Validate ``d`` (the parsed JSON) against the schema; `InvalidReport` says what is wrong, field by field."""
+        from pydantic import TypeAdapter, ValidationError
 
-        return cls(
-            schema=d.get("schema", SCHEMA),
-            int8_version=d["int8_version"],
-            created=d["created"],
-            source=build(SourceInfo, d["source"]),
-            model=build(ModelInfo, d["model"]),
-            quantization=build(QuantizationInfo, d["quantization"]),
-            totals=build(Totals, d["totals"]),
-            tensors=[build(TensorReport, t) for t in d["tensors"]],
-            files=[build(FileEntry, f) for f in d["files"]],
-            warnings=list(d.get("warnings", [])),
-        )
+        if not isinstance(d, dict):
+            raise InvalidReport(f"{REPORT_NAME} holds a JSON {type(d).__name__}, not an object")
+        data = {k: v for k, v in d.items() if k in _FIELDS}
+        data.setdefault("schema", SCHEMA)
+        try:
+            report = _adapter(TypeAdapter).validate_python(data)
+        except ValidationError as e:
+            raise InvalidReport(f"{REPORT_NAME} does not follow {SCHEMA}: {_explain(e)}") from None
+        for i, f in enumerate(report.files):
+            if not f.name.strip():
+                raise InvalidReport(f"{REPORT_NAME} does not follow {SCHEMA}: files.{i}.name is empty")
+        return report
 
     @classmethod
     def load(cls, folder: Path) -> ConversionReport:
-        return cls.from_dict(json.loads((Path(folder) / REPORT_NAME).read_text()))
+        """Read and validate ``folder/int8_report.json``. Raises `OSError` (unreadable) or `InvalidReport`."""
+        try:
+            data = json.loads((Path(folder) / REPORT_NAME).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidReport(f"{REPORT_NAME} is not UTF-8 text") from None
+        except ValueError as e:
+            raise InvalidReport(f"{REPORT_NAME} is not valid JSON ({e})") from None
+        return cls.from_dict(data)
 
     @property
     def quantized(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.action == "quantized"]
+
+
+_FIELDS = {f.name for f in fields(ConversionReport)}
+_ADAPTER: list = []
+
+
+def _adapter(type_adapter):
+    if not _ADAPTER:
+        _ADAPTER.append(type_adapter(ConversionReport))
+    return _ADAPTER[0]
+
+
+def _explain(e) -> str:
+    """pydantic's errors, one short phrase each: where, what."""
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or "the top level"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = e.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

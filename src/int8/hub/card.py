@@ -110,27 +110,31 @@ def _cell(value: Any) -> str:
     return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
 
 
-def _fidelity_section(folder: Path) -> str:
-    """The figures of the latest `int8 verify` (int8_verify.json), or how to get them."""
-    path = folder / VERIFY_NAME
-    if not path.is_file():
+def _fidelity_section(folder: Path, report: ConversionReport) -> str:
+    """The figures of the latest `int8 verify` (int8_verify.json) made for these very files, or how to get them."""
+    from ..verify.result import RecordState, read_record
+
+    record = read_record(folder, report.files)
+    if record.state is RecordState.MISSING:
         return (
             "Not measured yet. Run `int8 verify` on this folder (or repo) to check its structure and compare it "
             "with the original; `int8 verify --update-card` records the figures here."
         )
-    try:
-        result = json.loads(path.read_text())
-        checks = list(result.get("checks", []))
-        metrics = dict(result.get("metrics") or {})
-    except (ValueError, AttributeError, TypeError):
+    if record.state is RecordState.INVALID:
         return "The recorded verification result is unreadable; run `int8 verify --update-card` again."
+    if record.state is RecordState.STALE:
+        return (
+            "Not measured for these files: the recorded `int8 verify` result was made for other files than the "
+            "manifest lists now. Run `int8 verify --update-card` again."
+        )
+    result = record.data
+    checks = result["checks"]
+    metrics = result["metrics"]
     against = result.get("against") or "the original"
-    when = f" on {result['created'][:10]}" if result.get("created") else ""
-    scope = "structure and integrity checks only" if result.get("quick") else f"compared with {against}"
-    verdict = "All checks passed." if result.get("passed", not any(c.get("status") == "fail" for c in checks)) else (
-        "**Some checks failed**: see the table."
-    )
-    lines = [f"Checked with `int8 verify` (int8 {result.get('int8_version', '?')}){when}, {scope}. {verdict}", ""]
+    when = f" on {str(result['created'])[:10]}" if result.get("created") else ""
+    scope = "structure and integrity checks only" if result["quick"] else f"compared with {_cell(against)}"
+    verdict = "All checks passed." if result["passed"] else "**Some checks failed**: see the table."
+    lines = [f"Checked with `int8 verify` (int8 {_cell(result['int8_version'])}){when}, {scope}. {verdict}", ""]
     figures = [(label, metrics[key]) for key, label in _METRICS if metrics.get(key) is not None]
     if figures:
         lines += ["| measure | value |", "|---|---|"]
@@ -138,9 +142,8 @@ def _fidelity_section(folder: Path) -> str:
         lines.append("")
     lines += ["| check | result | figure | threshold |", "|---|---|---|---|"]
     for c in checks:
-        status = c.get("status") or ("pass" if c.get("passed") else "fail")
-        shown = {"pass": "pass", "fail": "**FAIL**", "skip": "skipped"}.get(status, status)
-        lines.append(f"| {_cell(c.get('name'))} | {shown} | {_cell(c.get('figure'))} | {_cell(c.get('threshold'))} |")
+        shown = {"pass": "pass", "fail": "**FAIL**", "skip": "skipped"}[c["status"]]
+        lines.append(f"| {_cell(c['name'])} | {shown} | {_cell(c['figure'])} | {_cell(c['threshold'])} |")
     return "\n".join(lines)
 
 
@@ -247,7 +250,7 @@ model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all
 
 ## Fidelity
 
-{_fidelity_section(folder)}
+{_fidelity_section(folder, report)}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
@@ -300,15 +303,33 @@ def write_card(
     `int8 verify` keeps the license, languages and datasets it had), and so is
     the repo id its snippets were rendered for, unless ``repo_id`` names another.
     """
+    return save_card(folder, card_text(folder, report, preset, original_card, repo_id))
+
+
+def card_text(
+    folder: Path,
+    report: ConversionReport,
+    preset: Preset | None = None,
+    original_card: Path | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """What `write_card` would write, without writing it."""
     folder = Path(folder)
     existing = folder / CARD_NAME
     if repo_id is None and existing.is_file():
         repo_id = recorded_repo_id(existing)
     if original_card is None or not Path(original_card).is_file():
         original_card = existing if existing.is_file() else _cached_original_card(report)
-    card = render_card(folder, report, preset, original_card, repo_id)
+    return str(render_card(folder, report, preset, original_card, repo_id))
+
+
+def save_card(folder: Path, text: str) -> Path:
+    """Replace ``folder``/README.md with ``text``, atomically."""
+    folder = Path(folder)
+    existing = folder / CARD_NAME
     tmp = folder / f".{CARD_NAME}.int8-tmp"
-    card.save(tmp)
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
     tmp.replace(existing)
     return existing
 
@@ -319,7 +340,7 @@ def _cached_original_card(report: ConversionReport) -> Path | None:
     if base is None:
         return None
     local = Path(report.source.id) / CARD_NAME
-    if report.source.kind == "local" and local.is_file():
+    if report.source.kind == "local" and local.is_absolute() and local.is_file():  # reports before names only
         return local
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -333,9 +354,14 @@ def _cached_original_card(report: ConversionReport) -> Path | None:
 def rewrite_card(folder: Path, repo_id: str | None = None) -> Path:
     """Render README.md again from ``int8_report.json`` and the latest ``int8_verify.json`` in ``folder``.
 
-    What `int8 card`, `int8 verify --update-card` and `int8 push` call. Raises
+    What `int8 card` and `int8 verify --update-card` call. Raises
     `int8.errors.Int8Error` when the folder has no readable conversion report.
     """
+    return save_card(folder, render_for_folder(folder, repo_id))
+
+
+def render_for_folder(folder: Path, repo_id: str | None = None) -> str:
+    """The card `rewrite_card` would write, as text; the folder is not changed (what `int8 push` uploads)."""
     from ..errors import Int8Error, SourceNotFound
     from ..presets import get_preset
     from ..report import REPORT_NAME
@@ -350,7 +376,8 @@ def rewrite_card(folder: Path, repo_id: str | None = None) -> Path:
             f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
             "The card is rendered from the conversion report; convert the model with int8 first.",
         ) from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({e})",
+                        "Convert the model again (--overwrite) to write a fresh report.") from None
     preset = get_preset(report.source.preset) if report.source.preset else None
-    return write_card(folder, report, preset=preset, repo_id=repo_id)
+    return card_text(folder, report, preset=preset, repo_id=repo_id)

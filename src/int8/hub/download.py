@@ -131,7 +131,13 @@ def _from_cache(repo_id: str, revision: str | None, token) -> Downloaded:
 
 
 def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None) -> Exception:
-    """Map huggingface_hub / network exceptions onto int8's user errors."""
+    """Map huggingface_hub / network exceptions onto int8's user errors (URL credentials removed)."""
+    from .redact import redact_error
+
+    return redact_error(_translate(e, repo_id, revision))
+
+
+def _translate(e: Exception, repo_id: str, revision: str | None = None) -> Exception:
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         CachedRepoTreeNotFoundError,
@@ -147,7 +153,9 @@ def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None)
 
     if isinstance(e, Int8Error):
         return e
-    endpoint = constants.ENDPOINT
+    from .redact import endpoint as public_endpoint
+
+    endpoint = public_endpoint()
     if isinstance(e, RevisionNotFoundError):
         return SourceNotFound(
             f"revision {revision!r} does not exist in {repo_id}", "Use a branch name, a tag or a full commit hash."
@@ -168,7 +176,7 @@ def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None)
     if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, CachedRepoTreeNotFoundError)):
         cause = e.__cause__ or e.__context__
         if cause is not None and _is_network_error(cause):
-            return translate_hub_error(cause, repo_id, revision)
+            return _translate(cause, repo_id, revision)
         return HubError(
             f"{repo_id} is not in the local cache and the Hub cannot be reached ({endpoint})",
             "Check the network (and HF_ENDPOINT), then retry.",

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HubError, Int8Error, SourceNotFound, VerificationFailed
+from ..verify.result import VERIFY_NAME, Record, RecordState, read_record
+from .redact import redact
 
 IGNORE_PATTERNS = [".*", "**/.*", "*.int8-tmp"]
 """Never uploaded: hidden files (editor swap files, half-written temporaries, caches)."""
@@ -50,18 +52,28 @@ def push(
     Creates the repo (``private`` if asked) unless ``create_pr``, which opens a
     pull request on an existing repo instead; ``revision`` is the branch to
     commit to (created from main when missing) or, with ``create_pr``, the
-    branch the PR targets. README.md is rendered again first, so that its
-    snippets load ``repo_id`` and it carries the latest full `int8 verify`
-    figures. ``repo_id`` without an owner goes to the token's own namespace.
-    ``quiet`` hides huggingface_hub's upload bars; ``progress`` is told each step.
+    branch the PR targets. ``repo_id`` without an owner goes to the token's own
+    namespace. ``quiet`` hides huggingface_hub's upload bars; ``progress`` is
+    told each step (and the warnings).
 
-    Raises `int8.errors.VerificationFailed` when the quick checks fail (nothing
-    is sent) and `int8.errors.HubError` for a missing or rejected token, no
-    write access, a malformed repo id, or a network failure.
+    In order, and nothing is sent or changed in the folder before the checks pass:
+    verify's quick checks (structure, integrity, every file that would be
+    uploaded is in the manifest); the latest recorded full `int8 verify`
+    (``int8_verify.json``): a failed one refuses the push, one that is stale
+    (made for other files than the manifest now lists) or invalid is neither
+    shown in the card nor uploaded, with a warning; then README.md is rendered
+    in memory (snippets loading ``repo_id``, the fidelity figures of a current
+    record) and uploaded with the files; the folder's README.md is replaced by
+    it only once the upload went through.
+
+    Raises `int8.errors.VerificationFailed` when the quick checks fail or the
+    recorded full verify failed (nothing is sent) and `int8.errors.HubError`
+    for a missing or rejected token, no write access, a malformed repo id, or
+    a network failure.
     """
     from huggingface_hub import HfApi
 
-    from .card import rewrite_card
+    from .card import CARD_NAME, render_for_folder, save_card
     from .download import progress_bars
     from .timeouts import bounded, metadata_timeout, transfer_timeout
 
@@ -72,10 +84,16 @@ def push(
     repo_id, token = check_can_push(repo_id, token)
     api = HfApi(token=token)
 
-    say(f"Rendering the model card for {repo_id}")
-    rewrite_card(folder, repo_id=repo_id)
+    report = _load_report(folder)
     say("Running int8 verify's quick checks")
     _verify(folder)
+    record = _check_record(folder, report)
+    if record.state in (RecordState.STALE, RecordState.INVALID):
+        say(f"Warning: {record.why}: it is not shown in the card nor published; run `int8 verify {folder.name}` again")
+    say(f"Rendering the model card for {repo_id}")
+    card = render_for_folder(folder, repo_id=repo_id)
+    skip = {CARD_NAME} | ({VERIFY_NAME} if record.state in (RecordState.STALE, RecordState.INVALID) else set())
+    operations = _operations(folder, skip, card.encode("utf-8"))
 
     try:
         with bounded(transfer_timeout()):
@@ -87,24 +105,82 @@ def push(
                     api.create_branch(repo_id, branch=revision, exist_ok=True)
             say(f"Uploading {folder} to {repo_id}" + (f" ({revision})" if revision else ""))
             with progress_bars(not quiet):
-                info = api.upload_folder(
+                info = api.create_commit(
                     repo_id=repo_id,
-                    folder_path=folder,
-                    commit_message=message or _default_message(folder),
+                    operations=operations,
+                    commit_message=message or _default_message(report),
                     revision=revision,
                     create_pr=create_pr,
-                    ignore_patterns=IGNORE_PATTERNS,
                 )
     except Exception as e:
         raise translate_push_error(e, repo_id, revision=revision, create_pr=create_pr) from None
+    save_card(folder, card)  # the folder's card is what was published
     return PushResult(
         repo_id=repo_id,
-        repo_url=str(info.repo_url),
-        commit_url=info.commit_url,
+        repo_url=redact(str(info.repo_url)),
+        commit_url=redact(info.commit_url),
         commit=info.oid,
         revision=info.pr_revision if create_pr else revision,
-        pr_url=info.pr_url,
+        pr_url=redact(info.pr_url) if info.pr_url else None,
     )
+
+
+def pushed_files(folder: Path) -> list[str]:
+    """Every file `push` considers (IGNORE_PATTERNS left out), relative to ``folder``, sub-folders included.
+
+    A symlink to a folder is listed as ``NAME/`` (it is not walked)."""
+    import fnmatch
+    import os
+
+    folder = Path(folder)
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        rel_root = Path(root).relative_to(folder)
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in links]
+        for name in [*files, *links]:
+            rel = (rel_root / name).as_posix()
+            if name.startswith(".") or any(fnmatch.fnmatch(rel, pat) for pat in IGNORE_PATTERNS):
+                continue
+            out.append(rel + ("/" if name in links else ""))
+    return sorted(out)
+
+
+def _operations(folder: Path, skip: set[str], card: bytes) -> list:
+    from huggingface_hub import CommitOperationAdd
+
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+           for rel in pushed_files(folder) if rel not in skip and not rel.endswith("/")]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    return ops
+
+
+def _load_report(folder: Path):
+    from ..report import REPORT_NAME, ConversionReport
+
+    try:
+        return ConversionReport.load(folder)
+    except FileNotFoundError:
+        raise Int8Error(
+            f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
+            "The card is rendered from the conversion report; convert the model with int8 first.",
+        ) from None
+    except (OSError, ValueError) as e:
+        raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({e})",
+                        "Convert the model again (--overwrite) to write a fresh report.") from None
+
+
+def _check_record(folder: Path, report) -> Record:
+    """The latest recorded verify; a failed full verify of these very files refuses the push."""
+    record = read_record(folder, report.files)
+    if record.failed_full:
+        failed = [c["name"] for c in record.data["checks"] if c["status"] == "fail"]
+        raise VerificationFailed(
+            f"the latest full int8 verify of {folder.name} failed ({', '.join(failed[:6])}), so nothing was published",
+            f"Run `int8 verify {folder.name}` for details; fix the checkpoint (convert again with --overwrite) "
+            "or pass --against SOURCE if the original was not found, then verify again.",
+        )
+    return record
 
 
 def check_can_push(repo_id: str, token: str | None = None) -> tuple[str, str]:
@@ -143,13 +219,15 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def _verify(folder: Path) -> None:
-    """verify's quick checks (structure, integrity, card); refuse to publish what fails them."""
+    """verify's quick checks (structure, integrity); refuse to publish what fails them.
+
+    The card check is left out: push renders and publishes a fresh card in any case."""
     from ..verify import verify_checkpoint
 
     result = verify_checkpoint(folder, quick=True)
-    if result.passed:
+    failed = [c for c in result.checks if c.failed and c.name != "card"]
+    if not failed:
         return
-    failed = [c for c in result.checks if not c.passed]
     lines = [f"{c.name}: {c.detail or c.figure}" for c in failed[:5]]
     raise VerificationFailed(
         f"{folder} failed int8 verify's quick checks, so nothing was published:\n  " + "\n  ".join(lines),
@@ -157,13 +235,7 @@ def _verify(folder: Path) -> None:
     )
 
 
-def _default_message(folder: Path) -> str:
-    from ..report import ConversionReport
-
-    try:
-        report = ConversionReport.load(folder)
-    except (OSError, ValueError, KeyError, TypeError):
-        return "Upload int8 checkpoint"
+def _default_message(report) -> str:
     source = report.source.id if report.source.kind != "local" else Path(report.source.id).name
     return f"Upload int8 checkpoint of {source} (block size {report.quantization.block_size})"
 
@@ -171,8 +243,13 @@ def _default_message(folder: Path) -> str:
 def translate_push_error(
     e: Exception, repo_id: str, *, revision: str | None = None, create_pr: bool = False
 ) -> Exception:
-    """Map huggingface_hub / network exceptions raised while publishing onto int8's user errors."""
-    from huggingface_hub import constants
+    """Map huggingface_hub / network exceptions raised while publishing onto int8's user errors (URL credentials removed)."""
+    from .redact import redact_error
+
+    return redact_error(_translate(e, repo_id, revision=revision, create_pr=create_pr))
+
+
+def _translate(e: Exception, repo_id: str, *, revision: str | None, create_pr: bool) -> Exception:
     from huggingface_hub.errors import (
         HfHubHTTPError,
         HFValidationError,
@@ -185,7 +262,9 @@ def translate_push_error(
 
     if isinstance(e, Int8Error):
         return e
-    endpoint = constants.ENDPOINT
+    from .redact import endpoint as public_endpoint
+
+    endpoint = public_endpoint()
     owner = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
     again = "Run the same command again: files the Hub already received are not sent again."
     if isinstance(e, LocalTokenNotFoundError):

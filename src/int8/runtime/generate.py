@@ -13,10 +13,10 @@ from ..errors import Int8Error
 
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer (convert copies it beside the weights)."""
-    from transformers import AutoTokenizer
+    from ..hf import load_tokenizer as hf_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return hf_tokenizer(folder)
     except (OSError, ValueError, TypeError) as e:
         raise Int8Error(
             f"{folder} has no tokenizer that transformers can load ({str(e).splitlines()[0] if str(e) else type(e).__name__})",

@@ -356,14 +356,14 @@ def load(
     or a torch dtype); default float32 on CPU and the checkpoint's dtype on a
     GPU. Raises `int8.errors.Int8Error` for every problem with the input.
     """
-    from transformers import AutoConfig
+    from ..hf import load_config, load_model
 
     folder = resolve_folder(path_or_repo, revision=revision, token=token)
     if not (folder / "config.json").is_file():
         raise NoWeightsFound(f"{folder} has no config.json", "int8.load reads the folders that `int8 convert` writes.")
     try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, OSError, KeyError) as e:
+        config = load_config(folder)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
         raise UnsupportedModel(f"transformers cannot read {folder / 'config.json'}: {e}") from None
     qc = getattr(config, "quantization_config", None)
     group_size = check_quantization_config(qc, folder)
@@ -380,8 +380,8 @@ def load(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = cls.from_pretrained(
-            folder, config=config, dtype=compute, device_map={"": dev}, output_loading_info=True, **kwargs
+        model, info = load_model(
+            cls, folder, config=config, dtype=compute, device_map={"": dev}, output_loading_info=True, **kwargs
         )
     except Int8Error:
         raise

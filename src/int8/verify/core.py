@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import Int8Error, SourceNotFound
-from .result import SKIP, Check, Thresholds, VerifyResult, outcome, skipped
+from .result import SKIP, Check, Thresholds, VerifyResult, manifest_digest, outcome, skipped
 from .sample import MAX_TOKENS
 from .target import Original, resolve_original, resolve_target
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 # a mistyped path is reported at once.
 
 MODEL_CHECKS = (("load", "loading"), ("forward", "loading"))
-FIDELITY_CHECKS = ("reconstruction", "top1", "kl", "perplexity")
+FIDELITY_CHECKS = ("original", "reconstruction", "same_tokenizer", "same_config", "top1", "kl", "perplexity")
+MODEL_LEVEL = ("top1", "kl", "perplexity")
+NO_ORIGINAL_HINT = "pass --against SOURCE (the preset, Hub id or folder it was converted from), or --quick for structure only"
 LOAD_MODES = {"compressed": "run-compressed", "dequantized": "de-quantized at load", "int8": "int8's de-quantized build"}
 
 
@@ -48,6 +50,11 @@ def verify_checkpoint(
     by default the source recorded in the conversion report) on ``text``: a
     ``str`` is the sample itself, a `pathlib.Path` a UTF-8 file to read; the
     built-in sample by default.
+
+    A full run passes only when fidelity ran: when no original can be found
+    (none named, and the recorded one is not beside the folder, not reachable,
+    or itself quantized) the ``original`` check fails with the reason and the
+    hint (``against``, or ``quick=True`` for structure only).
 
     A failed check is a result (``result.passed`` is false), not an
     exception; `int8.errors.Int8Error` is raised for what the caller must
@@ -91,7 +98,7 @@ def verify_checkpoint(
             checks += [skipped(n, why, group="fidelity") for n in FIDELITY_CHECKS]
         else:
             say("Finding the original")
-            original = resolve_original(tgt.folder, against, token)
+            original = resolve_original(tgt.folder, against, token, local=tgt.kind == "local")
             against_id = original.id if original.folder is not None else None
             more, found = _model_checks(layout, original, sample, dev, thresholds, max_tokens, say,
                                         explicit=against is not None)
@@ -110,6 +117,7 @@ def verify_checkpoint(
         thresholds=thresholds,
         metrics=metrics,
         folder=tgt.folder,
+        manifest_sha256=manifest_digest(layout.report.files) if layout.report is not None else None,
     )
     asked = save
     if save is None:
@@ -160,29 +168,32 @@ def _model_checks(
     import torch
 
     from . import models
-    from .fidelity import Agreement, check_reconstruction, metric_checks
+    from .fidelity import Agreement, check_reconstruction, check_same_config, check_same_tokenizer, metric_checks
     from .sample import tokenize, windows
-    from .structure import load_tokenizer
 
     checks: list[Check] = []
     metrics: dict = {}
     dtype = models.compute_dtype(device, layout)
     mode = models.load_mode(layout)
 
-    tokenizer = None
-    for folder in (layout.folder, original.folder):
-        if folder is None:
-            continue
-        try:
-            with models.quiet():
-                tokenizer = load_tokenizer(folder)
-            break
-        except Exception:  # the tokenizer check has already said why; try the original's
-            continue
-    from transformers import AutoConfig
+    unusable = original.why if original.folder is None else ""
+    if not unusable and _is_quantized(original.folder):
+        if explicit:
+            raise Int8Error(
+                f"--against {original.id} is itself a quantized checkpoint",
+                "Compare with the full-precision original the checkpoint was converted from.",
+            )
+        unusable = f"the recorded original {original.id} is itself quantized"
+
+    # The sample is tokenized with the original's tokenizer: the converted one is what is checked.
+    converted_tok, original_tok = _tokenizer(layout.folder), None
+    if not unusable:
+        original_tok = _tokenizer(original.folder)
+    tokenizer = original_tok or converted_tok
+    from ..hf import load_config
 
     with models.quiet():
-        config = AutoConfig.from_pretrained(layout.folder)
+        config = load_config(layout.folder)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     ids = tokenize(tokenizer, text, min(max_tokens, models.token_cap(vocab))) if tokenizer is not None else []
     seq2seq = layout.seq2seq
@@ -192,36 +203,31 @@ def _model_checks(
     wins = windows(ids, seq2seq=seq2seq, window=window, decoder_start=start) if len(ids) >= 4 else []
     metrics["sample_tokens"] = sum(w.tokens for w in wins)
 
-    fidelity_why = original.why if original.folder is None else ""
-    if not wins:
-        fidelity_why = fidelity_why or "no tokenizer loads, so there is no text to run"
-
+    fidelity_why = ""
     original_lp: list[torch.Tensor] = []
     reference = Agreement()
     fidelity: list[Check] = []
-    if not fidelity_why and _is_quantized(original.folder):
-        if explicit:
-            raise Int8Error(
-                f"--against {original.id} is itself a quantized checkpoint",
-                "Compare with the full-precision original the checkpoint was converted from.",
-            )
-        fidelity_why = f"the recorded original {original.id} is itself quantized; pass --against"
-    if not fidelity_why:
+    if not unusable:
         say(f"Comparing tensors with the original ({original.id})")
         try:
             fidelity.append(check_reconstruction(layout, original.folder, thresholds))
         except Int8Error as e:
             if explicit:
                 raise
-            fidelity_why = f"the original {original.id} cannot be read ({e.message})"
-    if not fidelity_why:
+            unusable = f"the original {original.id} cannot be read ({e.message})"
+    if not unusable:
+        fidelity.append(check_same_tokenizer(original_tok, converted_tok, text))
+        fidelity.append(check_same_config(original.folder, layout.folder))
+        if not wins:
+            fidelity_why = "no tokenizer loads, so there is no text to run"
+    if not unusable and not fidelity_why:
         say("Running the original")
         try:
             model = models.load_original(original.folder, dtype, device)
         except Exception as e:  # an original transformers cannot load cannot be compared with
             if explicit:
                 raise Int8Error(f"--against {original.id}: transformers cannot load it ({_first_line(e)})") from None
-            fidelity_why = f"transformers cannot load the original {original.id} ({_first_line(e)})"
+            unusable = f"transformers cannot load the original {original.id} ({_first_line(e)})"
         else:
             try:
                 for lg in models.logits(model, wins, device):
@@ -238,6 +244,11 @@ def _model_checks(
             finally:
                 models.free(model)
                 model = None
+    if unusable:
+        fidelity = [_original_check(original, unusable)]
+        fidelity_why = "no original to compare with"
+    else:
+        fidelity.insert(0, _original_check(original, ""))
 
     say(f"Loading the converted model ({LOAD_MODES[mode]})")
     converted = Agreement()
@@ -282,7 +293,7 @@ def _model_checks(
         done = {c.name for c in fidelity}
         fidelity += [skipped(n, fidelity_why, group="fidelity") for n in FIDELITY_CHECKS if n not in done]
     elif not converted.tokens and not converted.vocab_mismatch:
-        fidelity += [skipped(n, "the converted model did not run", group="fidelity") for n in FIDELITY_CHECKS[1:]]
+        fidelity += [skipped(n, "the converted model did not run", group="fidelity") for n in MODEL_LEVEL]
     else:
         more, found = metric_checks(converted, reference, thresholds)
         fidelity += more
@@ -291,6 +302,29 @@ def _model_checks(
     if rec is not None and rec.value is not None:
         metrics["max_error_scales"] = rec.value
     return checks + fidelity, metrics
+
+
+def _tokenizer(folder: Path | None):
+    """The folder's tokenizer, or None when none loads (the tokenizer checks say why)."""
+    from . import models
+    from .structure import load_tokenizer
+
+    if folder is None:
+        return None
+    try:
+        with models.quiet():
+            return load_tokenizer(folder)
+    except Exception:  # the tokenizer check has already said why
+        return None
+
+
+def _original_check(original: Original, unusable: str) -> Check:
+    """Whether there is an original to compare with: a full verify passes only when fidelity could run."""
+    threshold = "the full-precision original is found and readable"
+    if unusable:
+        return outcome("original", [f"fidelity was not checked: {unusable}; {NO_ORIGINAL_HINT}"],
+                       figure="not found", threshold=threshold, group="fidelity")
+    return outcome("original", [], figure=str(original.id), threshold=threshold, group="fidelity")
 
 
 def _load(layout: Layout, mode: str, dtype, device) -> tuple[Check, object | None]:

@@ -321,3 +321,100 @@ def metric_checks(converted: Agreement, reference: Agreement, thresholds: Thresh
         value=ratio,
     )
     return [top1, kl, ppl], metrics
+
+
+# --------------------------------------------------------------------------- tokenizer and config against the original
+
+CONVERSION_KEYS = frozenset({"quantization_config", "dtype", "torch_dtype", "transformers_version", "_name_or_path"})
+"""config.json keys that conversion sets or that say nothing about the model; every other key must be the original's."""
+GENERATION_IGNORED = frozenset({"transformers_version"})
+
+
+def check_same_tokenizer(original, converted, text: str) -> Check:
+    """The converted folder's tokenizer must be the original's: same vocabulary, same ids for the sample."""
+    threshold = "the original's vocabulary, special tokens and token ids on the sample"
+    if original is None:
+        return Check("same_tokenizer", True, figure="not run: the original has no tokenizer that loads",
+                     threshold=threshold, group="fidelity", status="skip",
+                     detail="the original has no tokenizer that loads")
+    if converted is None:
+        return outcome("same_tokenizer", ["the converted folder's tokenizer does not load"], figure="does not load",
+                       threshold=threshold, group="fidelity")
+    problems: list[str] = []
+    try:
+        vocab_o, vocab_c = original.get_vocab(), converted.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary mapping: compare the ids alone
+        vocab_o = vocab_c = {}
+    if vocab_o != vocab_c:
+        moved = sorted(t for t in set(vocab_o) & set(vocab_c) if vocab_o[t] != vocab_c[t])
+        only = len(set(vocab_o) ^ set(vocab_c))
+        what = []
+        if moved:
+            what.append(f"{len(moved)} token(s) have other ids (e.g. {moved[0]!r}: {vocab_o[moved[0]]} -> {vocab_c[moved[0]]})")
+        if only:
+            what.append(f"{only} token(s) are in one vocabulary only")
+        problems.append("the vocabulary differs from the original's: " + "; ".join(what))
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        a, b = getattr(original, attr, None), getattr(converted, attr, None)
+        if a != b:
+            problems.append(f"{attr} is {b!r}, the original's is {a!r}")
+    for special in (False, True):
+        ids_o = original(text, add_special_tokens=special)["input_ids"]
+        ids_c = converted(text, add_special_tokens=special)["input_ids"]
+        if ids_o != ids_c:
+            at = next((i for i, (x, y) in enumerate(zip(ids_o, ids_c, strict=False)) if x != y), min(len(ids_o), len(ids_c)))
+            problems.append(
+                f"the sample tokenizes differently{' with special tokens' if special else ''}: "
+                f"{len(ids_c)} ids against the original's {len(ids_o)}, first difference at position {at}"
+            )
+            break
+    figure = f"{len(vocab_c) or len(converted)} tokens, sample ids identical" if not problems else f"{len(problems)} difference(s)"
+    return outcome("same_tokenizer", problems, figure=figure, threshold=threshold, group="fidelity")
+
+
+def _json_or_none(path: Path) -> tuple[object, str]:
+    import json
+
+    if not path.is_file():
+        return None, ""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), ""
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return None, f"{path.name} cannot be read ({type(e).__name__})"
+
+
+def _differences(original: dict, converted: dict, ignored: frozenset[str], where: str) -> list[str]:
+    out = []
+    for key in sorted((set(original) | set(converted)) - ignored):
+        if key not in converted:
+            out.append(f"{where}: {key} is missing (the original has {original[key]!r})")
+        elif key not in original:
+            out.append(f"{where}: {key} = {converted[key]!r} is not in the original's")
+        elif original[key] != converted[key]:
+            out.append(f"{where}: {key} is {converted[key]!r}, the original's is {original[key]!r}")
+    return out
+
+
+def check_same_config(original: Path, converted: Path) -> Check:
+    """config.json (less what conversion sets) and generation_config.json must be the original's."""
+    threshold = "config.json and generation_config.json as the original's (quantization_config and dtype apart)"
+    problems: list[str] = []
+    for name, ignored in (("config.json", CONVERSION_KEYS), ("generation_config.json", GENERATION_IGNORED)):
+        a, why_a = _json_or_none(Path(original) / name)
+        b, why_b = _json_or_none(Path(converted) / name)
+        problems += [f"the original's {w}" if w is why_a else w for w in (why_a, why_b) if w]
+        if why_a or why_b:
+            continue
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            problems.append(f"{name} is {'missing' if b is None else 'present'} here, but "
+                            f"{'present' if a is not None else 'missing'} in the original")
+            continue
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                problems.append(f"{name} differs from the original's")
+            continue
+        problems += _differences(a, b, ignored, name)
+    return outcome("same_config", problems, figure="identical" if not problems else f"{len(problems)} difference(s)",
+                   threshold=threshold, group="fidelity")

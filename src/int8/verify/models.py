@@ -110,31 +110,31 @@ def _placement(device: torch.device) -> dict:
 
 def load_original(folder: Path, dtype: torch.dtype, device: torch.device):
     """The original model, by stock transformers, from its own folder and config."""
-    from transformers import AutoConfig
-
+    from ..hf import load_config, load_model
     from ..plan import model_class_for
 
     with quiet():
-        config = AutoConfig.from_pretrained(folder)
+        config = load_config(folder)
         if getattr(config, "quantization_config", None):
             raise ValueError(f"{folder} is itself quantized: compare with the full-precision original")
         cls = model_class_for(config)
-        model = cls.from_pretrained(folder, dtype=dtype, **_placement(device))
+        model = load_model(cls, folder, dtype=dtype, **_placement(device))
     return model.eval()
 
 
 def load_converted(folder: Path, mode: str, dtype: torch.dtype, device: torch.device):
     """(model, loading info) by stock transformers + compressed-tensors."""
-    from transformers import AutoConfig, CompressedTensorsConfig
+    from transformers import CompressedTensorsConfig
 
+    from ..hf import load_config, load_model
     from ..plan import model_class_for
 
     with quiet():
         qc = CompressedTensorsConfig(dequantize=mode != "compressed")
-        config = AutoConfig.from_pretrained(folder)
+        config = load_config(folder)
         cls = model_class_for(config)
-        model, info = cls.from_pretrained(
-            folder, quantization_config=qc, dtype=dtype, output_loading_info=True, **_placement(device)
+        model, info = load_model(
+            cls, folder, quantization_config=qc, dtype=dtype, output_loading_info=True, **_placement(device)
         )
     return model.eval(), info
 
@@ -143,13 +143,12 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
     """The converted model built by int8 from config.json with de-quantized weights (for Conv1D models).
 
     Returns (model, missing keys)."""
-    from transformers import AutoConfig
-
+    from ..hf import load_config
     from ..plan import model_class_for
     from ..quantize import dequantize, unpack_codes
 
     with quiet():
-        config = AutoConfig.from_pretrained(layout.folder)
+        config = load_config(layout.folder)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         cls = model_class_for(config)

@@ -63,15 +63,12 @@ def print_result(out, err, result: VerifyResult, quiet: bool = False) -> None:
 
 def update_card(result: VerifyResult) -> Path:
     """Re-render the folder's README.md so its Fidelity section shows this result (saved beside it)."""
-    from ..hub.card import write_card
-    from ..presets import get_preset
-    from ..report import REPORT_NAME, ConversionReport
+    from ..hub.card import rewrite_card
+    from ..report import REPORT_NAME
 
     folder = result.folder
     if folder is None or not Path(folder, REPORT_NAME).is_file():
         raise Int8Error(
             f"--update-card needs the conversion report ({REPORT_NAME}) in the folder; {result.target} has none"
         )
-    report = ConversionReport.load(folder)
-    preset = get_preset(report.source.preset) if report.source.preset else None
-    return write_card(folder, report, preset=preset)
+    return rewrite_card(folder)

@@ -11,6 +11,7 @@ folder) has the schema ``int8.verify/1``::
       "revision": null, "commit": null,           # Hub targets: as asked, as resolved
       "against": "/path/or/owner/name" | null,    # the original compared with (null: none)
       "quick": false,                             # true: structure checks only
+      "manifest_sha256": "ab12..." | null,        # the files this result is about (see `manifest_digest`)
       "passed": true,                             # no check failed
       "device": "cpu",
       "seconds": 12.3,
@@ -46,8 +47,20 @@ The checks, always in this order (``quick`` stops after ``card``):
   floating tensors), ``sha256`` (the manifest), ``tokenizer``, ``card``;
 * group ``loading``: ``load`` (stock transformers + compressed-tensors, no
   missing or unexpected keys), ``forward`` (finite logits);
-* group ``fidelity``: ``reconstruction`` (tensor by tensor against the
-  original), ``top1``, ``kl``, ``perplexity`` (on the text sample).
+* group ``fidelity``: ``original`` (the original was found and can be
+  compared with: a full verify without one fails), ``reconstruction`` (tensor
+  by tensor against the original), ``same_tokenizer`` (the original's
+  vocabulary and ids on the sample), ``same_config`` (config.json less what
+  conversion sets, and generation_config.json, as the original's), ``top1``,
+  ``kl``, ``perplexity`` (on the text sample).
+
+``manifest_sha256`` binds the result to the files it describes: the SHA-256 of
+the manifest of ``int8_report.json`` (each file's name and SHA-256, see
+`manifest_digest`). The model card and `int8 push` read a saved result only
+through `read_record`, which calls a result whose binding does not match the
+folder's current manifest *stale* (it is not shown, and push says so), and one
+that does not follow this schema, or whose ``passed`` disagrees with its checks,
+*invalid*.
 
 JSON has no NaN or infinity: such a figure is written as the string
 ``"nan"``, ``"inf"`` or ``"-inf"``. ``passed`` of a check is false only when it
@@ -60,11 +73,13 @@ none will be removed or change meaning.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 SCHEMA = "int8.verify/1"
 VERIFY_NAME = "int8_verify.json"  # the same name int8.hub.card reads
@@ -210,6 +225,7 @@ class VerifyResult:
     folder: Path | None = None  # the local folder that was checked (a Hub snapshot for Hub targets)
     int8_version: str = ""
     created: str = ""
+    manifest_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not self.int8_version:
@@ -243,6 +259,7 @@ class VerifyResult:
             "commit": self.commit,
             "against": self.against,
             "quick": self.quick,
+            "manifest_sha256": self.manifest_sha256,
             "passed": self.passed,
             "device": self.device,
             "seconds": round(self.seconds, 3),
@@ -276,3 +293,98 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# --------------------------------------------------------------------------- a saved result, read back
+
+
+def manifest_digest(files) -> str:
+    """SHA-256 over the manifest (``FileEntry`` objects or dicts with name and sha256), sorted by name."""
+    pairs = sorted((str(_get(f, "name")), str(_get(f, "sha256"))) for f in files)
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+
+
+def _get(entry, key: str):
+    return entry[key] if isinstance(entry, dict) else getattr(entry, key)
+
+
+class RecordState(Enum):
+    """What a folder's ``int8_verify.json`` is worth."""
+
+    MISSING = "missing"
+    INVALID = "invalid"  # not int8.verify/1, or passed disagrees with its checks
+    STALE = "stale"  # made for other files than the manifest now lists
+    CURRENT = "current"
+
+
+@dataclass(frozen=True)
+class Record:
+    state: RecordState
+    data: dict[str, Any] | None = None  # the validated JSON (CURRENT and STALE)
+    why: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.state is RecordState.CURRENT and bool(self.data and self.data["passed"])
+
+    @property
+    def failed_full(self) -> bool:
+        """A full (not quick) verify of these very files failed."""
+        return self.state is RecordState.CURRENT and bool(self.data) and not self.data["passed"] and not self.data["quick"]
+
+
+def _record_model():
+    from pydantic import BaseModel, ConfigDict
+
+    class CheckRecord(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        name: str
+        status: Literal["pass", "fail", "skip"]
+        passed: bool
+        figure: str = ""
+        threshold: str = ""
+        group: str = "structure"
+
+    class VerifyRecord(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        int8_version: str
+        created: str
+        target: str
+        against: str | None = None
+        quick: bool
+        passed: bool
+        manifest_sha256: str | None = None
+        metrics: dict[str, float | int | str | None] = {}
+        checks: list[CheckRecord]
+
+    return VerifyRecord
+
+
+def read_record(folder: Path, manifest: list | None) -> Record:
+    """``folder/int8_verify.json``, validated and checked against ``manifest`` (the report's files; None: none)."""
+    from pydantic import ValidationError
+
+    path = Path(folder) / VERIFY_NAME
+    if not path.is_file():
+        return Record(RecordState.MISSING)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return Record(RecordState.INVALID, why=f"{VERIFY_NAME} is not readable JSON ({type(e).__name__})")
+    if not isinstance(data, dict):
+        return Record(RecordState.INVALID, why=f"{VERIFY_NAME} holds a JSON {type(data).__name__}, not an object")
+    if data.get("schema") != SCHEMA:
+        return Record(RecordState.INVALID, why=f"{VERIFY_NAME} has schema {str(data.get('schema'))[:40]!r}, not {SCHEMA!r}")
+    try:
+        model = _record_model().model_validate({k: v for k, v in data.items() if k != "schema"})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        return Record(RecordState.INVALID, why=f"{VERIFY_NAME} does not follow {SCHEMA}: {where}: {err.get('msg')}")
+    if model.passed != (not any(c.status == FAIL for c in model.checks)):
+        return Record(RecordState.INVALID, why=f"{VERIFY_NAME} says passed={model.passed}, but its checks say otherwise")
+    clean = {**data, "checks": [c.model_dump() for c in model.checks], "metrics": dict(model.metrics)}
+    if manifest is None or model.manifest_sha256 != manifest_digest(manifest):
+        why = "it is bound to no manifest" if not model.manifest_sha256 else "the files changed since it ran"
+        return Record(RecordState.STALE, clean, why=f"{VERIFY_NAME} does not describe these files ({why})")
+    return Record(RecordState.CURRENT, clean)

@@ -115,9 +115,27 @@ def _quant_args(qc: dict, problems: list[str]) -> int | None:
             problems.append(f"{at}.targets is {group.get('targets')!r}; it must include 'Linear'")
     if len(sizes) > 1:
         problems.append(f"{where} has different group sizes in different groups: {sorted(sizes)}")
-    if not isinstance(qc.get("ignore", []), list):
+    ignore = qc.get("ignore", [])
+    if not isinstance(ignore, list):
         problems.append(f"{where}.ignore is not a list")
+    else:
+        for i, pat in enumerate(ignore):
+            if not isinstance(pat, str):
+                problems.append(f"{where}.ignore[{i}] is {pat!r}, not a module name or pattern")
+            elif pat.startswith("re:") and _bad_regex(pat[3:]):
+                problems.append(f"{where}.ignore[{i}] {pat!r} is not a valid regular expression ({_bad_regex(pat[3:])})")
     return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+def _bad_regex(pattern: str) -> str:
+    """Why ``pattern`` does not compile ('' when it does)."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return str(e)
+    return ""
 
 
 def _check_config(folder: Path, layout: Layout, report: ConversionReport | None):
@@ -170,11 +188,10 @@ def _check_config(folder: Path, layout: Layout, report: ConversionReport | None)
 
 
 def _meta_model(folder: Path):
-    from transformers import AutoConfig
-
+    from ..hf import load_config
     from ..plan import build_meta_model
 
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return build_meta_model(config)
@@ -268,7 +285,8 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
 
     tensors = layout.tensors
     qc = (layout.config or {}).get("quantization_config") or {}
-    ignore = qc.get("ignore") or []
+    ignore = qc.get("ignore") or [] if isinstance(qc, dict) else []
+    ignore = ignore if isinstance(ignore, list) else []
     gs = layout.block_size
     params = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
     modules = dict(meta.named_modules())
@@ -278,8 +296,10 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
         # compressed-tensors' matching: a module name, "re:" + a regular expression, or a class name
         kind = type(modules.get(module)).__name__
         for pat in ignore:
+            if not isinstance(pat, str):  # the config check reports it
+                continue
             if pat.startswith("re:"):
-                if re.match(pat[3:], module):
+                if not _bad_regex(pat[3:]) and re.match(pat[3:], module):
                     return True
             elif pat in (module, kind):
                 return True
@@ -416,10 +436,28 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
     return outcome("sha256", problems, figure=figure, threshold=threshold)
 
 
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+def _check_files(folder: Path, report: ConversionReport | None) -> Check:
+    """Every file push would upload is in the manifest (or is the card, the report or the verify record)."""
+    threshold = "every file push would upload is in the manifest (README.md, int8_report.json, int8_verify.json apart)"
+    from ..hub.upload import pushed_files
 
-    return AutoTokenizer.from_pretrained(folder)
+    pushed = pushed_files(folder)
+    if report is None:
+        return outcome("files", [f"no manifest: {REPORT_NAME} is missing or unreadable"], figure="no manifest",
+                       threshold=threshold)
+    listed = {e.name for e in report.files}
+    extra = [n for n in pushed if n not in listed and n not in NOT_IN_MANIFEST]
+    problems = [
+        f"{n} is not in the manifest: verify cannot vouch for it, and push would publish it (remove it, or convert again)"
+        for n in extra
+    ]
+    return outcome("files", problems, figure=f"{len(pushed)} files, {len(extra)} outside the manifest", threshold=threshold)
+
+
+def load_tokenizer(folder: Path):
+    from ..hf import load_tokenizer as hf_tokenizer
+
+    return hf_tokenizer(folder)
 
 
 def _check_tokenizer(folder: Path, layout: Layout, report: ConversionReport | None) -> Check:
@@ -551,6 +589,7 @@ def check_structure(folder: Path, *, workers: int | None = None) -> tuple[list[C
                 threshold="finite and >= 0"),
         outcome("finite", finite_problems, figure=f"{n_float:,} floating values", threshold="no NaN or Inf"),
         _check_manifest(folder, report, scans),
+        _check_files(folder, report),
         _check_tokenizer(folder, layout, report),
         _check_card(folder, report),
     ]

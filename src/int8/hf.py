@@ -1,0 +1,136 @@
+"""What int8 knows about transformers models, and the one way int8 asks transformers for them.
+
+int8 never runs code that comes with a model. transformers would import a
+folder's (or another Hub repo's) ``*.py`` files for a config or tokenizer that
+names them in ``auto_map``, and for ``trust_remote_code=None`` it even asks on
+stdin ("Do you wish to run the custom code? [y/N]"), so a "y" piped into a CI
+job would run them. Every config, tokenizer and model int8 loads goes through
+here: the folder's ``config.json`` and ``tokenizer_config.json`` are read
+first and a model that needs remote code (an ``auto_map``, or a
+``model_type`` transformers does not know) is refused with
+`int8.errors.UnsupportedModel` before transformers sees it; and
+``trust_remote_code=False`` is passed on every call regardless.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptCheckpoint, UnsupportedModel
+
+CONFIG_NAME = "config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+REMOTE_HINT = "int8 never runs code shipped with a model: use a model whose architecture is built into transformers."
+
+
+def read_json_object(path: Path, *, what: str | None = None) -> dict[str, Any]:
+    """A JSON file that must hold an object; `CorruptCheckpoint` (exit 2) otherwise."""
+    path = Path(path)
+    label = what or path.name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{label} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    except ValueError as e:
+        raise CorruptCheckpoint(f"{label} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(f"{label} holds a JSON {_json_kind(data)}, not an object")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {type(None): "null", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def known_model_types() -> frozenset[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return frozenset(CONFIG_MAPPING_NAMES)
+
+
+def remote_code_problem(folder: Path) -> str | None:
+    """Why loading ``folder`` would need code from a model repo (None: it would not)."""
+    folder = Path(folder)
+    for name in (CONFIG_NAME, TOKENIZER_CONFIG_NAME):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # unreadable: the caller's own reading says why
+        if not isinstance(data, dict):
+            continue
+        if "auto_map" in data:
+            return f"{name} has an auto_map: loading it needs custom code from the model repo"
+        if name == CONFIG_NAME:
+            model_type = data.get("model_type")
+            if model_type is not None and (not isinstance(model_type, str) or model_type not in known_model_types()):
+                return f"{name}: model_type {model_type!r} is not an architecture transformers knows"
+    return None
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """`UnsupportedModel` when ``folder``'s config or tokenizer would need code from a model repo."""
+    why = remote_code_problem(folder)
+    if why:
+        raise UnsupportedModel(f"{Path(folder).name}: {why}", REMOTE_HINT)
+
+
+def load_config(folder: Path, **kwargs):
+    """``AutoConfig.from_pretrained(folder)``, never with remote code."""
+    from transformers import AutoConfig
+
+    refuse_remote_code(folder)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except Exception as e:  # transformers' own validation (wrong types, unknown values): the file is what is wrong
+        text = " ".join(str(e).split())
+        raise CorruptCheckpoint(
+            f"transformers cannot read {Path(folder).name}/{CONFIG_NAME} ({type(e).__name__}: {text[:300]})",
+            "Fix config.json (or fetch it again): its fields must have the types transformers expects.",
+        ) from None
+
+
+def load_tokenizer(folder: Path, **kwargs):
+    """``AutoTokenizer.from_pretrained(folder)``, never with remote code."""
+    from transformers import AutoTokenizer
+
+    refuse_remote_code(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+
+
+def load_model(cls, folder: Path, **kwargs):
+    """``cls.from_pretrained(folder, ...)`` for a class transformers ships, never with remote code."""
+    refuse_remote_code(folder)
+    return cls.from_pretrained(folder, trust_remote_code=False, **kwargs)
+
+
+def model_class(config) -> type:
+    """The model class transformers ships for ``config``: from ``architectures``, else the Auto mappings.
+
+    Only concrete `PreTrainedModel` subclasses of transformers itself count (an
+    ``architectures`` entry naming an Auto class or anything else is passed over),
+    so no class is ever resolved through remote code."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.__module__.startswith("transformers."):
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
+        try:
+            return auto._model_mapping[type(config)]
+        except (KeyError, ValueError):
+            continue
+    archs = getattr(config, "architectures", None)
+    raise UnsupportedModel(
+        f"transformers has no causal-LM or seq2seq class for model type {getattr(config, 'model_type', None)!r}"
+        + (f" (architectures {archs})" if archs else ""),
+        "int8 converts models that transformers can build without trust_remote_code.",
+    )
