@@ -304,7 +304,7 @@ def scan_safetensors_header(path: Path) -> tuple[list[SourceTensor], int, list[s
         return [], 0, [f"{name} has a corrupt safetensors header (not valid UTF-8 JSON)"]
     if not isinstance(header, dict):
         return [], 0, [f"{name} has a corrupt safetensors header (not a JSON object)"]
-    if len(header) > MAX_TENSORS_PER_FILE + 1:
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS_PER_FILE:
         return [], 0, [f"{name} declares more than {MAX_TENSORS_PER_FILE:,} tensors: no real checkpoint shard has that many"]
     start = 8 + n
     problems: list[str] = []

@@ -155,15 +155,15 @@ class Pipeline:
         progress.start(sum(e.source.nbytes for s in self.plan.shards for e in s.entries), len(self.plan.written))
         threads = [threading.Thread(target=self._work, name=f"int8-worker-{i}", daemon=True) for i in range(self.n_workers)]
         threads.append(threading.Thread(target=self._write, name="int8-writer", daemon=True))
-        for th in threads:
-            th.start()
         try:
             with _sigbus_guard(self):
                 try:
+                    for th in threads:
+                        th.start()
                     self._loop(threads, progress)
                 finally:
                     self.stop.set()
-                    _join(threads, 30.0)
+                    _join([th for th in threads if th.ident is not None], 30.0)
         finally:
             progress.finish()
         if self.failures:
