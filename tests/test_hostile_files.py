@@ -679,6 +679,7 @@ HEADER_DAMAGE = {
     "dtype-unknown": _entry("dtype", "F8_E4M3"),
     "entry-not-object": lambda h: {**h, next(k for k in h if k != "__metadata__"): [1, 2]},
     "header-list": lambda h: [h],
+    "markup-in-name": lambda h: {**h, "[/x] [bold]evil\n": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}},
     "metadata-not-strings": lambda h: {**h, "__metadata__": {"format": 1}},
     "metadata-list": lambda h: {**h, "__metadata__": ["pt"]},
 }

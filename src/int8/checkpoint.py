@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptCheckpoint, NoWeightsFound, ResourceLimit, SourceChanged, UnsupportedModel
-from .paths import inside, show, show_file
+from .paths import inside, show, plain
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -81,7 +81,7 @@ MAX_HEADER_BYTES = 16 << 20
 header about 60 KB: this is over a hundred times what any real checkpoint needs."""
 MAX_TENSORS_PER_FILE = 100_000
 """Most tensors one weight file may declare (BLOOM-176B's shards hold under a thousand each)."""
-MAX_TENSORS = 500_000
+MAX_TENSORS = 200_000
 """Most tensors a whole checkpoint may hold (the largest models int8 converts have a few thousand;
 mixture-of-experts giants under a hundred thousand)."""
 MAX_INDEX_BYTES = 64 << 20
@@ -91,8 +91,11 @@ MAX_NDIM = 16
 _DTYPE_LIKE = re.compile(r"[A-Z][A-Z0-9_]{0,11}")
 
 
+_ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+
 def itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return _ITEMSIZE[dtype]
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def index_files(index: Path, weight_map: dict[str, str]) -> tuple[Path, ...]:
     missing = [n for n, p in zip(names, paths, strict=True) if not p.is_file()]
     if missing:
         raise CorruptCheckpoint(
-            f"{index.name} lists shards that are missing from {folder}: {', '.join(show_file(n) for n in missing[:5])}",
+            f"{index.name} lists shards that are missing from {folder}: {', '.join(plain(n) for n in missing[:5])}",
             "Download the checkpoint again (a Hub download resumes where it stopped).",
         )
     return tuple(paths)
@@ -402,7 +405,7 @@ class CheckpointReader:
         for name, fname in index_map.items():
             if found.get(name) is None or found[name] != folder / fname:
                 raise CorruptCheckpoint(
-                    f"{self.files.index.name} says tensor {show(name)} is in {show_file(fname)}, but it is not there",
+                    f"{self.files.index.name} says tensor {show(name)} is in {plain(fname)}, but it is not there",
                     "The shards and their index disagree: download or save the checkpoint again.",
                 )
 

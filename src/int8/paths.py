@@ -29,13 +29,15 @@ _HINT = (
 
 
 def show(name: object, limit: int = _SHOWN) -> str:
-    """A name taken from a file, safe to print: escaped by repr and cut to ``limit`` characters."""
+    """A name taken from a file, safe to print: escaped by repr (and ``[``) and cut to ``limit`` characters."""
     text = str(name)
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+    # "[" is written as its escape too, so that no name can act as console markup (rich) where it is printed
+    return repr(text[:limit]).replace("[", "\\x5b") + ("..." if len(text) > limit else "")
 
 
-def show_file(name: object) -> str:
-    """A file name taken from a file (an index, a manifest): as is when it is a plain name, else `show`."""
+def plain(name: object) -> str:
+    """A name taken from a file (a shard in an index, a manifest entry, a tensor): as is when it is made of
+    plain characters only, else `show` (escaped and cut)."""
     text = str(name)
     return text if _PLAIN.fullmatch(text) else show(text)
 
@@ -65,11 +67,11 @@ def inside(folder: Path, name: str, *, what: str = "file") -> Path:
         raise UnsafePath(f"{folder.name}: a {what} entry has an empty or non-text name", _HINT)
     parts = PurePosixPath(name).parts
     if "\x00" in name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in parts:
-        raise UnsafePath(f"{folder.name}: {what} {show_file(name)} points outside the folder", _HINT)
+        raise UnsafePath(f"{folder.name}: {what} {plain(name)} points outside the folder", _HINT)
     path = folder / name
     real = Path(os.path.realpath(path))
     if not _is_within(real, boundary(folder)):
-        raise UnsafePath(f"{folder.name}: {what} {show_file(name)} is a link to a file outside the folder", _HINT)
+        raise UnsafePath(f"{folder.name}: {what} {plain(name)} is a link to a file outside the folder", _HINT)
     return path
 
 
@@ -83,10 +85,10 @@ def open_inside(folder: Path, name: str, *, what: str = "file") -> int:
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise UnsafePath(f"{folder.name}: {what} {show_file(name)} cannot be opened ({e.strerror})", _HINT) from None
+        raise UnsafePath(f"{folder.name}: {what} {plain(name)} cannot be opened ({e.strerror})", _HINT) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise UnsafePath(f"{folder.name}: {what} {show_file(name)} is not a regular file", _HINT)
+        raise UnsafePath(f"{folder.name}: {what} {plain(name)} is not a regular file", _HINT)
     return fd
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import FLOAT_DTYPES, read_index, scan_safetensors_header
 from ..errors import CorruptCheckpoint, UnsafePath
-from ..paths import inside, show, show_file
+from ..paths import inside, show, plain
 from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, ConversionReport
 from ..report import SCHEMA as REPORT_SCHEMA
@@ -225,7 +225,7 @@ def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
             continue
         if not path.is_file():
             problems.append(
-                f"{INDEX_NAME} lists shard {show_file(fname)}, which is missing ({sum(v == fname for v in weight_map.values())} tensors)"
+                f"{INDEX_NAME} lists shard {plain(fname)}, which is missing ({sum(v == fname for v in weight_map.values())} tensors)"
             )
             continue
         shards.append(path)
@@ -235,20 +235,20 @@ def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
         tensors, _, _ = parsed
         for t in tensors:
             if t.name in located:
-                problems.append(f"tensor {show(t.name)} is stored twice: in {located[t.name].file.name} and in {show_file(fname)}")
+                problems.append(f"tensor {show(t.name)} is stored twice: in {located[t.name].file.name} and in {plain(fname)}")
             located[t.name] = t
             where = weight_map.get(t.name)
             if where is None:
-                problems.append(f"{show_file(fname)} holds tensor {show(t.name)}, which {INDEX_NAME} does not list")
+                problems.append(f"{plain(fname)} holds tensor {show(t.name)}, which {INDEX_NAME} does not list")
             elif where != fname:
-                problems.append(f"{show_file(fname)} holds tensor {show(t.name)}, which {INDEX_NAME} places in {show_file(where)}")
+                problems.append(f"{plain(fname)} holds tensor {show(t.name)}, which {INDEX_NAME} places in {plain(where)}")
     for tname, fname in weight_map.items():
         t = located.get(tname)
         if fname not in unsafe and (folder / fname).is_file() and (t is None or t.file != folder / fname):
             if t is None:
-                problems.append(f"{INDEX_NAME} says tensor {show(tname)} is in {show_file(fname)}, but it is not there (nor in any shard)")
+                problems.append(f"{INDEX_NAME} says tensor {show(tname)} is in {plain(fname)}, but it is not there (nor in any shard)")
             else:
-                problems.append(f"{INDEX_NAME} says tensor {show(tname)} is in {show_file(fname)}, but it is in {t.file.name}")
+                problems.append(f"{INDEX_NAME} says tensor {show(tname)} is in {plain(fname)}, but it is in {t.file.name}")
     total = (index.get("metadata") or {}).get("total_size")
     data_bytes = sum(t.nbytes for t in located.values())
     if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total != data_bytes):
@@ -400,17 +400,17 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
             problems.append(e.message)
             continue
         if not path.is_file():
-            problems.append(f"{show_file(entry.name)} is in the manifest but missing from the folder")
+            problems.append(f"{plain(entry.name)} is in the manifest but missing from the folder")
             continue
         size = path.stat().st_size
         if size != entry.bytes:
-            problems.append(f"{show_file(entry.name)} has {size} bytes, the manifest says {show(entry.bytes, 24)}")
+            problems.append(f"{plain(entry.name)} has {size} bytes, the manifest says {entry.bytes if isinstance(entry.bytes, int) else 'a non-number'}")
             continue
         scan = hashed.get(path)
         digest = scan.sha256 if scan is not None and scan.sha256 else sha256_file(path)
         if digest != entry.sha256:
             problems.append(
-                f"{show_file(entry.name)}: SHA-256 {digest[:16]}... differs from the manifest's {show(entry.sha256, 16)}: "
+                f"{plain(entry.name)}: SHA-256 {digest[:16]}... differs from the manifest's {show(entry.sha256, 16)}: "
                 "its bytes changed after conversion"
             )
             continue
