@@ -290,6 +290,7 @@ def _outside_shard(src: Path, variant: str, secret: Path) -> str:
     shutil.copyfile(src / shard, outside)
     entry = {
         "dotdot": f"../{outside.name}",
+        "too-long": "x" * 5000,
         "absolute": str(outside),
         "sub-dotdot": f"sub/../../{outside.name}",
         "secret": os.path.relpath(secret, src),
@@ -304,7 +305,7 @@ def _outside_shard(src: Path, variant: str, secret: Path) -> str:
     return entry if variant != "secret" else "outside"
 
 
-SHARD_VARIANTS = ["dotdot", "absolute", "sub-dotdot", "symlinked-shard", "secret"]
+SHARD_VARIANTS = ["dotdot", "absolute", "sub-dotdot", "symlinked-shard", "secret", "too-long"]
 
 
 def test_index_naming_shards_outside_is_refused_by_convert(copy, secret, tmp_path):
@@ -316,7 +317,7 @@ def test_index_naming_shards_outside_is_refused_by_convert(copy, secret, tmp_pat
         runs.append(convert_args(src, outs[-1]))
     (tmp_path / "outs").mkdir()
     for v, r, out in zip(SHARD_VARIANTS, cli_batch(runs, tmp_path / "batch"), outs, strict=True):
-        assert_refused(r, 2, "outside")
+        assert_refused(r, 2, "longer" if v == "too-long" else "outside")
         assert not out.exists(), v
     assert leftovers(tmp_path / "outs") == []
 
@@ -362,7 +363,7 @@ def test_verify_and_load_never_open_shards_outside(copy, secret, tmp_path):
         folders.append(out)
         runs.append(["verify", str(out), "--quick"])
     for v, r, folder in zip(SHARD_VARIANTS, cli_batch(runs, tmp_path / "batch"), folders, strict=True):
-        assert_refused(r, 1, "index", "outside")
+        assert_refused(r, 1, "index", "longer" if v == "too-long" else "outside")
         with pytest.raises(errors.UnsafePath):
             loader._headers(folder)
         with pytest.raises(errors.UnsafePath):
@@ -388,6 +389,10 @@ def test_manifest_entries_outside_are_failed_checks_not_reads(copy, secret, tmp_
         data["files"].append({"name": name, "bytes": size, "sha256": digest})
         (out / REPORT_NAME).write_text(json.dumps(data))
         folders.append(out)
+        runs.append(["verify", str(out), "--quick"])
+    for v, link in (("unlisted-link", "chat_template.jinja"), ("linked-folder", "extra")):  # no manifest entry at all
+        out = copy("out", f"int8-{v}")
+        (out / link).symlink_to(secret if v == "unlisted-link" else secret.parent)
         runs.append(["verify", str(out), "--quick"])
     for r in cli_batch(runs, tmp_path / "batch"):
         assert_refused(r, 1, "sha256", "outside")

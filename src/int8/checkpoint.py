@@ -219,7 +219,7 @@ def index_files(index: Path, weight_map: dict[str, str]) -> tuple[Path, ...]:
             f"{index.name} lists shards that are missing from {folder}: {', '.join(plain(n) for n in missing[:5])}",
             "Download the checkpoint again (a Hub download resumes where it stopped).",
         )
-    return tuple(paths)
+    return tuple(dict.fromkeys(paths))  # "a" and "./a" are one file
 
 
 class _DuplicateKey(ValueError):

@@ -21,6 +21,7 @@ from .errors import UnsafePath
 
 _CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 _SHOWN = 120
+_MAX_NAME = 1024
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,119}")
 _HINT = (
     "int8 reads only files inside the checkpoint folder (symlinks included): "
@@ -66,6 +67,8 @@ def inside(folder: Path, name: str, *, what: str = "file") -> Path:
     if not isinstance(name, str) or not name:
         raise UnsafePath(f"{folder.name}: a {what} entry has an empty or non-text name", _HINT)
     parts = PurePosixPath(name).parts
+    if len(name) > _MAX_NAME or any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):
+        raise UnsafePath(f"{folder.name}: {what} {show(name)} has a name longer than a file system allows", _HINT)
     if "\x00" in name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in parts:
         raise UnsafePath(f"{folder.name}: {what} {plain(name)} points outside the folder", _HINT)
     path = folder / name
@@ -73,6 +76,23 @@ def inside(folder: Path, name: str, *, what: str = "file") -> Path:
     if not _is_within(real, boundary(folder)):
         raise UnsafePath(f"{folder.name}: {what} {plain(name)} is a link to a file outside the folder", _HINT)
     return path
+
+
+def links_outside(folder: Path) -> list[str]:
+    """The symlinks anywhere under ``folder`` (not followed into linked folders) that resolve outside it,
+    as relative POSIX names: files that a copy or an upload of the folder would carry in from elsewhere."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for entry in (*dirs, *files):
+            path = Path(root, entry)
+            if path.is_symlink():
+                rel = path.relative_to(folder).as_posix()
+                try:
+                    inside(folder, rel)
+                except UnsafePath:
+                    found.append(rel)
+    return sorted(found)
 
 
 def open_inside(folder: Path, name: str, *, what: str = "file") -> int:

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import FLOAT_DTYPES, read_index, scan_safetensors_header
 from ..errors import CorruptCheckpoint, UnsafePath
-from ..paths import inside, show, plain
+from ..paths import inside, links_outside, plain, show
 from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, ConversionReport
 from ..report import SCHEMA as REPORT_SCHEMA
@@ -420,6 +420,8 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
         p.name for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in listed and p.name not in NOT_IN_MANIFEST
     )
+    for name in links_outside(folder):
+        problems.append(f"{plain(name)} is a link to a file outside the folder: int8 does not read it, and it must not be published")
     for name in extra:
         if name.endswith(LOAD_AFFECTING):
             problems.append(f"{name} is not in the manifest: it was added after conversion and changes what loads")
