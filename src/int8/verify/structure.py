@@ -404,7 +404,8 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
             continue
         size = path.stat().st_size
         if size != entry.bytes:
-            problems.append(f"{plain(entry.name)} has {size} bytes, the manifest says {entry.bytes if isinstance(entry.bytes, int) else 'a non-number'}")
+            said = entry.bytes if isinstance(entry.bytes, int) else "a non-number"
+            problems.append(f"{plain(entry.name)} has {size} bytes, the manifest says {said}")
             continue
         scan = hashed.get(path)
         digest = scan.sha256 if scan is not None and scan.sha256 else sha256_file(path)
@@ -421,7 +422,7 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
         if p.is_file() and not p.name.startswith(".") and p.name not in listed and p.name not in NOT_IN_MANIFEST
     )
     for name in links_outside(folder):
-        problems.append(f"{plain(name)} is a link to a file outside the folder: int8 does not read it, and it must not be published")
+        problems.append(f"{plain(name)} is a link to a file outside the folder: int8 does not read it, nor may it be published")
     for name in extra:
         if name.endswith(LOAD_AFFECTING):
             problems.append(f"{name} is not in the manifest: it was added after conversion and changes what loads")
