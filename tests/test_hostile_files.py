@@ -281,9 +281,9 @@ def test_links_inside_the_folder_and_the_hub_cache_layout_are_fine(built, tmp_pa
     assert not (out / "tokenizer.json").is_symlink() and (out / "LICENSE").is_file()
 
 
-def _outside_shard(src: Path, variant: str, secret: Path) -> str:
+def _outside_shard(src: Path, variant: str, secret: Path, index_name: str = "model.safetensors.index.json") -> str:
     """Point one shard of the index outside the folder; the file there is a *valid* shard (or the secret)."""
-    index_path = src / "model.safetensors.index.json"
+    index_path = src / index_name
     index = json.loads(index_path.read_text())
     shard = sorted(set(index["weight_map"].values()))[0]
     outside = src.parent / f"outside-{variant}.safetensors"
@@ -316,7 +316,13 @@ def test_index_naming_shards_outside_is_refused_by_convert(copy, secret, tmp_pat
         outs.append(tmp_path / "outs" / f"{v}-int8")
         runs.append(convert_args(src, outs[-1]))
     (tmp_path / "outs").mkdir()
-    for v, r, out in zip(SHARD_VARIANTS, cli_batch(runs, tmp_path / "batch"), outs, strict=True):
+    for v in ("dotdot", "absolute", "symlinked-shard"):  # the same for a sharded pytorch_model.bin
+        src = copy("bin", f"bin-{v}")
+        _outside_shard(src, v, secret, "pytorch_model.bin.index.json")
+        outs.append(tmp_path / "outs" / f"bin-{v}-int8")
+        runs.append(convert_args(src, outs[-1]))
+    variants = [*SHARD_VARIANTS, "dotdot", "absolute", "symlinked-shard"]
+    for v, r, out in zip(variants, cli_batch(runs, tmp_path / "batch"), outs, strict=True):
         assert_refused(r, 2, "longer" if v == "too-long" else "outside")
         assert not out.exists(), v
     assert leftovers(tmp_path / "outs") == []
