@@ -31,6 +31,7 @@ from .checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_c
 from .errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
 from .output import check_replaceable
 from .output import start as start_staging
+from .paths import copy_inside, inside
 from .pipeline import stream
 from .plan import (
     DROP,
@@ -174,6 +175,7 @@ def convert(
     out_dtype = parse_dtype(dtype or (preset.dtype if preset else "bf16"))
     skip = [*(preset.skip if preset else ()), *user_skip]
 
+    _check_sidecars(resolved.folder)
     config, config_dict = _load_config(resolved.folder)
     files = find_checkpoint(resolved.folder)
     started = time.perf_counter()
@@ -337,12 +339,29 @@ def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
+def _check_sidecars(src: Path) -> None:
+    """Before any work: every other file of the source that int8 reads (config.json, the card, the
+    side files) lies inside the source folder once resolved (`UnsafePath` otherwise)."""
+    for name in ("config.json", CARD_NAME):
+        if (src / name).exists() or (src / name).is_symlink():
+            inside(src, name)
+    for pattern in SIDECAR_FILES:
+        for p in src.glob(pattern):
+            inside(src, p.name, what="side file")
+
+
 def _copy_sidecars(src: Path, dst: Path) -> list[str]:
+    """Copy the side files (tokenizer, generation config, license) byte for byte. Each must lie
+    inside the source folder once resolved: a link out of it (to ~/.cache/huggingface/token, say)
+    refuses the conversion (`UnsafePath`) rather than carrying that file into the output."""
     copied = []
     for pattern in SIDECAR_FILES:
         for p in sorted(src.glob(pattern)):
-            if p.is_file() and not (dst / p.name).exists():
-                shutil.copyfile(p, dst / p.name)
+            if not (p.is_file() or p.is_symlink()) or (dst / p.name).exists():
+                continue
+            inside(src, p.name, what="side file")
+            if p.is_file():  # a dangling link inside the folder is skipped
+                copy_inside(src, p.name, dst / p.name, what="side file")
                 copied.append(p.name)
     return copied
 

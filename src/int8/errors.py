@@ -56,3 +56,16 @@ class HubError(Int8Error):
 
 class VerificationFailed(Int8Error):
     """A checkpoint did not pass verification (used by push)."""
+
+
+class UnsafePath(CorruptCheckpoint):
+    """A checkpoint names or links to a file outside its folder (an absolute name, a ``..`` escape,
+    a symlink out of the folder): int8 never reads such a file."""
+
+
+class SourceChanged(CorruptCheckpoint):
+    """A source file changed size (was truncated or rewritten) while int8 was reading it."""
+
+
+class ResourceLimit(CorruptCheckpoint):
+    """A checkpoint declares more tensors, or a larger header, than any real model has."""

@@ -17,15 +17,17 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, FLOAT_DTYPES, CheckpointReader, itemsize
-from .errors import BadTensor
+from .checkpoint import CHANGED_HINT, DTYPES, FLOAT_DTYPES, CheckpointReader, itemsize
+from .errors import BadTensor, SourceChanged
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
 from .quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
 from .writer import BackgroundHasher, ShardWriter
@@ -153,8 +155,25 @@ class Pipeline:
         progress.start(sum(e.source.nbytes for s in self.plan.shards for e in s.entries), len(self.plan.written))
         threads = [threading.Thread(target=self._work, name=f"int8-worker-{i}", daemon=True) for i in range(self.n_workers)]
         threads.append(threading.Thread(target=self._write, name="int8-writer", daemon=True))
-        for th in threads:
-            th.start()
+        try:
+            with _sigbus_guard(self):
+                try:
+                    for th in threads:
+                        th.start()
+                    self._loop(threads, progress)
+                finally:
+                    self.stop.set()
+                    _join([th for th in threads if th.ident is not None], 30.0)
+        finally:
+            progress.finish()
+        if self.failures:
+            changed = self.reader.changed_file()
+            if changed is not None and not isinstance(self.failures[0], SourceChanged):
+                raise _changed(changed) from None
+            raise self.failures[0]
+        return self.stats, self.hashes
+
+    def _loop(self, threads: list[threading.Thread], progress) -> None:
         try:
             while True:
                 try:
@@ -167,14 +186,15 @@ class Pipeline:
         except BaseException:
             self.stop.set()
             raise
-        finally:
-            self.stop.set()
-            for th in threads:
-                th.join(timeout=30)
-            progress.finish()
-        if self.failures:
-            raise self.failures[0]
-        return self.stats, self.hashes
+
+    def source_truncated(self) -> None:
+        """A source file shrank under its mapping (SIGBUS): zero-fill the mappings so the faulting
+        thread goes on, and fail the run, naming the file."""
+        self.reader.zero_mappings()
+        if not any(isinstance(f, SourceChanged) for f in self.failures):
+            changed = self.reader.changed_file()
+            self._fail(_changed(changed) if changed is not None else SourceChanged(
+                "a source file was truncated while int8 was reading it", CHANGED_HINT))
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -333,6 +353,42 @@ class Pipeline:
             for u in pending.values():
                 for _, release in u.outputs:
                     release()
+
+
+def _changed(path: Path) -> SourceChanged:
+    return SourceChanged(f"{path.name} was truncated while int8 was reading it", CHANGED_HINT)
+
+
+def _join(threads: list[threading.Thread], timeout: float) -> None:
+    """Join with short waits, so the main thread keeps running signal handlers meanwhile."""
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        while th.is_alive() and time.monotonic() < deadline:
+            th.join(timeout=0.05)
+
+
+@contextlib.contextmanager
+def _sigbus_guard(pipeline: Pipeline) -> Iterator[None]:
+    """While the pipeline streams, a SIGBUS (a source file truncated under its mapping: a page past
+    the new end faults) fails the run with a message instead of killing the process.
+
+    The fault happens in a worker thread, with the GIL released (torch, numba, hashlib); CPython's
+    handler notes the signal and returns, the thread faults again on the same page, and the main
+    thread, which polls every 0.1 s, runs `Pipeline.source_truncated`: it puts zero pages where the
+    mappings were, so the faulting thread goes on, and marks the run failed. Only the main thread
+    can install a handler; elsewhere a truncation still kills the process, as before."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGBUS"):
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        pipeline.source_truncated()
+
+    previous = signal.signal(signal.SIGBUS, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGBUS, previous)
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -17,7 +17,6 @@ transformers both read again.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -57,24 +56,16 @@ class QuantizedLayerSpec:
 
 
 def _headers(folder: Path) -> dict[str, dict]:
-    """name -> safetensors header entry, over all shards."""
-    from ..checkpoint import read_safetensors_header
+    """name -> safetensors header entry, over all shards (each inside ``folder``, see `int8.paths`)."""
+    from ..checkpoint import index_files, read_index, read_safetensors_header
+    from ..paths import inside
 
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpoint(f"{index} is not a valid shard index ({e})") from None
-        paths = [folder / f for f in files]
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise CorruptCheckpoint(
-                f"{INDEX_NAME} lists shards that are missing from {folder}: {', '.join(missing[:5])}",
-                "Download the checkpoint again (a Hub download resumes where it stopped).",
-            )
+    if index.is_file() or index.is_symlink():
+        inside(folder, INDEX_NAME, what="index")
+        paths = list(index_files(index, read_index(index)))
     elif (folder / SINGLE_NAME).is_file():
-        paths = [folder / SINGLE_NAME]
+        paths = [inside(folder, SINGLE_NAME, what="weight file")]
     else:
         raise NoWeightsFound(
             f"no {SINGLE_NAME} or {INDEX_NAME} in {folder}",

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FLOAT_DTYPES, scan_safetensors_header
+from ..checkpoint import FLOAT_DTYPES, read_index, scan_safetensors_header
+from ..errors import CorruptCheckpoint, UnsafePath
+from ..paths import inside, links_outside, plain, show
 from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, ConversionReport
 from ..report import SCHEMA as REPORT_SCHEMA
@@ -214,27 +216,34 @@ def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
     problems: list[str] = []
     index_path = folder / INDEX_NAME
     shards: list[Path] = []
-    if not index_path.is_file():
+    if not index_path.is_file() and not index_path.is_symlink():
         loose = sorted(p.name for p in folder.glob("*.safetensors"))
         problems.append(f"{INDEX_NAME} is missing" + (f" (shards present: {', '.join(loose[:4])})" if loose else ""))
         return outcome("index", problems, figure="missing", threshold=threshold), shards
     try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a mapping of tensor names to files")
-    except (ValueError, KeyError, TypeError) as e:
-        problems.append(f"{INDEX_NAME} is not a valid shard index ({type(e).__name__}: {e})")
+        inside(folder, INDEX_NAME, what="index")
+        weight_map = read_index(index_path)
+        index = json.loads(index_path.read_bytes())
+    except CorruptCheckpoint as e:
+        problems.append(e.message)
         return outcome("index", problems, figure="unreadable", threshold=threshold), shards
     listed = sorted(set(weight_map.values()))
     on_disk = {p.name for p in folder.glob("*.safetensors")}
     for name in sorted(on_disk - set(listed)):
         problems.append(f"{name} is a shard on disk that {INDEX_NAME} does not list")
     located: dict[str, StoredTensor] = {}
+    unsafe: set[str] = set()
     for fname in listed:
-        path = folder / fname
+        try:
+            path = inside(folder, fname, what=f"shard listed in {INDEX_NAME}")
+        except UnsafePath as e:
+            problems.append(e.message)
+            unsafe.add(fname)
+            continue
         if not path.is_file():
-            problems.append(f"{INDEX_NAME} lists shard {fname}, which is missing ({sum(v == fname for v in weight_map.values())} tensors)")
+            problems.append(
+                f"{INDEX_NAME} lists shard {plain(fname)}, which is missing ({sum(v == fname for v in weight_map.values())} tensors)"
+            )
             continue
         shards.append(path)
         parsed = _read_header(path, problems)
@@ -243,24 +252,25 @@ def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
         tensors, _, _ = parsed
         for t in tensors:
             if t.name in located:
-                problems.append(f"tensor {t.name!r} is stored twice: in {located[t.name].file.name} and in {fname}")
+                problems.append(f"tensor {show(t.name)} is stored twice: in {located[t.name].file.name} and in {plain(fname)}")
             located[t.name] = t
             where = weight_map.get(t.name)
             if where is None:
-                problems.append(f"{fname} holds tensor {t.name!r}, which {INDEX_NAME} does not list")
+                problems.append(f"{plain(fname)} holds tensor {show(t.name)}, which {INDEX_NAME} does not list")
             elif where != fname:
-                problems.append(f"{fname} holds tensor {t.name!r}, which {INDEX_NAME} places in {where}")
+                problems.append(f"{plain(fname)} holds tensor {show(t.name)}, which {INDEX_NAME} places in {plain(where)}")
     for tname, fname in weight_map.items():
         t = located.get(tname)
-        if (folder / fname).is_file() and (t is None or t.file.name != fname):
+        if fname not in unsafe and (folder / fname).is_file() and (t is None or t.file != folder / fname):
             if t is None:
-                problems.append(f"{INDEX_NAME} says tensor {tname!r} is in {fname}, but it is not there (nor in any shard)")
+                problems.append(f"{INDEX_NAME} says tensor {show(tname)} is in {plain(fname)}, but it is not there (nor in any shard)")
             else:
-                problems.append(f"{INDEX_NAME} says tensor {tname!r} is in {fname}, but it is in {t.file.name}")
+                problems.append(f"{INDEX_NAME} says tensor {show(tname)} is in {plain(fname)}, but it is in {t.file.name}")
     total = (index.get("metadata") or {}).get("total_size")
     data_bytes = sum(t.nbytes for t in located.values())
-    if total is not None and total != data_bytes:
-        problems.append(f"{INDEX_NAME}: metadata.total_size is {total}, but the shards hold {data_bytes} bytes of tensors")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total != data_bytes):
+        shown = total if isinstance(total, int) else "not an integer"
+        problems.append(f"{INDEX_NAME}: metadata.total_size is {shown}, but the shards hold {data_bytes} bytes of tensors")
     layout.tensors = located
     figure = f"{len(shards)} shard(s), {len(located)} tensors"
     return outcome("index", problems, figure=figure, threshold=threshold), shards
@@ -401,22 +411,27 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
         return outcome("sha256", [f"no manifest: {REPORT_NAME} is missing or unreadable"], figure="no manifest",
                        threshold=threshold)
     problems = []
-    hashed = {p.name: s for p, s in scans.items()}
+    hashed = {p: s for p, s in scans.items()}
     ok = 0
     for entry in report.files:
-        path = folder / entry.name
+        try:
+            path = inside(folder, entry.name, what=f"file in the manifest of {REPORT_NAME}")
+        except UnsafePath as e:
+            problems.append(e.message)
+            continue
         if not path.is_file():
-            problems.append(f"{entry.name} is in the manifest but missing from the folder")
+            problems.append(f"{plain(entry.name)} is in the manifest but missing from the folder")
             continue
         size = path.stat().st_size
         if size != entry.bytes:
-            problems.append(f"{entry.name} has {size} bytes, the manifest says {entry.bytes}")
+            said = entry.bytes if isinstance(entry.bytes, int) else "a non-number"
+            problems.append(f"{plain(entry.name)} has {size} bytes, the manifest says {said}")
             continue
-        scan = hashed.get(entry.name)
+        scan = hashed.get(path)
         digest = scan.sha256 if scan is not None and scan.sha256 else sha256_file(path)
         if digest != entry.sha256:
             problems.append(
-                f"{entry.name}: SHA-256 {digest[:16]}... differs from the manifest's {entry.sha256[:16]}...: "
+                f"{plain(entry.name)}: SHA-256 {digest[:16]}... differs from the manifest's {show(entry.sha256, 16)}: "
                 "its bytes changed after conversion"
             )
             continue
@@ -426,6 +441,8 @@ def _check_manifest(folder: Path, report: ConversionReport | None, scans: dict[P
         p.name for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in listed and p.name not in NOT_IN_MANIFEST
     )
+    for name in links_outside(folder):
+        problems.append(f"{plain(name)} is a link to a file outside the folder: int8 does not read it, nor may it be published")
     for name in extra:
         if name.endswith(LOAD_AFFECTING):
             problems.append(f"{name} is not in the manifest: it was added after conversion and changes what loads")
