@@ -729,3 +729,40 @@ def test_library_errors_are_int8_errors(copy, tmp_path):
     _damage_index(out, "weight-map-list")
     with pytest.raises(errors.CorruptCheckpoint):
         loader._headers(out)
+
+
+TOP_LEVEL_LINKS = ("config.json", "tokenizer.json", "generation_config.json", "README.md", "int8_report.json")
+
+
+def test_top_level_files_linking_outside_are_never_read(copy, secret, tmp_path, monkeypatch):
+    """config, tokenizer, card and report of a converted folder, each a link out: verify reads nothing,
+    `int8.load` and `generate` refuse before transformers opens anything."""
+    runs, folders = [], []
+    for name in TOP_LEVEL_LINKS:
+        out = copy("out", f"int8-{name}")
+        (out / name).unlink()
+        (out / name).symlink_to(secret)
+        folders.append(out)
+        runs += [["verify", str(out), "--quick"], ["verify", str(out), "--json", str(tmp_path / f"{name}.json")],
+                 ["generate", str(out), "hello", "--max-new-tokens", "2", "--device", "cpu"]]
+    results = cli_batch(runs, tmp_path / "batch")
+    opened = []
+    real_open = open
+
+    def watching_open(file, *a, **k):
+        opened.append(os.path.realpath(file) if isinstance(file, (str, os.PathLike)) else file)
+        return real_open(file, *a, **k)
+
+    for i, (name, folder) in enumerate(zip(TOP_LEVEL_LINKS, folders, strict=True)):
+        quick, full, gen = results[3 * i : 3 * i + 3]
+        assert_refused(quick, 1, "contained")
+        assert_refused(full, 1, "contained")
+        assert_refused(gen, 2, name)
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [c["name"] for c in record["checks"] if c["status"] == "fail"] == ["contained"]
+        assert_no_leak(json.dumps(record))
+        monkeypatch.setattr("builtins.open", watching_open)
+        with pytest.raises(errors.UnsafePath):
+            int8.load(folder, device="cpu")
+        monkeypatch.undo()
+        assert str(secret) not in opened

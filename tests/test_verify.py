@@ -33,7 +33,7 @@ BLOCK = 64
 TOKENS = 256  # tokens of the built-in sample scored per run: enough for stable figures, fast on 2 cores
 SHARD = "model-00001-of-00001.safetensors"
 INT8 = Path(sys.executable).with_name("int8")
-STRUCTURE = ["report", "config", "index", "tensors", "codes", "scales", "finite", "sha256", "files", "tokenizer", "card"]
+STRUCTURE = ["contained", "report", "config", "index", "tensors", "codes", "scales", "finite", "sha256", "files", "tokenizer", "card"]
 FULL = STRUCTURE + ["load", "forward", "original", "reconstruction", "same_tokenizer", "same_config", "top1", "kl",
                     "perplexity"]
 

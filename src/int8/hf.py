@@ -75,7 +75,15 @@ def remote_code_problem(folder: Path) -> str | None:
 
 
 def refuse_remote_code(folder: Path) -> None:
-    """`UnsupportedModel` when ``folder``'s config or tokenizer would need code from a model repo."""
+    """`UnsupportedModel` when ``folder``'s config or tokenizer would need code from a model repo;
+    `int8.errors.UnsafePath` when a file transformers would read there (config, tokenizer, generation
+    settings: any file at the top of the folder) is a link out of it (`int8.paths.inside`)."""
+    from .paths import inside
+
+    folder = Path(folder)
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if entry.is_symlink():
+            inside(folder, entry.name)
     why = remote_code_problem(folder)
     if why:
         raise UnsupportedModel(f"{Path(folder).name}: {why}", REMOTE_HINT)

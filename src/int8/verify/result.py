@@ -39,12 +39,15 @@ folder) has the schema ``int8.verify/1``::
 
 The checks, always in this order (``quick`` stops after ``card``):
 
-* group ``structure``: ``report`` (int8_report.json readable), ``config``
+* group ``structure``: ``contained`` (no link leads out of the folder; when one
+  does, nothing else is read and every other structure check is skipped),
+  ``report`` (int8_report.json readable), ``config``
   (quantization_config complete and consistent), ``index`` (index and shard
   headers agree), ``tensors`` (each quantized layer's packed weight, scale and
   shape; every tensor's shape and dtype against config.json), ``codes`` (in
   [-127, 127]), ``scales`` (finite, >= 0), ``finite`` (no NaN/Inf in other
-  floating tensors), ``sha256`` (the manifest), ``tokenizer``, ``card``;
+  floating tensors), ``sha256`` (the manifest), ``files`` (nothing push would
+  upload is outside the manifest), ``tokenizer``, ``card``;
 * group ``loading``: ``load`` (stock transformers + compressed-tensors, no
   missing or unexpected keys), ``forward`` (finite logits);
 * group ``fidelity``: ``original`` (the original was found and can be

@@ -22,7 +22,7 @@ from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, ConversionReport
 from ..report import SCHEMA as REPORT_SCHEMA
 from .layout import Layout, QuantLayer, StoredTensor
-from .result import VERIFY_NAME, Check, outcome
+from .result import VERIFY_NAME, Check, outcome, skipped
 from .scan import ShardScan, scan_all, sha256_file
 
 __all__ = ["BLOCKING", "Layout", "QuantLayer", "StoredTensor", "check_structure", "load_tokenizer"]
@@ -46,7 +46,7 @@ TOKENIZER_FILES = (
 _MAX_HEADER = 100 * 1024 * 1024
 _TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
-BLOCKING = ("config", "index", "tensors")
+BLOCKING = ("config", "index", "tensors", "contained")
 """Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load)."""
 
 
@@ -544,6 +544,19 @@ def _check_card(folder: Path, report: ConversionReport | None) -> Check:
 # --------------------------------------------------------------------------- all of it
 
 
+STRUCTURE_CHECKS = ("report", "config", "index", "tensors", "codes", "scales", "finite", "sha256", "files", "tokenizer",
+                    "card")
+"""The checks after ``contained``, in the order they run."""
+
+
+def _check_contained(folder: Path) -> Check:
+    """No symlink in the folder leads outside it (`int8.paths`): the one check run before any file is read."""
+    outside = links_outside(folder)
+    problems = [f"{plain(n)} is a link to a place outside the folder" for n in outside]
+    return outcome("contained", problems, figure=f"{len(outside)} links outside",
+                   threshold="every file inside the folder after resolving links")
+
+
 def check_structure(folder: Path, *, workers: int | None = None) -> tuple[list[Check], Layout]:
     """Run every structure and integrity check on a converted folder; return the checks and the layout."""
     import time
@@ -551,6 +564,10 @@ def check_structure(folder: Path, *, workers: int | None = None) -> tuple[list[C
     started = time.perf_counter()
     folder = Path(folder)
     layout = Layout(folder)
+    contained = _check_contained(folder)
+    if contained.failed:  # a link out of the folder: nothing in it is read, so nothing outside can be
+        why = "a file of the folder links outside it, so nothing was read"
+        return [contained, *(skipped(n, why, group="structure") for n in STRUCTURE_CHECKS)], layout
     report_check, report = _check_report(folder)
     layout.report = report
     config_check, meta = _check_config(folder, layout, report)
@@ -595,6 +612,7 @@ def check_structure(folder: Path, *, workers: int | None = None) -> tuple[list[C
     lo = min((s.scale_min for s in scans.values()), default=math.inf)
     hi = max((s.scale_max for s in scans.values()), default=-math.inf)
     checks = [
+        contained,
         report_check,
         config_check,
         index_check,
