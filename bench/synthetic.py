@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from int8.plan import OutputTensor  # noqa: E402
-from int8.writer import ShardWriter  # noqa: E402
+from int8.conversion.writer import ShardWriter  # noqa: E402
+from int8.formats.safetensors import OutputTensor  # noqa: E402
 
 N_EMBD = 4096
 N_INNER = 16384

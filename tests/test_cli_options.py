@@ -192,7 +192,7 @@ def test_convert_dot_names_the_output_after_the_folder(gptj, tmp_path, spelling)
 
 
 def test_default_output_names():
-    from int8.converter import default_output
+    from int8.conversion.api import default_output
 
     assert default_output("gpt-j-6b").name == "gpt-j-6b-int8"
     assert default_output("bigscience/bloomz-560m").name == "bloomz-560m-int8"

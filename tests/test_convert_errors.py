@@ -237,7 +237,7 @@ def test_output_inside_the_source_is_refused(src):
 
 
 def test_disk_full_leaves_nothing(src, tmp_path, monkeypatch):
-    from int8 import writer
+    from int8.conversion import writer
 
     real = writer.ShardWriter._put
 

@@ -26,6 +26,7 @@ from models import make_tiny
 
 import int8
 from int8 import checkpoint, errors
+from int8.formats import safetensors as st
 from int8.report import REPORT_NAME
 from int8.runtime import loader
 
@@ -583,17 +584,17 @@ def test_duplicate_across_bin_shards_is_refused(copy, tmp_path):
 
 def test_absurd_tensor_counts_and_headers_are_refused_early(copy, tmp_path):
     many = copy("gptj", "many")
-    n = checkpoint.MAX_TENSORS_PER_FILE + 1
+    n = st.MAX_TENSORS_PER_FILE + 1
     write_st(many / "model.safetensors", {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(n)})
     huge = copy("gptj", "huge")
-    size = checkpoint.MAX_HEADER_BYTES + 8
+    size = st.MAX_HEADER_BYTES + 8
     with open(huge / "model.safetensors", "wb") as f:  # sparse: a header length field just over the cap
         f.write(struct.pack("<Q", size))
         f.truncate(size + 16)
     wide = copy("bloom", "wide")  # an index listing more tensors than any model has
     index = json.loads((wide / "model.safetensors.index.json").read_text())
     shard = next(iter(index["weight_map"].values()))
-    index["weight_map"] = {f"t{i}": shard for i in range(checkpoint.MAX_TENSORS + 1)}
+    index["weight_map"] = {f"t{i}": shard for i in range(st.MAX_TENSORS + 1)}
     (wide / "model.safetensors.index.json").write_text(json.dumps(index))
     runs = [convert_args(s, tmp_path / f"{s.name}-int8") for s in (many, huge, wide)]
     for r, what in zip(cli_batch(runs, tmp_path / "batch"), ["tensors", "limit", "tensors"], strict=True):
@@ -609,7 +610,7 @@ def test_many_tensors_below_the_cap_stay_cheap(copy, tmp_path, monkeypatch):
     extra = {f"junk.{i}": {"dtype": "F32", "shape": [0], "data_offsets": [len(data), len(data)]} for i in range(20_000)}
     write_st(src / "model.safetensors", {**h, **extra}, data)
     started = time.perf_counter()
-    tensors, _, problems = checkpoint.scan_safetensors_header(src / "model.safetensors")
+    tensors, _, problems = st.scan_safetensors_header(src / "model.safetensors")
     assert not problems and len(tensors) == len(h) - ("__metadata__" in h) + 20_000
     assert time.perf_counter() - started < 5
     monkeypatch.setattr(checkpoint, "MAX_TENSORS", 1_000)
@@ -724,7 +725,7 @@ def test_library_errors_are_int8_errors(copy, tmp_path):
         src = copy("gptj", f"api-{v}")
         edit_header(src / "model.safetensors", HEADER_DAMAGE[v])
         with pytest.raises(errors.CorruptCheckpoint):
-            checkpoint.read_safetensors_header(src / "model.safetensors")
+            st.read_safetensors_header(src / "model.safetensors")
     out = copy("out", "api-out")
     _damage_index(out, "weight-map-list")
     with pytest.raises(errors.CorruptCheckpoint):

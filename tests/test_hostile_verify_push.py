@@ -28,11 +28,11 @@ from models import make_tiny
 from test_hub_download import run_main
 
 import int8
+from int8.conversion.writer import sha256_file
 from int8.errors import Int8Error, UnsupportedModel
 from int8.report import ConversionReport
 from int8.verify import VERIFY_NAME, verify_checkpoint
 from int8.verify.result import manifest_digest
-from int8.writer import sha256_file
 
 INT8 = [sys.executable, "-m", "int8.cli"]
 BLOCK = 64

@@ -22,7 +22,8 @@ import pytest
 from models import make_tiny
 
 import int8
-from int8 import errors, output
+from int8 import errors
+from int8.conversion import output
 
 INT8 = [sys.executable, "-m", "int8.cli"]
 
@@ -40,7 +41,7 @@ def wait():
         time.sleep(pause)
 
 if where == "index":  # all shards written, in staging, before the report
-    import int8.converter as conv
+    import int8.conversion.api as conv
     real_index = conv._write_index
     def slow_index(folder, plan):
         real_index(folder, plan)

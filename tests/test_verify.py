@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import int8
+from int8.conversion.writer import sha256_file
 from int8.errors import Int8Error, SourceNotFound
 from int8.report import ConversionReport
 from int8.verify import SCHEMA, VERIFY_NAME, Thresholds, verify_checkpoint
-from int8.writer import sha256_file
 
 BLOCK = 64
 TOKENS = 256  # tokens of the built-in sample scored per run: enough for stable figures, fast on 2 cores

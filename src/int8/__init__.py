@@ -13,7 +13,7 @@ __all__ = ["__version__", "convert", "load"]
 def __getattr__(name: str):
     # Lazy: `import int8` stays fast (the CLI's --help must not import torch).
     if name == "convert":
-        from .converter import convert
+        from .conversion.api import convert
 
         return convert
     if name == "load":

@@ -18,16 +18,9 @@ Two on-disk forms are read:
 from __future__ import annotations
 
 import ctypes
-import itertools
-import json
-import math
 import mmap
 import os
-import pickle
-import re
-import struct
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +28,20 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptCheckpoint, NoWeightsFound, ResourceLimit, SourceChanged, UnsupportedModel
+from .formats.pytorch import BIN_INDEX, BIN_SINGLE, load_bin
+from .formats.safetensors import (
+    DTYPE_NAMES,
+    DTYPES,
+    MAX_TENSORS,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    SourceTensor,
+    index_files,
+    itemsize,
+    read_index,
+    read_safetensors_header,
+)
 from .paths import inside, plain, show
-
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 
 SIDECAR_FILES = (
     "generation_config.json",
@@ -61,68 +62,13 @@ generation settings, license); the converter copies them unchanged."""
 # Weight files of other frameworks that int8 never reads (and never copies).
 FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ckpt", "*.onnx", "*.gguf", "*.pt", "*.pth", "*.ot", "*.tflite")
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-MAX_HEADER_BYTES = 16 << 20
-"""Largest safetensors header int8 reads. A BLOOM-176B shard's header is about 100 KB, T5-XXL's whole
-header about 60 KB: this is over a hundred times what any real checkpoint needs."""
-MAX_TENSORS_PER_FILE = 100_000
-"""Most tensors one weight file may declare (BLOOM-176B's shards hold under a thousand each)."""
-MAX_TENSORS = 200_000
-"""Most tensors a whole checkpoint may hold (the largest models int8 converts have a few thousand;
-mixture-of-experts giants under a hundred thousand)."""
-MAX_INDEX_BYTES = 64 << 20
-"""Largest shard index int8 reads (real ones are tens of kilobytes to a few megabytes)."""
-MAX_NDIM = 16
-"""Most dimensions a tensor may have."""
-_DTYPE_LIKE = re.compile(r"[A-Z][A-Z0-9_]{0,11}")
 
 
-_ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
 
 
-def itemsize(dtype: str) -> int:
-    return _ITEMSIZE[dtype]
 
 
-@dataclass(frozen=True)
-class SourceTensor:
-    """One tensor of a source checkpoint, as its file describes it."""
 
-    name: str
-    dtype: str  # safetensors dtype name: F32, F16, BF16, ...
-    shape: tuple[int, ...]
-    file: Path
-    offset: int = 0  # byte offset of the data in `file` (safetensors only)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
 
 
 @dataclass(frozen=True)
@@ -173,175 +119,25 @@ def find_checkpoint(folder: Path) -> CheckpointFiles:
 # --------------------------------------------------------------------------- the shard index
 
 
-def read_index(index: Path) -> dict[str, str]:
-    """The ``weight_map`` of a shard index (tensor name -> shard file), checked at the edge:
-    a JSON object whose ``weight_map`` maps text to non-empty text and whose ``metadata``, when
-    present, is an object. `CorruptCheckpoint` (or `ResourceLimit`) otherwise."""
-    name = index.name
-    hint = "Download or save the checkpoint again; the index must be what save_pretrained writes."
-    try:
-        if index.stat().st_size > MAX_INDEX_BYTES:
-            raise ResourceLimit(f"{name} is larger than {MAX_INDEX_BYTES >> 20} MiB: no real shard index is", hint)
-        data = json.loads(index.read_bytes(), object_pairs_hook=_no_duplicate_keys)
-    except OSError as e:
-        raise CorruptCheckpoint(f"{name} cannot be read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpoint(f"{name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", hint) from None
-    except _DuplicateKey as e:
-        raise CorruptCheckpoint(f"{name} lists {show(e.key)} twice", hint) from None
-    except (ValueError, RecursionError):
-        raise CorruptCheckpoint(f"{name} is not valid UTF-8 JSON", hint) from None
-    if not isinstance(data, dict):
-        raise CorruptCheckpoint(f"{name} is not a JSON object", hint)
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CorruptCheckpoint(f"{name} has no weight_map object (tensor name -> shard file name)", hint)
-    if not weight_map:
-        raise CorruptCheckpoint(f"{name} has an empty weight_map", hint)
-    if len(weight_map) > MAX_TENSORS:
-        raise ResourceLimit(f"{name} lists more than {MAX_TENSORS:,} tensors: no real model has that many", hint)
-    for tname, fname in weight_map.items():
-        if not isinstance(fname, str) or not fname:
-            raise CorruptCheckpoint(f"{name}: weight_map gives tensor {show(tname)} no shard file name", hint)
-    if not isinstance(data.get("metadata", {}), (dict, type(None))):
-        raise CorruptCheckpoint(f"{name}: metadata is not an object", hint)
-    return weight_map
 
 
-def index_files(index: Path, weight_map: dict[str, str]) -> tuple[Path, ...]:
-    """The shard files a weight map names, each inside the index's folder and present."""
-    folder = index.parent
-    names = sorted(set(weight_map.values()))
-    paths = [inside(folder, n, what=f"shard listed in {index.name}") for n in names]
-    missing = [n for n, p in zip(names, paths, strict=True) if not p.is_file()]
-    if missing:
-        raise CorruptCheckpoint(
-            f"{index.name} lists shards that are missing from {folder}: {', '.join(plain(n) for n in missing[:5])}",
-            "Download the checkpoint again (a Hub download resumes where it stopped).",
-        )
-    return tuple(dict.fromkeys(paths))  # "a" and "./a" are one file
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__("duplicate key")
-        self.key = key
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _DuplicateKey(k)
-            seen.add(k)
-    return out
 
 
 # --------------------------------------------------------------------------- safetensors headers
 
 
-def _dtype_shown(dtype: object) -> str:
-    """A dtype name from a header, printed only when it looks like one (short, upper-case)."""
-    if isinstance(dtype, str) and _DTYPE_LIKE.fullmatch(dtype):
-        return dtype
-    return "that is not a safetensors dtype name"
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _parse_entry(info: object) -> tuple[str, tuple[int, ...], int, int] | str:
-    """(dtype, shape, begin, end) of a header entry, or what is wrong with it (no raw value quoted)."""
-    if not isinstance(info, dict):
-        return "has a header entry that is not an object"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str):
-        return "has no dtype (or one that is not text)"
-    if dtype not in DTYPES:
-        return f"has dtype {_dtype_shown(dtype)}, which int8 does not read"
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
-        return f"has a shape that is not a list of at most {MAX_NDIM} non-negative integers"
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        return "has data_offsets that are not two integers"
-    b, e = offsets
-    if b < 0 or e < b:
-        return "has data_offsets that are negative or reversed"
-    shape_t = tuple(shape)
-    need = math.prod(shape_t) * itemsize(dtype)
-    if e - b != need:
-        return f"has data_offsets spanning {e - b} bytes, but {dtype} {list(shape_t)[:8]} takes {need}"
-    return dtype, shape_t, b, e
 
 
-def scan_safetensors_header(path: Path) -> tuple[list[SourceTensor], int, list[str]]:
-    """Parse a safetensors header, collecting every problem instead of stopping at the first.
-
-    Returns the tensors sorted by offset (``offset`` absolute in the file), the
-    byte where the data starts, and the problems (none for a sound file): a
-    header that cannot be read, malformed or overlapping entries, unknown
-    dtypes, and tensors cut off by truncation (the first one named). No problem
-    quotes bytes of the file: tensor names are escaped and cut, numbers are sizes.
-    """
-    name = path.name
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            return [], 0, [f"{name} is truncated to {size} bytes: not even a safetensors header"]
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > size - 8:
-            return [], 0, [f"{name} is not a safetensors file, or is truncated ({size} bytes): its header length field is invalid"]
-        if n > MAX_HEADER_BYTES:
-            return [], 0, [f"{name} declares a safetensors header larger than int8's limit of {MAX_HEADER_BYTES >> 20} MiB"]
-        raw = f.read(n)
-    try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as e:
-        return [], 0, [f"{name}: the safetensors header lists {show(e.key)} twice"]
-    except json.JSONDecodeError as e:
-        return [], 0, [f"{name} has a corrupt safetensors header (not valid JSON: {e.msg} at byte {e.pos})"]
-    except (ValueError, RecursionError):
-        return [], 0, [f"{name} has a corrupt safetensors header (not valid UTF-8 JSON)"]
-    if not isinstance(header, dict):
-        return [], 0, [f"{name} has a corrupt safetensors header (not a JSON object)"]
-    if len(header) - ("__metadata__" in header) > MAX_TENSORS_PER_FILE:
-        return [], 0, [f"{name} declares more than {MAX_TENSORS_PER_FILE:,} tensors: no real checkpoint shard has that many"]
-    start = 8 + n
-    problems: list[str] = []
-    tensors: list[SourceTensor] = []
-    for tname, info in header.items():
-        if tname == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                problems.append(f"{name}: the safetensors __metadata__ is not a map of text to text")
-            continue
-        parsed = _parse_entry(info)
-        if isinstance(parsed, str):
-            problems.append(f"{name}: tensor {show(tname)} {parsed}")
-            continue
-        dtype, shape, b, _ = parsed
-        tensors.append(SourceTensor(tname, dtype, shape, path, start + b))
-    tensors.sort(key=lambda t: t.offset)
-    for a, b in itertools.pairwise(tensors):
-        if b.offset < a.offset + a.nbytes:
-            problems.append(f"{name}: tensors {show(a.name)} and {show(b.name)} overlap in the file")
-    cut = [t for t in tensors if t.offset + t.nbytes > size]
-    if cut:
-        problems.append(
-            f"{name} is truncated: {size} bytes, but tensor {show(cut[0].name)} ends at byte {cut[0].offset + cut[0].nbytes}"
-            + (f" ({len(cut) - 1} more tensor(s) after it are cut off too)" if len(cut) > 1 else "")
-        )
-    return tensors, start, problems
 
 
-def read_safetensors_header(path: Path) -> list[SourceTensor]:
-    """The tensors of a sound safetensors file, sorted by offset; `CorruptCheckpoint` otherwise."""
-    tensors, _, problems = scan_safetensors_header(path)
-    if problems:
-        raise CorruptCheckpoint(f"{path}: {problems[0]}", "Download or save the checkpoint again.")
-    return tensors
 
 
 CHANGED_HINT = (
@@ -474,7 +270,7 @@ class CheckpointReader:
     def _open_bin(self, index_map: dict[str, str] | None) -> None:
         found: dict[str, Path] = {}
         for path in self.files.files:
-            state = _load_bin(path)
+            state = load_bin(path)
             for name, t in state.items():
                 if not isinstance(t, torch.Tensor):
                     raise CorruptCheckpoint(f"{path.name}: entry {show(name)} is a {type(t).__name__}, not a tensor")
@@ -613,26 +409,3 @@ class CheckpointReader:
         self.close()
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsupportedModel(
-            f"{path.name} holds pickled Python objects besides tensors; int8 loads .bin files with "
-            f"weights_only=True and will not unpickle arbitrary code ({str(e).splitlines()[0]})",
-            "If you trust the file, load it with torch.load and save the state dict with safetensors.",
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        msg = str(e)
-        if "mmap" in msg:
-            raise UnsupportedModel(
-                f"{path.name} cannot be memory-mapped: it was saved in PyTorch's legacy (pre-1.6) format",
-                "Re-save it with a current torch (torch.save(torch.load(f, weights_only=True), f)) "
-                "or convert it to safetensors, then run int8 again.",
-            ) from None
-        raise CorruptCheckpoint(f"{path} could not be read: {msg.splitlines()[0][:200]}", "Download or save it again.") from None
-    if not isinstance(state, dict):
-        raise CorruptCheckpoint(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state

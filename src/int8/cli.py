@@ -191,8 +191,8 @@ def convert(
 
     `int8 convert ./my-model --skip lm_head --skip "*.mlp.fc_out"`
     """
-    from .converter import convert as run_convert
-    from .converter import default_output
+    from .conversion.api import convert as run_convert
+    from .conversion.api import default_output
 
     options.local_revision(source, revision)
     folder = out_dir if out_dir is not None else default_output(source)

@@ -28,7 +28,7 @@ class BadOption(Int8Error):
 
 def shard_size(text: str | int) -> int:
     """--max-shard-size: '5GB', '500MB', '2GiB' or bytes -> bytes, positive and within 64 bits."""
-    from .plan import parse_size
+    from .conversion.plan import parse_size
 
     try:
         size = parse_size(text)
@@ -61,7 +61,7 @@ def at_least(name: str, value: int | None, low: int) -> int | None:
 
 def skip_patterns(patterns: Sequence[str] | None) -> list[str]:
     """--skip: every pattern well formed (a ``re:`` one a valid regular expression)."""
-    from .plan import check_pattern
+    from .conversion.plan import check_pattern
 
     out = []
     for p in patterns or ():
@@ -92,7 +92,7 @@ STAGING_EXTRA = len(".") + len(".int8-partial-") + 8
 def output_folder(path: str | Path) -> Path:
     """--out: an absolute path whose name, and its staging folder's, fit the filesystem; never the
     current folder or one that holds it (int8 renames a new folder into place); never a mount point."""
-    from .output import name_max
+    from .conversion.output import name_max
 
     raw = Path(path).expanduser()
     out = Path(os.path.abspath(raw))

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from ..conversion.plan import model_class_for
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
-from ..plan import model_class_for
 from .layer import Int8Linear
 
 QUANT_METHOD = "int8-runtime"
@@ -57,7 +57,7 @@ class QuantizedLayerSpec:
 
 def _headers(folder: Path) -> dict[str, dict]:
     """name -> safetensors header entry, over all shards (each inside ``folder``, see `int8.paths`)."""
-    from ..checkpoint import index_files, read_index, read_safetensors_header
+    from ..formats.safetensors import index_files, read_index, read_safetensors_header
     from ..paths import inside
 
     index = folder / INDEX_NAME

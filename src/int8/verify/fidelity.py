@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointReader, SourceTensor, find_checkpoint
+from ..checkpoint import CheckpointReader, find_checkpoint
+from ..formats.safetensors import SourceTensor
 from ..quantize import QMAX, dequantize, unpack_codes
 from .result import Check, Thresholds, outcome
 from .structure import Layout, QuantLayer

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import DTYPES
+from ..formats.safetensors import DTYPES
 from ..report import ConversionReport
 
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}

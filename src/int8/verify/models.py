@@ -110,8 +110,8 @@ def _placement(device: torch.device) -> dict:
 
 def load_original(folder: Path, dtype: torch.dtype, device: torch.device):
     """The original model, by stock transformers, from its own folder and config."""
+    from ..conversion.plan import model_class_for
     from ..hf import load_config, load_model
-    from ..plan import model_class_for
 
     with quiet():
         config = load_config(folder)
@@ -126,8 +126,8 @@ def load_converted(folder: Path, mode: str, dtype: torch.dtype, device: torch.de
     """(model, loading info) by stock transformers + compressed-tensors."""
     from transformers import CompressedTensorsConfig
 
+    from ..conversion.plan import model_class_for
     from ..hf import load_config, load_model
-    from ..plan import model_class_for
 
     with quiet():
         qc = CompressedTensorsConfig(dequantize=mode != "compressed")
@@ -143,8 +143,8 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
     """The converted model built by int8 from config.json with de-quantized weights (for Conv1D models).
 
     Returns (model, missing keys)."""
+    from ..conversion.plan import model_class_for
     from ..hf import load_config
-    from ..plan import model_class_for
     from ..quantize import dequantize, unpack_codes
 
     with quiet():
@@ -209,7 +209,7 @@ def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
     quantized (in blocks of what size, scales in what dtype) and in which dtype
     the others are stored. Returns the names that found no parameter of the
     original (a different architecture, or a wrong original)."""
-    from ..checkpoint import DTYPES
+    from ..formats.safetensors import DTYPES
 
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     unmatched: list[str] = []

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import DTYPES, FLOAT_DTYPES
+from ..formats.safetensors import DTYPES, FLOAT_DTYPES
 from ..paths import plain, show
 from ..quantize import QMAX
 from .layout import Layout, QuantLayer, StoredTensor

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FLOAT_DTYPES, read_index, scan_safetensors_header
 from ..errors import CorruptCheckpoint, UnsafePath
+from ..formats.safetensors import FLOAT_DTYPES, read_index, scan_safetensors_header
 from ..paths import inside, links_outside, plain, show
 from ..quantize import QMAX, packed_columns
 from ..report import REPORT_NAME, ConversionReport
@@ -190,8 +190,8 @@ def _check_config(folder: Path, layout: Layout, report: ConversionReport | None)
 
 
 def _meta_model(folder: Path):
+    from ..conversion.plan import build_meta_model
     from ..hf import load_config
-    from ..plan import build_meta_model
 
     config = load_config(folder)
     if hasattr(config, "quantization_config"):

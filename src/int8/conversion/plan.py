@@ -11,7 +11,6 @@ of every output shard, so shards can be written front to back as data streams.
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FLOAT_DTYPES, SourceTensor, itemsize
-from .errors import UnsupportedModel
-from .quantize import num_blocks, packed_columns
+from ..errors import UnsupportedModel
+from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
+from ..quantize import num_blocks, packed_columns
 
 DTYPE_ALIASES = {
     "fp32": "F32",
@@ -66,17 +65,6 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the output checkpoint."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 @dataclass
@@ -154,7 +142,7 @@ class ConversionPlan:
 
 def model_class_for(config) -> type:
     """The transformers class that loads this config (see `int8.hf.model_class`)."""
-    from .hf import model_class
+    from ..hf import model_class
 
     return model_class(config)
 

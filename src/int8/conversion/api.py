@@ -26,25 +26,13 @@ from typing import Protocol
 
 import torch
 
-from . import __version__, options
-from .checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint, itemsize
-from .errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
-from .output import check_replaceable
-from .output import start as start_staging
-from .paths import copy_inside, inside
-from .pipeline import stream
-from .plan import (
-    DROP,
-    KEEP,
-    QUANTIZE,
-    TORCH_NAMES,
-    ConversionPlan,
-    make_plan,
-    parse_dtype,
-    unmatched_patterns,
-)
-from .quantize import ErrorStats, num_blocks
-from .report import (
+from .. import __version__, options
+from ..checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint
+from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
+from ..formats.safetensors import itemsize
+from ..paths import copy_inside, inside
+from ..quantize import ErrorStats, num_blocks
+from ..report import (
     REPORT_NAME,
     ConversionReport,
     FileEntry,
@@ -55,7 +43,20 @@ from .report import (
     Totals,
     public_source_id,
 )
-from .sources import ResolvedSource, resolve_source
+from ..sources import ResolvedSource, resolve_source
+from .engine import stream
+from .output import check_replaceable
+from .output import start as start_staging
+from .plan import (
+    DROP,
+    KEEP,
+    QUANTIZE,
+    TORCH_NAMES,
+    ConversionPlan,
+    make_plan,
+    parse_dtype,
+    unmatched_patterns,
+)
 from .writer import sha256_file
 
 CHUNK_BYTES = 32 << 20
@@ -138,7 +139,7 @@ def convert(
 
     ``source`` is a preset name (see `int8.presets`), a local folder or a Hub
     repo id. ``out`` defaults to ``./<name>-int8``; an existing ``out`` is replaced only with
-    ``overwrite`` and only when int8 provably wrote it (see `int8.output`). ``on_warning`` is
+    ``overwrite`` and only when int8 provably wrote it (see `int8.conversion.output`). ``on_warning`` is
     called with each warning as soon as it is known (before the tensors stream); the warnings
     are also in the report. Raises `int8.errors.Int8Error` subclasses for every problem with
     the input or output.
@@ -206,7 +207,7 @@ def convert(
             report = _report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
             report.warnings = [*warnings, *(w for w in report.warnings if w not in warnings)]
             report.save(tmp)
-            from .hub.card import write_card
+            from ..hub.card import write_card
 
             write_card(tmp, report, preset=preset, original_card=resolved.folder / CARD_NAME)
     return report
@@ -219,7 +220,7 @@ def _check_not_overlapping(out: Path, source: Path) -> None:
 
 
 def _load_config(folder: Path):
-    from .hf import load_config, read_json_object
+    from ..hf import load_config, read_json_object
 
     path = folder / "config.json"
     if not path.is_file():
@@ -273,7 +274,7 @@ def _check_space(out: Path, plan: ConversionPlan) -> None:
 def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
     """Build the output in a locked staging folder beside ``out``; move it into place on success only.
 
-    `int8.output` holds the rules: what may be replaced (checked again at the end), the exclusive
+    `int8.conversion.output` holds the rules: what may be replaced (checked again at the end), the exclusive
     atomic rename, the cleaning of staging folders left by killed runs."""
     try:
         staging = start_staging(out, overwrite)

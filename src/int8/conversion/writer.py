@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import queue
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .plan import OutputTensor
-
-
-def safetensors_header(tensors: Sequence[OutputTensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The header bytes (length prefix included) for ``tensors`` laid out in order."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
+from ..formats.safetensors import OutputTensor, safetensors_header
 
 
 class BackgroundHasher:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .errors import OutputError, OutputExists
+from ..errors import OutputError, OutputExists
 
 REPORT_NAME = "int8_report.json"
 CARD_NAME = "README.md"

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHANGED_HINT, DTYPES, FLOAT_DTYPES, CheckpointReader, itemsize
-from .errors import BadTensor, SourceChanged
+from ..checkpoint import CHANGED_HINT, CheckpointReader
+from ..errors import BadTensor, SourceChanged
+from ..formats.safetensors import DTYPES, FLOAT_DTYPES, itemsize
+from ..quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
-from .quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
 from .writer import BackgroundHasher, ShardWriter
 
 CHUNK_BYTES = 32 << 20
