@@ -21,7 +21,7 @@ from safetensors import safe_open
 from test_quantize import reference
 
 import int8
-from int8.quantize import unpack_codes
+from int8.formats.compressed_tensors import unpack_codes
 from int8.report import ConversionReport
 
 CAUSAL = {"gptj", "bloom", "gpt2"}

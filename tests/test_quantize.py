@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from int8.quantize import (
-    NonFiniteWeights,
-    dequantize,
-    pack_codes,
-    quantize,
-    quantize_into,
-    unpack_codes,
-)
+from int8.formats.compressed_tensors import pack_codes, unpack_codes
+from int8.quantize import NonFiniteWeights, dequantize, quantize, quantize_into
 
 
 def _round_f32_to(x: np.ndarray, dtype: str) -> np.ndarray:

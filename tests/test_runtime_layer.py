@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from int8.quantize import pack_codes, quantize
+from int8.formats.compressed_tensors import pack_codes
+from int8.quantize import quantize
 from int8.runtime import layer as layer_mod
 from int8.runtime.layer import Int8Linear, int8_linear, int8_linear_grad_input
 

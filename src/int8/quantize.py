@@ -20,7 +20,7 @@ The scheme, exactly (it is what makes CPU and CUDA outputs byte-identical):
 Packed layout (compressed-tensors ``pack-quantized`` with ``num_bits=8``): the
 codes of a row, offset by +128 into ``[1, 255]``, are stored as consecutive
 bytes, four to a little-endian int32, the row padded with zero bytes to a
-multiple of four. ``pack_codes`` / ``unpack_codes`` convert between the two.
+multiple of four: `int8.formats.compressed_tensors` packs and unpacks them.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from . import kernels
 QMAX = 127
 """Codes lie in [-QMAX, QMAX]: symmetric, so -128 is never produced."""
 
-PACK_FACTOR = 4
-"""int8 codes per int32 word in the packed layout."""
 
 # Rows are quantized in sub-chunks of about this many values (4 MiB of fp32),
 # so every intermediate stays in the CPU's L2/L3 cache.
@@ -91,16 +89,11 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.block_size, dtype)
 
-    def packed(self) -> torch.Tensor:
-        return pack_codes(self.codes)
-
 
 def num_blocks(in_features: int, block_size: int) -> int:
     return math.ceil(in_features / block_size)
 
 
-def packed_columns(in_features: int) -> int:
-    return math.ceil(in_features / PACK_FACTOR)
 
 
 def scales_from_absmax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -291,22 +284,5 @@ def dequantize(
     return out.view(rows, -1)[:, :cols].to(dtype)
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes ``(out, in)`` -> compressed-tensors ``weight_packed`` int32 ``(out, ceil(in/4))``."""
-    rows, cols = codes.shape
-    padded = torch.zeros(rows, packed_columns(cols) * PACK_FACTOR, dtype=torch.uint8, device=codes.device)
-    torch.bitwise_xor(codes.view(torch.uint8), 0x80, out=padded[:, :cols])
-    return padded.view(torch.int32)
 
 
-def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """compressed-tensors ``weight_packed`` int32 ``(out, ceil(in/4))`` -> int8 codes ``(out, in)``.
-
-    A packed byte of 0 (the padding value) unpacks to -128, which no valid
-    checkpoint holds inside the first ``in_features`` columns.
-    """
-    if packed.dtype != torch.int32:
-        raise ValueError(f"weight_packed must be int32, got {packed.dtype}")
-    rows = packed.shape[0]
-    raw = packed.contiguous().view(torch.uint8).view(rows, -1)[:, :in_features]
-    return (raw ^ 0x80).view(torch.int8)

@@ -29,6 +29,7 @@ import torch
 from .. import __version__, options
 from ..checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint
 from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
+from ..formats.compressed_tensors import build_config
 from ..formats.safetensors import itemsize
 from ..paths import copy_inside, inside
 from ..quantize import ErrorStats, num_blocks
@@ -304,39 +305,12 @@ def _write_index(folder: Path, plan: ConversionPlan) -> None:
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def quantization_config(plan: ConversionPlan) -> dict:
-    """The compressed-tensors ``quantization_config`` for config.json, built with compressed-tensors itself."""
-    import compressed_tensors
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(
-            num_bits=8, type="int", symmetric=True, strategy="group", group_size=plan.block_size, dynamic=False
-        ),
-        format="pack-quantized",
-    )
-    qc = QuantizationConfig(
-        config_groups={"group_0": scheme},
-        format="pack-quantized",
-        quantization_status="compressed",
-        ignore=plan.ignore,
-    )
-    return {
-        "version": compressed_tensors.__version__,
-        "quant_method": "compressed-tensors",
-        "sparsity_config": {},
-        "transform_config": {},
-        **qc.model_dump(exclude={"quant_method"}, mode="json"),
-    }
-
-
 def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None:
     out = dict(config_dict)
     out["dtype"] = TORCH_NAMES[plan.dtype]
     if "torch_dtype" in out:
         out["torch_dtype"] = TORCH_NAMES[plan.dtype]
-    out["quantization_config"] = quantization_config(plan)
+    out["quantization_config"] = build_config(plan.block_size, plan.ignore)
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -28,8 +28,9 @@ import torch
 
 from ..checkpoint import CHANGED_HINT, CheckpointReader
 from ..errors import BadTensor, SourceChanged
+from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES, itemsize
-from ..quantize import ErrorStats, NonFiniteWeights, num_blocks, packed_columns, quantize_into
+from ..quantize import ErrorStats, NonFiniteWeights, num_blocks, quantize_into
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
 from .writer import BackgroundHasher, ShardWriter
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModel
+from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
-from ..quantize import num_blocks, packed_columns
+from ..quantize import num_blocks
 
 DTYPE_ALIASES = {
     "fp32": "F32",

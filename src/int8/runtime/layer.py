@@ -35,7 +35,7 @@ import threading
 import torch
 from torch import nn
 
-from ..quantize import PACK_FACTOR, pack_codes, unpack_codes
+from ..formats.compressed_tensors import PACK_FACTOR, pack_codes, unpack_codes
 
 CHUNK_ELEMENTS = 1 << 21
 """Weight values de-quantized at a time on CPU (8 MiB in fp32: fits the L2/L3 caches

@@ -25,6 +25,7 @@ import torch
 
 from ..conversion.plan import model_class_for
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
+from ..formats.compressed_tensors import check_config
 from .layer import Int8Linear
 
 QUANT_METHOD = "int8-runtime"
@@ -75,43 +76,18 @@ def _headers(folder: Path) -> dict[str, dict]:
 
 
 def check_quantization_config(qc: Any, folder: Path) -> int:
-    """Validate a compressed-tensors int8 ``quantization_config``; return its group size (block size)."""
-    hint = "int8.load reads checkpoints written by `int8 convert` (compressed-tensors pack-quantized, 8-bit int weights)."
+    """The group size (block size) of an int8 checkpoint's ``quantization_config``; `UnsupportedModel` when
+    it is not one int8.load runs (the rules are `int8.formats.compressed_tensors.check_config`'s)."""
     if not qc:
-        raise UnsupportedModel(f"{folder} is not an int8 checkpoint: its config.json has no quantization_config",
+        raise UnsupportedModel(f"{folder.name} is not an int8 checkpoint: its config.json has no quantization_config",
                                "Convert it first with `int8 convert`, or load it with plain transformers.")
-    if not isinstance(qc, dict):
-        qc = qc.to_dict()
-    if qc.get("quant_method") != "compressed-tensors":
-        raise UnsupportedModel(f"{folder} is quantized with {qc.get('quant_method')!r}, not compressed-tensors", hint)
-    groups = qc.get("config_groups") or {}
-    if not groups:
-        raise UnsupportedModel(f"{folder}: quantization_config has no config_groups", hint)
-    sizes = set()
-    for name, group in groups.items():
-        w = (group or {}).get("weights") or {}
-        if (group or {}).get("input_activations") or (group or {}).get("output_activations"):
-            raise UnsupportedModel(f"{folder}: group {name} quantizes activations, which int8.load does not do", hint)
-        bad = []
-        if w.get("num_bits") != 8:
-            bad.append(f"num_bits={w.get('num_bits')}")
-        if w.get("type", "int") != "int":
-            bad.append(f"type={w.get('type')}")
-        if not w.get("symmetric", True):
-            bad.append("asymmetric")
-        strategy = w.get("strategy")
-        if strategy not in ("group", "channel"):
-            bad.append(f"strategy={strategy}")
-        fmt = group.get("format") or qc.get("format")
-        if fmt not in (None, "pack-quantized"):
-            bad.append(f"format={fmt}")
-        if bad:
-            raise UnsupportedModel(f"{folder}: quantization group {name} is not int8 block-wise ({', '.join(bad)})", hint)
-        if strategy == "group":
-            sizes.add(int(w.get("group_size") or 0))
-    if qc.get("quantization_status", "compressed") != "compressed":
-        raise UnsupportedModel(f"{folder}: quantization_status is {qc.get('quantization_status')!r}, not 'compressed'", hint)
-    return max(sizes) if sizes else 0
+    found = check_config(qc if isinstance(qc, dict) else qc.to_dict())
+    if found.problems or found.group_size is None:
+        raise UnsupportedModel(
+            f"{folder.name} is not an int8 weight-only checkpoint: " + "; ".join(found.problems[:3] or ["no group size"]),
+            "int8.load reads checkpoints written by `int8 convert` (compressed-tensors pack-quantized, 8-bit int weights).",
+        )
+    return found.group_size
 
 
 def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerSpec]:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointReader, find_checkpoint
+from ..formats.compressed_tensors import unpack_codes
 from ..formats.safetensors import SourceTensor
-from ..quantize import QMAX, dequantize, unpack_codes
+from ..quantize import QMAX, dequantize
 from .result import Check, Thresholds, outcome
 from .structure import Layout, QuantLayer
 

@@ -144,8 +144,9 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
 
     Returns (model, missing keys)."""
     from ..conversion.plan import model_class_for
+    from ..formats.compressed_tensors import unpack_codes
     from ..hf import load_config
-    from ..quantize import dequantize, unpack_codes
+    from ..quantize import dequantize
 
     with quiet():
         config = load_config(layout.folder)

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpoint, UnsafePath
+from ..formats.compressed_tensors import check_config, is_ignored, packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, read_index, scan_safetensors_header
 from ..paths import inside, links_outside, plain, show
-from ..quantize import QMAX, packed_columns
+from ..quantize import QMAX
 from ..report import REPORT_NAME, ConversionReport
 from ..report import SCHEMA as REPORT_SCHEMA
 from .layout import Layout, QuantLayer, StoredTensor
@@ -74,72 +75,6 @@ def _check_report(folder: Path) -> tuple[Check, ConversionReport | None]:
     return outcome("report", problems, figure=figure, threshold=threshold), report
 
 
-def _quant_args(qc: dict, problems: list[str]) -> int | None:
-    """Validate a compressed-tensors quantization_config; return its group size."""
-    where = "config.json: quantization_config"
-    want = {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-    }
-    for key, value in want.items():
-        if qc.get(key) != value:
-            problems.append(f"{where}.{key} is {qc.get(key)!r}, not {value!r}")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        problems.append(f"{where}.config_groups is missing or empty")
-        return None
-    sizes = set()
-    for gname, group in groups.items():
-        at = f"{where}.config_groups.{gname}"
-        if not isinstance(group, dict):
-            problems.append(f"{at} is not an object")
-            continue
-        w = group.get("weights")
-        if not isinstance(w, dict):
-            problems.append(f"{at}.weights is missing")
-            continue
-        expect = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
-        for key, value in expect.items():
-            if w.get(key) != value:
-                problems.append(f"{at}.weights.{key} is {w.get(key)!r}, not {value!r}")
-        gs = w.get("group_size")
-        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
-            problems.append(f"{at}.weights.group_size is {gs!r}, not a positive integer")
-        else:
-            sizes.add(gs)
-        if group.get("input_activations") or group.get("output_activations"):
-            problems.append(f"{at} quantizes activations; an int8 checkpoint is weight-only")
-        fmt = group.get("format")
-        if fmt is not None and fmt != "pack-quantized":
-            problems.append(f"{at}.format is {fmt!r}, not 'pack-quantized'")
-        if "Linear" not in (group.get("targets") or []):
-            problems.append(f"{at}.targets is {group.get('targets')!r}; it must include 'Linear'")
-    if len(sizes) > 1:
-        problems.append(f"{where} has different group sizes in different groups: {sorted(sizes)}")
-    ignore = qc.get("ignore", [])
-    if not isinstance(ignore, list):
-        problems.append(f"{where}.ignore is not a list")
-    else:
-        for i, pat in enumerate(ignore):
-            if not isinstance(pat, str):
-                problems.append(f"{where}.ignore[{i}] is {pat!r}, not a module name or pattern")
-            elif pat.startswith("re:") and _bad_regex(pat[3:]):
-                problems.append(f"{where}.ignore[{i}] {pat!r} is not a valid regular expression ({_bad_regex(pat[3:])})")
-    return next(iter(sizes)) if len(sizes) == 1 else None
-
-
-def _bad_regex(pattern: str) -> str:
-    """Why ``pattern`` does not compile ('' when it does)."""
-    import re
-
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as e:
-        return str(e)
-    return ""
-
-
 def _check_config(folder: Path, layout: Layout, report: ConversionReport | None):
     """config.json and its quantization_config; returns (check, meta model or None)."""
     threshold = "pack-quantized, 8-bit symmetric int, one group size; transformers builds it"
@@ -159,7 +94,9 @@ def _check_config(folder: Path, layout: Layout, report: ConversionReport | None)
         problems.append("config.json has no quantization_config: this is not a quantized checkpoint")
         group_size = None
     else:
-        group_size = _quant_args(qc, problems)
+        qcheck = check_config(qc)
+        problems += qcheck.problems
+        group_size = qcheck.group_size
     if report is not None and group_size is not None and group_size != report.quantization.block_size:
         problems.append(
             f"config.json: quantization_config group_size {group_size} disagrees with the block size "
@@ -295,25 +232,14 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
 
     tensors = layout.tensors
     qc = (layout.config or {}).get("quantization_config") or {}
-    ignore = qc.get("ignore") or [] if isinstance(qc, dict) else []
-    ignore = ignore if isinstance(ignore, list) else []
+    ignore = check_config(qc).ignore  # the well-formed entries (the config check reports the rest)
     gs = layout.block_size
     params = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
     modules = dict(meta.named_modules())
     cls = type(meta).__name__
 
     def ignored(module: str) -> bool:
-        # compressed-tensors' matching: a module name, "re:" + a regular expression, or a class name
-        kind = type(modules.get(module)).__name__
-        for pat in ignore:
-            if not isinstance(pat, str):  # the config check reports it
-                continue
-            if pat.startswith("re:"):
-                if not _bad_regex(pat[3:]) and re.match(pat[3:], module):
-                    return True
-            elif pat in (module, kind):
-                return True
-        return False
+        return is_ignored(module, type(modules.get(module)).__name__, ignore)
 
     def where(t: StoredTensor) -> str:
         return f"{t.file.name}: {t.name}"
