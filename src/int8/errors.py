@@ -22,6 +22,10 @@ class Int8Error(Exception):
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
 
+class UsageError(Int8Error):
+    """An option or argument's value is not one int8 accepts (checked before any work)."""
+
+
 class SourceNotFound(Int8Error):
     """The preset, folder or Hub repo named as a source does not exist."""
 

@@ -15,10 +15,15 @@ first and a model that needs remote code (an ``auto_map``, or a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptCheckpoint, UnsupportedModel
+from .errors import CorruptCheckpoint, UnsupportedModel, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -142,3 +147,115 @@ def model_class(config) -> type:
         + (f" (architectures {archs})" if archs else ""),
         "int8 converts models that transformers can build without trust_remote_code.",
     )
+
+
+# --------------------------------------------------------------------------- the model's structure
+
+
+class WeightLayout(str, Enum):
+    """How a layer int8 quantizes stores its weight (the value is what reports and verify results say)."""
+
+    LINEAR = "linear"  # nn.Linear: (out_features, in_features)
+    CONV1D = "conv1d"  # transformers' GPT-2 style Conv1D: (in_features, out_features)
+
+
+def weight_layout(module) -> WeightLayout | None:
+    """`WeightLayout` of a module whose weight int8 quantizes: a plain ``nn.Linear`` (not a subclass with
+    its own forward) or transformers' ``Conv1D``; None for anything else."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear) and type(module).__name__ == "Linear":
+        return WeightLayout.LINEAR
+    if isinstance(module, Conv1D):
+        return WeightLayout.CONV1D
+    return None
+
+
+def out_in(shape: tuple[int, ...], layout: WeightLayout | str) -> tuple[int, int]:
+    """(out_features, in_features) of a 2-D weight stored in ``layout``."""
+    return (shape[1], shape[0]) if layout == WeightLayout.CONV1D else (shape[0], shape[1])
+
+
+def build_meta_model(config):
+    """The model class of ``config`` built on the meta device: the structure, no weights, no memory."""
+    import torch
+
+    cls = model_class(config)
+    try:
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except Exception as e:  # a config that the class rejects is the user's checkpoint problem
+        raise UnsupportedModel(f"{cls.__name__} cannot be built from this config.json: {e}") from None
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """Checkpoint tensor names onto the model's: checkpoints may store names with or without the model
+    class's ``base_model_prefix`` (``transformer.`` for BLOOM), and transformers loads either."""
+
+    keys: frozenset[str]
+    prefix: str = ""
+
+    @classmethod
+    def of(cls, model) -> NameMap:
+        return cls(frozenset(model.state_dict(keep_vars=True)), getattr(model, "base_model_prefix", "") or "")
+
+    def model_name(self, name: str) -> str:
+        """``name`` as the model names it (the prefix added or stripped when that gives one of its keys)."""
+        if name in self.keys or not self.prefix:
+            return name
+        if f"{self.prefix}.{name}" in self.keys:
+            return f"{self.prefix}.{name}"
+        if name.startswith(self.prefix + ".") and name[len(self.prefix) + 1 :] in self.keys:
+            return name[len(self.prefix) + 1 :]
+        return name
+
+
+# --------------------------------------------------------------------------- dtypes and devices
+
+
+DTYPE_ALIASES = {
+    "fp32": "F32", "float32": "F32", "float": "F32",
+    "fp16": "F16", "float16": "F16", "half": "F16",
+    "bf16": "BF16", "bfloat16": "BF16",
+}
+"""What users may type for a floating dtype -> its safetensors name."""
+TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+"""safetensors name -> the name transformers writes in config.json's ``dtype``."""
+FROM_TORCH_NAME = {v: k for k, v in TORCH_NAMES.items()}
+
+
+def parse_dtype(name: str) -> str:
+    """'fp16' / 'bf16' / 'fp32' (or torch names) -> safetensors dtype name (``F16``...)."""
+    try:
+        return DTYPE_ALIASES[str(name).lower().removeprefix("torch.")]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}", "Use fp16, bf16 or fp32.") from None
+
+
+def torch_dtype(name: str):
+    """A safetensors dtype name (``F32``, ``I8``...) -> the torch dtype."""
+    from .formats.safetensors import DTYPES
+
+    return DTYPES[name]
+
+
+def resolve_device(device) -> torch.device:
+    """'auto' (or None) picks CUDA when there is a GPU; 'cpu', 'cuda', 'cuda:1' are taken as said and checked."""
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}", "Use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device}: no CUDA GPU is available", "Use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device}: there are only {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"device {device}: int8 runs on cpu or cuda")
+    return dev

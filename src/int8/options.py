@@ -1,6 +1,6 @@
 """Checks of what the user typed, shared by the command line (as parse-time callbacks) and the library.
 
-Each check raises `BadOption` (exit code 2, one line and a hint, no traceback) and returns the
+Each check raises `UsageError` (exit code 2, one line and a hint, no traceback) and returns the
 parsed value. The CLI runs them while parsing, before anything is imported, downloaded or
 written; `int8.convert` and friends run the same functions on their arguments.
 """
@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
-from .errors import Int8Error
+from .errors import Int8Error, UsageError
 
 MAX_SHARD_BYTES = 1 << 62
 """Largest --max-shard-size accepted: safetensors offsets are 64-bit; anything bigger is a typo."""
-
-
-class BadOption(Int8Error):
-    """An option's value is not one int8 accepts."""
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -28,14 +26,13 @@ class BadOption(Int8Error):
 
 def shard_size(text: str | int) -> int:
     """--max-shard-size: '5GB', '500MB', '2GiB' or bytes -> bytes, positive and within 64 bits."""
-    from .conversion.plan import parse_size
 
     try:
         size = parse_size(text)
     except Int8Error as e:
-        raise BadOption(f"--max-shard-size: {e.message}", e.hint or "Write it like 5GB, 500MB or 2GiB.") from None
+        raise UsageError(f"--max-shard-size: {e.message}", e.hint or "Write it like 5GB, 500MB or 2GiB.") from None
     if size > MAX_SHARD_BYTES:
-        raise BadOption(f"--max-shard-size {text} is too large", "Write it like 5GB, 500MB or 2GiB.")
+        raise UsageError(f"--max-shard-size {text} is too large", "Write it like 5GB, 500MB or 2GiB.")
     return size
 
 
@@ -45,17 +42,17 @@ def finite(name: str, value: float | None, *, low: float | None = None, high: fl
     if value is None:
         return None
     if not math.isfinite(value):
-        raise BadOption(f"{name} must be a finite number, got {value}")
+        raise UsageError(f"{name} must be a finite number, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
-        raise BadOption(f"{name} must be {'above' if low_open else 'at least'} {low:g}, got {value:g}")
+        raise UsageError(f"{name} must be {'above' if low_open else 'at least'} {low:g}, got {value:g}")
     if high is not None and value > high:
-        raise BadOption(f"{name} must be at most {high:g}, got {value:g}")
+        raise UsageError(f"{name} must be at most {high:g}, got {value:g}")
     return value
 
 
 def at_least(name: str, value: int | None, low: int) -> int | None:
     if value is not None and value < low:
-        raise BadOption(f"{name} must be at least {low}, got {value}")
+        raise UsageError(f"{name} must be at least {low}, got {value}")
     return value
 
 
@@ -68,7 +65,7 @@ def skip_patterns(patterns: Sequence[str] | None) -> list[str]:
         try:
             check_pattern(p)
         except Int8Error as e:
-            raise BadOption(f"--skip {p!r}: {e.message}", e.hint) from None
+            raise UsageError(f"--skip {p!r}: {e.message}", e.hint) from None
         out.append(p)
     return out
 
@@ -76,7 +73,7 @@ def skip_patterns(patterns: Sequence[str] | None) -> list[str]:
 def local_revision(source: str | Path, revision: str | None, option: str = "--revision") -> None:
     """A revision names a Hub commit: refuse it for a local folder, where it would be silently ignored."""
     if revision is not None and Path(source).expanduser().exists():
-        raise BadOption(
+        raise UsageError(
             f"{option} {revision} was given, but {source} is a local folder, which has no revisions",
             f"Drop {option}, or give the Hub repo id to fetch that revision.",
         )
@@ -97,29 +94,29 @@ def output_folder(path: str | Path) -> Path:
     raw = Path(path).expanduser()
     out = Path(os.path.abspath(raw))
     if not out.name:
-        raise BadOption(f"--out {path} is the root folder", "Give a folder to create, such as ./model-int8.")
+        raise UsageError(f"--out {path} is the root folder", "Give a folder to create, such as ./model-int8.")
     limit = name_max(out.parent)
     if len(os.fsencode(out.name)) + STAGING_EXTRA > limit:
-        raise BadOption(
+        raise UsageError(
             f"--out name is too long ({len(os.fsencode(out.name))} bytes; at most {limit - STAGING_EXTRA} here, "
             "since int8 builds the output in a folder named .NAME.int8-partial-XXXXXXXX beside it)",
             "Choose a shorter --out.",
         )
     too_long = [p for p in out.parts if len(os.fsencode(p)) > limit]
     if too_long:
-        raise BadOption(f"--out has a folder name longer than {limit} bytes: {too_long[0][:40]}...", "Choose a shorter --out.")
+        raise UsageError(f"--out has a folder name longer than {limit} bytes: {too_long[0][:40]}...", "Choose a shorter --out.")
     cwd = Path.cwd().resolve()
     try:
         resolved = out.resolve()
     except (OSError, RuntimeError) as e:
-        raise BadOption(f"--out {path} cannot be resolved: {e}") from None
+        raise UsageError(f"--out {path} cannot be resolved: {e}") from None
     if resolved == cwd or resolved in cwd.parents:
-        raise BadOption(
+        raise UsageError(
             f"--out {path} is the current folder, or holds it; int8 replaces a folder by moving a new one into place",
             "Run int8 from outside that folder (e.g. its parent), or choose another --out.",
         )
     if out.is_dir() and not out.is_symlink() and os.path.ismount(out):
-        raise BadOption(
+        raise UsageError(
             f"--out {path} is a mount point; int8 cannot replace it, as it moves a new folder into place",
             f"Write inside it instead, e.g. --out {out / 'model-int8'}.",
         )
@@ -132,9 +129,9 @@ def json_output(path: Path | None) -> Path | None:
         return None
     p = Path(path).expanduser()
     if p.is_dir():
-        raise BadOption(f"--json {path} is a folder", "Give a file name, such as verify.json.")
+        raise UsageError(f"--json {path} is a folder", "Give a file name, such as verify.json.")
     if not p.parent.is_dir():
-        raise BadOption(f"--json {path}: the folder {p.parent} does not exist", "Create it first, or give another file.")
+        raise UsageError(f"--json {path}: the folder {p.parent} does not exist", "Create it first, or give another file.")
     return p
 
 
@@ -174,3 +171,20 @@ def callback(check: Callable, *args, **kwargs) -> Callable:
 
     return run
 
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"cannot read size {text!r}", "Write it like 5GB, 500MB or 2GiB.")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    if len(m.group(1)) > 30:
+        raise UsageError(f"size {text.strip()[:40]!r} is too large", "Write it like 5GB, 500MB or 2GiB.")
+    size = int(Fraction(m.group(1)) * base**power)  # exact: no float overflow or rounding
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size

@@ -31,6 +31,7 @@ from ..checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_
 from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
 from ..formats.compressed_tensors import build_config
 from ..formats.safetensors import itemsize
+from ..hf import TORCH_NAMES, parse_dtype, resolve_device
 from ..paths import copy_inside, inside
 from ..quantize import ErrorStats, num_blocks
 from ..report import (
@@ -52,10 +53,8 @@ from .plan import (
     DROP,
     KEEP,
     QUANTIZE,
-    TORCH_NAMES,
     ConversionPlan,
     make_plan,
-    parse_dtype,
     unmatched_patterns,
 )
 from .writer import sha256_file
@@ -80,24 +79,6 @@ class _NoProgress:
 
     def finish(self) -> None:
         pass
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when there is a GPU; 'cpu', 'cuda', 'cuda:1' are taken as said."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UnsupportedModel(f"unknown device {device!r}", "Use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UnsupportedModel(f"--device {device}: no CUDA GPU is available", "Use --device cpu (or auto).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UnsupportedModel(f"--device {device}: there are only {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise UnsupportedModel(f"--device {device}: int8 quantizes on cpu or cuda")
-    return dev
 
 
 def default_output(source: str | Path) -> Path:

@@ -30,6 +30,7 @@ from ..checkpoint import CHANGED_HINT, CheckpointReader
 from ..errors import BadTensor, SourceChanged
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES, itemsize
+from ..hf import WeightLayout
 from ..quantize import ErrorStats, NonFiniteWeights, num_blocks, quantize_into
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
 from .writer import BackgroundHasher, ShardWriter
@@ -108,7 +109,7 @@ def _units(plan: ConversionPlan, chunk_bytes: int) -> Iterator[_Unit]:
         seq += 1
         for e in shard.entries:
             t = e.source
-            if e.action == QUANTIZE and e.layout == "conv1d":
+            if e.action == QUANTIZE and e.layout == WeightLayout.CONV1D:
                 ranges = [(0, t.rows)]  # the input dimension is the row dimension: whole tensor
             else:
                 step = max(1, chunk_bytes // max(1, t.row_numel * itemsize(t.dtype)))
@@ -251,14 +252,14 @@ class Pipeline:
     def _quantize(self, u: _Unit, data: torch.Tensor) -> None:
         e = u.entry
         out_f, in_f = e.out_features, e.in_features
-        w = data.t().contiguous() if e.layout == "conv1d" else data
+        w = data.t().contiguous() if e.layout == WeightLayout.CONV1D else data
         rows = w.shape[0]
         width = packed_columns(in_f) * 4
         with self._lock:
             if e.name not in self.scales:
                 self.scales[e.name] = torch.empty(out_f, num_blocks(in_f, self.plan.block_size), dtype=DTYPES[e.out_dtype])
             scales = self.scales[e.name]
-        r0, r1 = (0, out_f) if e.layout == "conv1d" else (u.r0, u.r1)
+        r0, r1 = (0, out_f) if e.layout == WeightLayout.CONV1D else (u.r0, u.r1)
         buf, release_out = self.pool.take(rows * width)
         u.outputs.append((None, release_out))  # released on failure; replaced below
         codes = buf[: rows * width].view(torch.int8).view(rows, width)

@@ -14,7 +14,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -22,48 +22,21 @@ import torch
 from ..errors import UnsupportedModel
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
+from ..hf import NameMap, WeightLayout, build_meta_model, out_in, weight_layout
 from ..quantize import num_blocks
 
-DTYPE_ALIASES = {
-    "fp32": "F32",
-    "float32": "F32",
-    "fp16": "F16",
-    "float16": "F16",
-    "half": "F16",
-    "bf16": "BF16",
-    "bfloat16": "BF16",
-}
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
-QUANTIZE = "quantize"
-KEEP = "keep"
-DROP = "drop"
+class Action(str, Enum):
+    """What becomes of a source tensor (the value is what the report says, in the past tense there)."""
+
+    QUANTIZE = "quantize"
+    KEEP = "keep"
+    DROP = "drop"
 
 
-def parse_dtype(name: str) -> str:
-    """'fp16' / 'bf16' / 'fp32' (or torch names) -> safetensors dtype name."""
-    try:
-        return DTYPE_ALIASES[name.lower()]
-    except KeyError:
-        raise UnsupportedModel(f"unknown dtype {name!r}", "Use fp16, bf16 or fp32.") from None
+QUANTIZE, KEEP, DROP = Action.QUANTIZE, Action.KEEP, Action.DROP
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UnsupportedModel(f"cannot read size {text!r}", "Write it like 5GB, 500MB or 2GiB.")
-    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    if len(m.group(1)) > 30:
-        raise UnsupportedModel(f"size {text.strip()[:40]!r} is too large", "Write it like 5GB, 500MB or 2GiB.")
-    size = int(Fraction(m.group(1)) * base**power)  # exact: no float overflow or rounding
-    if size <= 0:
-        raise UnsupportedModel(f"size {text!r} must be positive")
-    return size
 
 
 
@@ -77,7 +50,7 @@ class TensorPlan:
     action: str  # QUANTIZE, KEEP or DROP
     reason: str = ""
     out_dtype: str | None = None  # KEEP: dtype written; QUANTIZE: scale dtype
-    layout: str = "linear"  # QUANTIZE: "linear" (out, in) or "conv1d" (in, out)
+    layout: WeightLayout = WeightLayout.LINEAR  # QUANTIZE: how the source stores the weight
     outputs: list[OutputTensor] = field(default_factory=list)
     tied_to: str | None = None  # DROP of a tied copy: the tensor it duplicates
 
@@ -87,11 +60,11 @@ class TensorPlan:
 
     @property
     def out_features(self) -> int:
-        return self.source.shape[1] if self.layout == "conv1d" else self.source.shape[0]
+        return out_in(self.source.shape, self.layout)[0]
 
     @property
     def in_features(self) -> int:
-        return self.source.shape[0] if self.layout == "conv1d" else self.source.shape[1]
+        return out_in(self.source.shape, self.layout)[1]
 
     @property
     def out_nbytes(self) -> int:
@@ -139,23 +112,6 @@ class ConversionPlan:
     @property
     def largest_tensor_bytes(self) -> int:
         return max((e.source.nbytes for e in self.entries), default=0)
-
-
-def model_class_for(config) -> type:
-    """The transformers class that loads this config (see `int8.hf.model_class`)."""
-    from ..hf import model_class
-
-    return model_class(config)
-
-
-def build_meta_model(config):
-    """Instantiate the model class on the meta device: the structure, no weights."""
-    cls = model_class_for(config)
-    try:
-        with torch.device("meta"):
-            return cls._from_config(config)
-    except Exception as e:  # a config that the class rejects is the user's checkpoint problem
-        raise UnsupportedModel(f"{cls.__name__} cannot be built from this config.json: {e}") from None
 
 
 def check_pattern(pattern: str) -> None:
@@ -223,7 +179,7 @@ def make_plan(
     for pattern in skip:
         check_pattern(pattern)
     model = build_meta_model(config)
-    names = _NameMapper(model)
+    names = NameMap.of(model)
     modules = dict(model.named_modules())
     params = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
@@ -232,8 +188,6 @@ def make_plan(
     )
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out_emb_names = {n for n, m in modules.items() if output_embeddings is not None and m is output_embeddings}
-    from transformers.pytorch_utils import Conv1D
-
     entries: list[TensorPlan] = []
     warnings: list[str] = []
     by_model_name = {names.model_name(t.name): t for t in tensors}
@@ -260,11 +214,9 @@ def make_plan(
         module_name, _, pname = name.rpartition(".")
         module = modules.get(module_name)
         fp32 = any(matches(module_name, m) for m in fp32_modules)
-        is_linear = isinstance(module, torch.nn.Linear) and type(module).__name__ == "Linear"
-        is_conv1d = isinstance(module, Conv1D)
-        if pname == "weight" and len(t.shape) == 2 and (is_linear or is_conv1d) and t.dtype in FLOAT_DTYPES:
-            layout = "conv1d" if is_conv1d else "linear"
-            in_features = t.shape[0] if is_conv1d else t.shape[1]
+        layout = weight_layout(module)
+        if pname == "weight" and len(t.shape) == 2 and layout is not None and t.dtype in FLOAT_DTYPES:
+            in_features = out_in(t.shape, layout)[1]
             reason = None
             hit = next((p for p in skip if matches(module_name, p)), None)
             if module_name in out_emb_names:
@@ -316,7 +268,7 @@ def make_plan(
             f"{len(ragged)} linear weight(s) kept unquantized because their input dimension is not a multiple "
             f"of block size {block_size} (compressed-tensors groups must divide the row), e.g. {ragged[0].name}"
         )
-    if any(e.layout == "conv1d" for e in quantized):
+    if any(e.layout == WeightLayout.CONV1D for e in quantized):
         warnings.append(
             "GPT-2 style Conv1D layers were quantized; compressed-tensors only loads nn.Linear, "
             "so load this checkpoint with int8.load rather than plain transformers"
@@ -353,26 +305,6 @@ def _missing_keys(model, params: dict, tied: dict[str, str], provided: set[str])
         for name in params
         if not (tied_group.get(name, {name}) & provided) and not any(p.search(name) for p in ignore)
     }
-
-
-class _NameMapper:
-    """Map checkpoint names onto the model's (add or strip the base-model prefix)."""
-
-    def __init__(self, model):
-        self.keys = set(model.state_dict(keep_vars=True).keys())
-        self.prefix = getattr(model, "base_model_prefix", "") or ""
-
-    def model_name(self, name: str) -> str:
-        if name in self.keys or not self.prefix:
-            return name
-        added = f"{self.prefix}.{name}"
-        if added in self.keys:
-            return added
-        if name.startswith(self.prefix + "."):
-            stripped = name[len(self.prefix) + 1 :]
-            if stripped in self.keys:
-                return stripped
-        return name
 
 
 def _outputs(e: TensorPlan, block_size: int) -> list[OutputTensor]:

@@ -23,22 +23,15 @@ from typing import Any
 
 import torch
 
-from ..conversion.plan import model_class_for
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
 from ..formats.compressed_tensors import check_config
+from ..hf import FROM_TORCH_NAME, NameMap, out_in, parse_dtype, resolve_device, torch_dtype, weight_layout
+from ..hf import model_class as model_class_for
 from .layer import Int8Linear
 
 QUANT_METHOD = "int8-runtime"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
 # --------------------------------------------------------------------------------------------
 # What the checkpoint holds
 
@@ -103,7 +96,7 @@ def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerS
             raise CorruptCheckpoint(f"{folder}: {key} has no {name}.weight_scale beside it")
         if entry.get("dtype") != "I32" or len(entry.get("shape", ())) != 2:
             raise CorruptCheckpoint(f"{folder}: {key} is {entry.get('dtype')} {entry.get('shape')}, expected a 2-D I32 tensor")
-        if scale.get("dtype") not in _DTYPES or len(scale.get("shape", ())) != 2:
+        if scale.get("dtype") not in FROM_TORCH_NAME.values() or len(scale.get("shape", ())) != 2:
             raise CorruptCheckpoint(f"{folder}: {name}.weight_scale is {scale.get('dtype')} {scale.get('shape')}")
         out_features, nblocks = scale["shape"]
         if entry["shape"][0] != out_features:
@@ -119,7 +112,7 @@ def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerS
                 raise CorruptCheckpoint(
                     f"{folder}: {key} has {packed_cols} packed columns but {nblocks} blocks of {block} values"
                 )
-        specs[name] = QuantizedLayerSpec(name, out_features, in_features, block, _DTYPES[scale["dtype"]])
+        specs[name] = QuantizedLayerSpec(name, out_features, in_features, block, torch_dtype(scale["dtype"]))
     if not specs:
         raise UnsupportedModel(f"{folder} holds no int8 weights (no *.weight_packed tensors)",
                                "Convert the checkpoint with `int8 convert` first.")
@@ -191,18 +184,15 @@ def _register() -> None:
 
 
 def _model_names(model, specs: dict[str, QuantizedLayerSpec]) -> dict[str, QuantizedLayerSpec]:
-    """Map checkpoint module names onto the model's (a base-model prefix may be added or stripped)."""
-    modules = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    """Map checkpoint module names onto the model's (`int8.hf.NameMap`: a base-model prefix added or stripped)."""
+    names = NameMap(frozenset(n for n, _ in model.named_modules()), getattr(model, "base_model_prefix", "") or "")
     out = {}
     for name, spec in specs.items():
-        for cand in (name, f"{prefix}.{name}" if prefix else name, name.removeprefix(prefix + ".") if prefix else name):
-            if cand in modules:
-                out[cand] = spec
-                break
-        else:
+        cand = names.model_name(name)
+        if cand not in names.keys:
             raise CorruptCheckpoint(f"the checkpoint has int8 weights for {name!r}, a module the model does not have",
                                     "The weights and config.json do not belong together.")
+        out[cand] = spec
     return out
 
 
@@ -213,13 +203,10 @@ def replace_linears(model: torch.nn.Module, specs: dict[str, QuantizedLayerSpec]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        kind = type(old).__name__
-        if isinstance(old, torch.nn.Linear):
-            in_f, out_f = old.in_features, old.out_features
-        elif kind == "Conv1D":
-            in_f, out_f = old.weight.shape
-        else:
-            raise UnsupportedModel(f"{name} is a {kind}; int8.load de-quantizes only nn.Linear and Conv1D layers")
+        layout = weight_layout(old)
+        if layout is None:
+            raise UnsupportedModel(f"{name} is a {type(old).__name__}; int8.load de-quantizes only nn.Linear and Conv1D layers")
+        out_f, in_f = out_in(tuple(old.weight.shape), layout)
         if out_f != spec.out_features or math.ceil(in_f / 4) != math.ceil(spec.in_features / 4) or in_f > spec.in_features:
             raise CorruptCheckpoint(
                 f"{name}: the checkpoint's int8 weight is {spec.out_features}x{spec.in_features} but the model "
@@ -270,18 +257,6 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None, token:
     return Path(got)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise Int8Error(f"unknown device {device!r}", "Use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Int8Error(f"device {device!r} asked for, but torch sees no CUDA GPU", "Use device='cpu'.")
-    return dev
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config) -> torch.dtype:
     """The compute dtype: as asked; by default float32 on CPU, the checkpoint's dtype on a GPU."""
     if isinstance(dtype, torch.dtype):
@@ -293,12 +268,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config)
             return torch.float32  # CPUs without bf16 units multiply fp32 many times faster
         saved = getattr(config, "dtype", None)
         if isinstance(saved, str):
-            saved = _DTYPE_NAMES.get(saved)
+            saved = torch_dtype(FROM_TORCH_NAME[saved]) if saved in FROM_TORCH_NAME else None
         return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
-    try:
-        return _DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise Int8Error(f"unknown dtype {dtype!r}", "Use fp32, fp16, bf16 or auto.") from None
+    return torch_dtype(parse_dtype(dtype))
 
 
 def load(

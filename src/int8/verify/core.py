@@ -71,7 +71,7 @@ def verify_checkpoint(
     sample = _sample_text(text)
     tgt = resolve_target(target, revision, token)
 
-    from ..conversion.api import resolve_device
+    from ..hf import resolve_device
     from .structure import BLOCKING, check_structure
 
     dev = resolve_device(device)

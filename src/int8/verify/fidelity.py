@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import CheckpointReader, find_checkpoint
 from ..formats.compressed_tensors import unpack_codes
 from ..formats.safetensors import SourceTensor
+from ..hf import WeightLayout
 from ..quantize import QMAX, dequantize
 from .result import Check, Thresholds, outcome
 from .structure import Layout, QuantLayer
@@ -81,11 +82,11 @@ def check_reconstruction(layout: Layout, original: Path, thresholds: Thresholds)
             if src is None:
                 problems.append(f"{_where(q.packed)}: the original has no tensor {q.module}.weight to compare with")
                 continue
-            want = (q.in_features, q.out_features) if q.layout == "conv1d" else (q.out_features, q.in_features)
+            want = (q.in_features, q.out_features) if q.layout == WeightLayout.CONV1D else (q.out_features, q.in_features)
             if tuple(src.shape) != want:
                 problems.append(
                     f"{_where(q.packed)}: the original's {src.name} has shape {list(src.shape)}, the converted weight "
-                    f"[{q.out_features}, {q.in_features}]" + (" (Conv1D: [in, out])" if q.layout == "conv1d" else "")
+                    f"[{q.out_features}, {q.in_features}]" + (" (Conv1D: [in, out])" if q.layout == WeightLayout.CONV1D else "")
                 )
                 continue
             err, rel, found = _layer(q, src, orig_reader, conv_reader, stored, layout.block_size or 1, thresholds)
@@ -133,7 +134,7 @@ def _layer(
     packed_t, scale_t = stored[q.packed.name], stored[q.scale.name]
     sdtype = torch.float32
     in_f = q.in_features
-    whole = orig_reader.read(src).float().t().contiguous() if q.layout == "conv1d" else None
+    whole = orig_reader.read(src).float().t().contiguous() if q.layout == WeightLayout.CONV1D else None
     step = max(1, ROW_BYTES // max(1, in_f * 4))
     worst = worst_rel = 0.0
     bad_err = bad_scale = 0

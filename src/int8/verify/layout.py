@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..formats.safetensors import DTYPES
+from ..formats.safetensors import itemsize
+from ..hf import NameMap, WeightLayout
 from ..report import ConversionReport
 
-_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
 
-# Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load).
 @dataclass(frozen=True)
 class StoredTensor:
     """One tensor of a shard of the converted checkpoint."""
@@ -36,7 +33,7 @@ class StoredTensor:
 
     @property
     def row_bytes(self) -> int:
-        return (math.prod(self.shape[1:]) if self.shape else 1) * _ITEMSIZE[self.dtype]
+        return (math.prod(self.shape[1:]) if self.shape else 1) * itemsize(self.dtype)
 
     @property
     def end(self) -> int:
@@ -50,7 +47,7 @@ class QuantLayer:
     module: str
     out_features: int
     in_features: int
-    layout: str  # "linear" or "conv1d" (the model's weight is (in, out); stored as (out, in))
+    layout: WeightLayout  # how the model stores the weight (Conv1D: (in, out)); stored packed as (out, in)
     packed: StoredTensor
     scale: StoredTensor
     shape: StoredTensor | None
@@ -83,16 +80,9 @@ class Layout:
         return {n: t for n, t in self.tensors.items() if n not in mine}
 
     def model_name(self, name: str) -> str:
-        """A checkpoint's tensor name as the model names it (adds or strips the base-model prefix)."""
-        keys, prefix = self.model_keys, self.base_prefix
-        if name in keys or not prefix:
-            return name
-        if f"{prefix}.{name}" in keys:
-            return f"{prefix}.{name}"
-        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in keys:
-            return name[len(prefix) + 1 :]
-        return name
+        """A checkpoint's tensor name as the model names it (`int8.hf.NameMap`)."""
+        return NameMap(self.model_keys, self.base_prefix).model_name(name)
 
     @property
     def conv1d(self) -> bool:
-        return any(q.layout == "conv1d" for q in self.quantized.values())
+        return any(q.layout == WeightLayout.CONV1D for q in self.quantized.values())

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointReader, find_checkpoint
+from ..hf import WeightLayout
 from .sample import Window
 from .structure import Layout
 
@@ -110,8 +111,8 @@ def _placement(device: torch.device) -> dict:
 
 def load_original(folder: Path, dtype: torch.dtype, device: torch.device):
     """The original model, by stock transformers, from its own folder and config."""
-    from ..conversion.plan import model_class_for
     from ..hf import load_config, load_model
+    from ..hf import model_class as model_class_for
 
     with quiet():
         config = load_config(folder)
@@ -126,8 +127,8 @@ def load_converted(folder: Path, mode: str, dtype: torch.dtype, device: torch.de
     """(model, loading info) by stock transformers + compressed-tensors."""
     from transformers import CompressedTensorsConfig
 
-    from ..conversion.plan import model_class_for
     from ..hf import load_config, load_model
+    from ..hf import model_class as model_class_for
 
     with quiet():
         qc = CompressedTensorsConfig(dequantize=mode != "compressed")
@@ -143,9 +144,9 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
     """The converted model built by int8 from config.json with de-quantized weights (for Conv1D models).
 
     Returns (model, missing keys)."""
-    from ..conversion.plan import model_class_for
     from ..formats.compressed_tensors import unpack_codes
     from ..hf import load_config
+    from ..hf import model_class as model_class_for
     from ..quantize import dequantize
 
     with quiet():
@@ -163,7 +164,7 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
         for q in layout.quantized.values():
             codes = unpack_codes(reader.read(stored[q.packed.name]), q.in_features)
             w = dequantize(codes, reader.read(stored[q.scale.name]), layout.block_size, torch.float32)
-            state[f"{q.module}.weight"] = w.t().contiguous() if q.layout == "conv1d" else w
+            state[f"{q.module}.weight"] = w.t().contiguous() if q.layout == WeightLayout.CONV1D else w
     result = model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -228,20 +229,20 @@ def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
                 p.copy_(p.to(DTYPES[t.dtype]).to(p.dtype))  # rounded as the checkpoint stores it
         for q in layout.quantized.values():
             p = params.get(f"{q.module}.weight")
-            want = (q.in_features, q.out_features) if q.layout == "conv1d" else (q.out_features, q.in_features)
+            want = (q.in_features, q.out_features) if q.layout == WeightLayout.CONV1D else (q.out_features, q.in_features)
             if p is None or tuple(p.shape) != want:
                 unmatched.append(f"{q.module}.weight")
                 continue
             step = _rows_per_step(q.in_features)
             for r0 in range(0, q.out_features, step):
                 r1 = min(q.out_features, r0 + step)
-                w = (p[:, r0:r1].t() if q.layout == "conv1d" else p[r0:r1]).float()
+                w = (p[:, r0:r1].t() if q.layout == WeightLayout.CONV1D else p[r0:r1]).float()
                 pad = (-q.in_features) % g
                 blocks = torch.nn.functional.pad(w, (0, pad)).view(r1 - r0, -1, g)
                 scale = (blocks.abs().amax(-1) / 127).to(scale_dtype).float()  # the ideal scale of each block
                 half = scale.repeat_interleave(g, dim=1)[:, : q.in_features] / 2
                 noise = (torch.rand(half.shape, generator=gen, device=device) * 2 - 1) * half
-                if q.layout == "conv1d":
+                if q.layout == WeightLayout.CONV1D:
                     p[:, r0:r1].add_(noise.t().to(p.dtype))
                 else:
                     p[r0:r1].add_(noise.to(p.dtype))

@@ -13,11 +13,10 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from ..errors import CorruptCheckpoint, UnsafePath
 from ..formats.compressed_tensors import check_config, is_ignored, packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, read_index, scan_safetensors_header
+from ..hf import FROM_TORCH_NAME, out_in, weight_layout
 from ..paths import inside, links_outside, plain, show
 from ..quantize import QMAX
 from ..report import REPORT_NAME, ConversionReport
@@ -45,7 +44,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 _MAX_HEADER = 100 * 1024 * 1024
-_TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 BLOCKING = ("config", "index", "tensors", "contained")
 """Checks that, when they fail, make the model-level checks meaningless (the tensors cannot be trusted to load)."""
@@ -104,7 +102,7 @@ def _check_config(folder: Path, layout: Layout, report: ConversionReport | None)
         )
     layout.block_size = group_size
     dtype = config.get("dtype") or config.get("torch_dtype")
-    layout.scale_dtype = _TORCH_TO_ST.get(str(dtype))
+    layout.scale_dtype = FROM_TORCH_NAME.get(str(dtype))
     if dtype is not None and layout.scale_dtype is None:
         problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
     meta = None
@@ -127,8 +125,7 @@ def _check_config(folder: Path, layout: Layout, report: ConversionReport | None)
 
 
 def _meta_model(folder: Path):
-    from ..conversion.plan import build_meta_model
-    from ..hf import load_config
+    from ..hf import build_meta_model, load_config
 
     config = load_config(folder)
     if hasattr(config, "quantization_config"):
@@ -216,16 +213,6 @@ def _check_index(folder: Path, layout: Layout) -> tuple[Check, list[Path]]:
 # --------------------------------------------------------------------------- tensors against the config
 
 
-def _module_kind(module) -> str | None:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, torch.nn.Linear) and type(module).__name__ == "Linear":
-        return "linear"
-    if isinstance(module, Conv1D):
-        return "conv1d"
-    return None
-
-
 def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
     """Pair each weight_packed with its scale and shape; check shapes and dtypes against the config."""
     import re
@@ -256,7 +243,7 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
             problems.append(f"{where(t)} has no {mod}.weight_shape beside it in any shard")
         if f"{mod}.weight" in tensors:
             problems.append(f"{mod} is stored both quantized and as a plain {mod}.weight")
-        kind = _module_kind(modules.get(mod))
+        kind = weight_layout(modules.get(mod))
         if kind is None:
             problems.append(f"{where(t)}: {mod} is not a linear layer of {cls} built from config.json")
             continue
@@ -266,7 +253,7 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
         if expected is None or len(expected) != 2:
             problems.append(f"{where(t)}: {cls} has no 2-D weight for {mod}")
             continue
-        out_f, in_f = (expected[1], expected[0]) if kind == "conv1d" else expected
+        out_f, in_f = out_in(expected, kind)
         if t.dtype != "I32":
             problems.append(f"{where(t)} is {t.dtype}, not I32 (four packed int8 codes per int32)")
         elif t.shape != (out_f, packed_columns(in_f)):
@@ -299,7 +286,7 @@ def _plan_layers(layout: Layout, meta, problems: list[str]) -> None:
         f"{n[: -len('.weight_packed')]}.weight" for n in tensors if n.endswith(".weight_packed")
     }
     for mod_name, module in modules.items():
-        if _module_kind(module) and f"{mod_name}.weight" in params and f"{mod_name}.weight" not in quantized_weights:
+        if weight_layout(module) and f"{mod_name}.weight" in params and f"{mod_name}.weight" not in quantized_weights:
             if not ignored(mod_name) and f"{mod_name}.weight" in tensors:
                 problems.append(
                     f"{tensors[f'{mod_name}.weight'].file.name}: {mod_name}.weight is stored unquantized but "
