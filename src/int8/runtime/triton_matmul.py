@@ -153,18 +153,24 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+PROGRAMS_WANTED = 264
+"""Programs a launch should have to fill a large GPU (two per SM of an H100/H200): the
+one-token and few-token kernels do not split K, so they get their parallelism from N."""
+
+
 def gemv_config(n: int, k: int) -> GemvConfig:
-    """The default GEMV tiles: enough programs to fill a large GPU (>= 256 for n >= 4096)."""
-    block_n = 32 if n >= 8192 else 16
-    block_k = min(512, max(16, _next_pow2(k)))
-    return GemvConfig(block_n=block_n, block_k=block_k)
+    """The default GEMV tiles: rows per program small enough for >= `PROGRAMS_WANTED` programs."""
+    block_n = 16 if n >= 16 * PROGRAMS_WANTED else 8
+    block_k = min(1024 if k >= 4096 else 512, max(16, _next_pow2(k)))
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
 
 
 def tile_config(m: int, j: int, dtype: torch.dtype) -> TileConfig:
-    """The default tiled-matmul tiles for ``m`` tokens and ``j`` outputs."""
+    """The default tiled-matmul tiles for ``m`` tokens and ``j`` outputs (``j`` = in features for the backward)."""
     wide = dtype == torch.float32
     if m <= 16:
-        return TileConfig(block_m=16, block_j=32, block_r=64 if wide else 128, num_warps=4, num_stages=3)
+        block_j = 32 if j >= 32 * PROGRAMS_WANTED else 16
+        return TileConfig(block_m=16, block_j=block_j, block_r=64 if wide else 128, num_warps=4, num_stages=4)
     if m <= 64:
         return TileConfig(block_m=32 if m <= 32 else 64, block_j=64, block_r=64, num_warps=4, num_stages=3)
     if wide:
