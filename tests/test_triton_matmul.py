@@ -251,6 +251,78 @@ def test_bound_catches_a_wrong_scale_block():
     assert _measure(right, ref, _bound(x, w.T, ref, torch.float16, 200))["worst_ratio"] <= 1.0
 
 
+# -- compiled for real GPUs, ahead of time (no GPU needed) ----------------------------------------
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _aot(kind: str, dtype, scale_dtype, block: int, capability: int, tokens: int, n: int = 4096, k: int = 4096):
+    """Compile one kernel variant as a launch on a GPU of ``capability`` would (arguments divisible by 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+    from int8.runtime import triton_matmul as tm
+
+    ptrs = {"c_ptr": "*i8", "s_ptr": f"*{_TY[scale_dtype]}", "b_ptr": f"*{_TY[dtype]}", "y_ptr": f"*{_TY[dtype]}"}
+    if kind == "gemv":
+        cfg = tm.gemv_config(n, k)
+        sub = min(tm._pow2_factor(block), cfg.block_k)
+        grouped = sub >= 16
+        sig = {"x_ptr": f"*{_TY[dtype]}", **ptrs, **dict.fromkeys(["N", "K", "stride_xm", "stride_cn", "stride_sn", "stride_ym"], "i32")}
+        const = dict(BLOCK=block, GROUPED=grouped, SUB=sub if grouped else 1, GROUPS=cfg.block_k // sub if grouped else 1,
+                     BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=True, DT=tm._tl_dtype(dtype))
+        fn = tm._gemv_kernel
+    else:
+        transposed = kind == "grad"
+        cfg = tm.tile_config(tokens, k if transposed else n, dtype)
+        if transposed:
+            (bj, tile), br = tm._k_tile(cfg.block_j, block), cfg.block_r
+        else:
+            (br, tile), bj = tm._k_tile(cfg.block_r, block), cfg.block_j
+        sig = {"a_ptr": f"*{_TY[dtype]}", **ptrs,
+               **dict.fromkeys(["M", "N", "K", "stride_am", "stride_ar", "stride_cn", "stride_sn", "stride_ym", "stride_yj"], "i32")}
+        const = dict(stride_ar=1, stride_yj=1, BLOCK=block, TRANSPOSED=transposed, SCALE_TILE=tile, HAS_BIAS=not transposed,
+                     BLOCK_M=cfg.block_m, BLOCK_J=bj, BLOCK_R=br, DT=tm._tl_dtype(dtype), UPCAST=False,
+                     PRECISION="ieee" if dtype == torch.float32 else None)
+        fn = tm._tiled_kernel
+    sig.update(dict.fromkeys(const, "constexpr"))
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if sig[a] != "constexpr"}
+    src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+@pytest.mark.parametrize("kind, dtype, scale_dtype, block, capability, tokens", [
+    ("gemv", torch.float16, torch.float16, 128, 90, 1),      # decoding on Hopper: the codes stream in 16-byte loads
+    ("gemv", torch.bfloat16, torch.float32, 10, 80, 1),      # scales gathered per value, Ampere
+    ("forward", torch.bfloat16, torch.bfloat16, 128, 90, 512),
+    ("forward", torch.float16, torch.float16, 64, 80, 8),
+    ("grad", torch.float16, torch.float16, 128, 90, 512),
+    ("grad", torch.float32, torch.bfloat16, 32, 80, 3),
+])
+def test_kernels_compile_for_gpus(kind, dtype, scale_dtype, block, capability, tokens):
+    """The kernels go through Triton's whole compiler (to PTX and ptxas's cubin) for sm_80 and sm_90: the
+    interpreter does not type-check dot shapes, constexpr branches or layouts as the compiler does."""
+    pytest.importorskip("triton")
+    from int8.runtime import triton_matmul as tm
+
+    if tm.interpreted():
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernels are interpreted functions in this process")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    compiled = _aot(kind, dtype, scale_dtype, block, capability, tokens)
+    ptx = compiled.asm["ptx"]
+    assert f".target sm_{capability}" in ptx and compiled.asm.get("cubin")
+    if kind == "gemv" and block == 128:
+        assert "ld.global.v4" in ptx  # the int8 codes are read 16 bytes at a time, not byte by byte
+    if kind != "gemv" and dtype != torch.float32:  # (float32 runs IEEE FMAs, as torch's fp32 matmul does)
+        assert "mma" in ptx  # tensor cores (mma.sync on sm_80, wgmma on sm_90)
+
+
 # -- dispatch and fallback, in this process (no interpreter) ------------------------------------
 
 

@@ -26,17 +26,18 @@ Any block size works. When a K tile lies inside one scale block (block sizes
 with a power-of-two factor >= 16: 16, 32, 48, 64, 128, ...), one scale per row
 is loaded per tile; otherwise the scales are gathered per value.
 
-Triton is optional: without it (or on a torch without CUDA) `available()`
-says why and the layer keeps its de-quantize path. On CPU tensors the kernels
-run in Triton's interpreter (`triton.runtime.interpreter`), which is how the
-tests check them without a GPU; the production dispatch in `int8.runtime.layer`
-uses them on CUDA only.
+Triton is optional: without it (or on a torch without CUDA) `unavailable_reason`
+says why and the layer keeps its de-quantize path. When ``TRITON_INTERPRET=1``
+was set before triton was first imported, the kernels run on CPU tensors in
+Triton's interpreter, which is how the tests check them without a GPU; the
+production dispatch in `int8.runtime.layer` uses them on CUDA only.
 
 Note on the interpreter: it stores bf16 as raw 16-bit integers and only
 converts them to and from float32 correctly, so the kernels do all arithmetic
 in float32 and use bf16 only for loads, stores and roundings (which is also
 what the GPU does); the interpreted bf16 ``tl.dot`` gets float32 operands
-(`_launch` sets ``UPCAST``), holding the same bf16-rounded values.
+(`linear` and `linear_grad_input` set ``UPCAST``), holding the same
+bf16-rounded values.
 """
 
 from __future__ import annotations
