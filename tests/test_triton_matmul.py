@@ -359,9 +359,13 @@ def test_dequantize_choice_never_touches_triton(monkeypatch):
 class _FakeTriton:
     """Stands in for `triton_matmul`: available, and its kernels raise (a GPU triton cannot compile for)."""
 
-    def __init__(self):
+    class OperandError(ValueError):
+        pass
+
+    def __init__(self, error: Exception | None = None):
         self.disabled = None
         self.calls = 0
+        self.error = error or RuntimeError("PTX compile failed (simulated)")
 
     def available(self, device_type):
         return self.disabled is None
@@ -377,7 +381,7 @@ class _FakeTriton:
 
     def linear(self, *args, **kwargs):
         self.calls += 1
-        raise RuntimeError("PTX compile failed (simulated)")
+        raise self.error
 
     linear_grad_input = linear
 
@@ -411,6 +415,19 @@ def test_explicit_triton_raises_the_kernel_failure(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         _layer("triton")(torch.randn(1, 64))
     assert fake.disabled is None
+
+
+def test_an_operand_error_is_raised_and_keeps_the_kernel(monkeypatch):
+    """Wrong operands (a device mismatch, say) are the caller's mistake: raised, and the kernel stays on."""
+    from int8.runtime import layer as layer_mod
+
+    fake = _FakeTriton()
+    fake.error = fake.OperandError("operands on different devices: cuda:0, cpu, cpu")
+    monkeypatch.setattr(layer_mod, "TRITON_DEVICE_TYPES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(layer_mod, "_triton", lambda: fake)
+    with pytest.raises(ValueError, match="different devices"):
+        _layer("auto")(torch.randn(1, 64))
+    assert fake.disabled is None and fake.calls == 1
 
 
 def test_without_triton_installed_everything_falls_back(tmp_path):

@@ -104,8 +104,8 @@ def _fused(op, kernel: str, *args, **kwargs) -> torch.Tensor | None:
     """Run a Triton op; under `Kernel.AUTO` a failure disables the kernels (logged) and gives None."""
     try:
         return op(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise  # not the kernel's fault: de-quantizing would need more memory still
+    except (torch.cuda.OutOfMemoryError, _triton().OperandError):
+        raise  # not the kernel's fault (de-quantizing would need more memory still; the operands are wrong)
     except Exception as e:
         if kernel == Kernel.TRITON:
             raise

@@ -65,6 +65,10 @@ GEMV_MAX_TOKENS = 1
 _disabled: str | None = None
 
 
+class OperandError(ValueError):
+    """The operands do not fit the kernels (dtypes, shapes, devices): the caller's mistake, not the kernel's."""
+
+
 # --------------------------------------------------------------------------------------------
 # Availability
 
@@ -159,6 +163,7 @@ PROGRAMS_WANTED = 264
 one-token and few-token kernels do not split K, so they get their parallelism from N."""
 
 
+@functools.lru_cache(maxsize=256)
 def gemv_config(n: int, k: int) -> GemvConfig:
     """The default GEMV tiles: rows per program small enough for >= `PROGRAMS_WANTED` programs."""
     block_n = 16 if n >= 16 * PROGRAMS_WANTED else 8
@@ -166,6 +171,7 @@ def gemv_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=1024)
 def tile_config(m: int, j: int, dtype: torch.dtype) -> TileConfig:
     """The default tiled-matmul tiles for ``m`` tokens and ``j`` outputs (``j`` = in features for the backward)."""
     wide = dtype == torch.float32
@@ -325,12 +331,12 @@ def _check(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_siz
     if triton is None:
         raise RuntimeError(_IMPORT_ERROR)
     if not supports(a, codes, scales, block_size):
-        raise ValueError(
+        raise OperandError(
             f"unsupported operands: x {a.dtype} {tuple(a.shape)}, codes {codes.dtype} {tuple(codes.shape)}, "
             f"scales {scales.dtype} {tuple(scales.shape)}, block {block_size}"
         )
     if not (a.device == codes.device == scales.device):
-        raise ValueError(f"operands on different devices: {a.device}, {codes.device}, {scales.device}")
+        raise OperandError(f"operands on different devices: {a.device}, {codes.device}, {scales.device}")
     if a.device.type == "cpu" and not interpreted():
         raise RuntimeError("the Triton kernels run on CPU tensors only in Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is first imported")
@@ -374,7 +380,7 @@ def linear(
     m, k = x.shape
     n = codes.shape[0]
     if k != codes.shape[1]:
-        raise ValueError(f"x has {k} features, the weight {codes.shape[1]}")
+        raise OperandError(f"x has {k} features, the weight {codes.shape[1]}")
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -428,7 +434,7 @@ def linear_grad_input(
     m, n = g.shape
     k = codes.shape[1]
     if n != codes.shape[0]:
-        raise ValueError(f"grad_out has {n} features, the weight {codes.shape[0]} rows")
+        raise OperandError(f"grad_out has {n} features, the weight {codes.shape[0]} rows")
     gx = torch.empty(m, k, dtype=g.dtype, device=g.device)
     if m == 0:
         return gx
