@@ -42,6 +42,9 @@ exits 0. Sized for <= 8 minutes on an H100/H200 (``--quick``: about half);
     bench/gpu --sections kernel,model --out /tmp/r
     bench/gpu --simulate --quick   # a dry run of this script on CPU at toy sizes (Triton's
                                    # interpreter for the kernels; the figures mean nothing)
+
+A GPU machine without network can get missing packages (bitsandbytes, compressed-tensors and its
+pydantic/loguru) as wheels in ``.whl/`` (or ``$INT8_WHEELS``): the wrapper installs them first.
 """
 
 from __future__ import annotations
