@@ -1018,6 +1018,7 @@ def main(argv=None) -> int:
             _free()
         r["status"] = "ok"
     finally:
+        r["fused_kernel_unavailable_at_end"] = tm.unavailable_reason(device.type)  # a silent fallback would show here
         r.setdefault("status", "incomplete")
         r["wall_s"] = time.perf_counter() - started
         r["errors"] = run.errors
