@@ -178,6 +178,16 @@ def _worker(path: Path) -> None:
 
     assert tm.interpreted(), "TRITON_INTERPRET=1 must be set before triton is imported"
     results: dict = {"available_cpu": tm.available("cpu")}
+    try:  # the interpreter of some triton releases (3.6) cannot run a loop with numpy 2 ("only 0-dimensional arrays ...")
+        tm.linear(torch.randn(1, 64), torch.ones(3, 64, dtype=torch.int8), torch.ones(3, 2), 32)
+    except Exception as e:
+        if "0-dimensional arrays" in str(e):
+            import numpy
+            import triton
+
+            results["interpreter_broken"] = f"triton {triton.__version__} with numpy {numpy.__version__}: {e}"
+            path.write_text(json.dumps(results))
+            return
     for c in CASES:
         try:
             results[c["id"]] = _run_case(c, tm)
@@ -201,7 +211,10 @@ def interpreted(tmp_path_factory) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(path.read_text())
+    results = json.loads(path.read_text())
+    if "interpreter_broken" in results:
+        pytest.skip(f"Triton's interpreter does not work here (use triton >= 3.9): {results['interpreter_broken'][:300]}")
+    return results
 
 
 def _within(r: dict, what: str) -> None:
