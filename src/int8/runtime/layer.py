@@ -25,12 +25,24 @@ dtype (the GPU is compute-, not cache-bound) and freed right after the
 multiplication. The backward pass keeps no de-quantized weight either: it
 de-quantizes again (``grad_x = grad_out @ W``, chunk by chunk), as the 8-bit
 GPT-J seeds did. The codes and scales never receive gradients.
+
+On CUDA, when triton is installed (it ships with CUDA builds of torch), the
+forward and backward multiplications run fused kernels instead
+(`int8.runtime.triton_matmul`): codes and scales go straight into the matmul
+and no float weight is ever written. ``Int8Linear.kernel`` chooses: `Kernel.AUTO`
+(the default: the fused kernel where it runs, else de-quantizing),
+`Kernel.TRITON` (the fused kernel, errors are raised) or `Kernel.DEQUANTIZE`;
+``Int8Linear.kernel_path`` says which one the layer's device gets. Should the
+kernel fail at run time under `Kernel.AUTO` (a GPU triton cannot compile for),
+a warning is logged and the process keeps to the de-quantize path.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+from enum import Enum
 
 import torch
 from torch import nn
@@ -46,6 +58,60 @@ MIN_CHUNK_ROWS = 256
 """At least this many output rows per chunk: fewer makes the per-chunk matmul too thin."""
 
 _INT_FOR = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+log = logging.getLogger("int8.runtime")
+
+
+class Kernel(str, Enum):
+    """How an `Int8Linear` multiplies on a GPU."""
+
+    AUTO = "auto"              # the fused Triton kernel where it runs (CUDA + triton), else DEQUANTIZE
+    TRITON = "triton"          # the fused Triton kernel; failures are raised
+    DEQUANTIZE = "dequantize"  # de-quantize the weight, then torch's matmul (on CPU: chunk by chunk)
+
+
+TRITON_DEVICE_TYPES = frozenset({"cuda"})
+"""Devices whose tensors go to the Triton kernels (the tests add "cpu" under Triton's interpreter)."""
+
+_triton_module = None
+
+
+def _triton():
+    """`int8.runtime.triton_matmul`, imported on first use (it imports triton, when installed)."""
+    global _triton_module
+    if _triton_module is None:
+        from . import triton_matmul
+
+        _triton_module = triton_matmul
+    return _triton_module
+
+
+def triton_ready(device_type: str, kernel: str = Kernel.AUTO) -> bool:
+    """Whether ``kernel`` sends the multiplications of tensors on ``device_type`` to the Triton kernels."""
+    if kernel == Kernel.DEQUANTIZE or device_type not in TRITON_DEVICE_TYPES:
+        return False
+    return _triton().available(device_type)
+
+
+def triton_unavailable_reason(device_type: str) -> str | None:
+    """Why the Triton kernels do not run for tensors on ``device_type``, or None when they do."""
+    if device_type not in TRITON_DEVICE_TYPES:
+        return f"the fused kernel runs on CUDA GPUs only, not {device_type}"
+    return _triton().unavailable_reason(device_type)
+
+
+def _fused(op, kernel: str, *args, **kwargs) -> torch.Tensor | None:
+    """Run a Triton op; under `Kernel.AUTO` a failure disables the kernels (logged) and gives None."""
+    try:
+        return op(*args, **kwargs)
+    except (torch.cuda.OutOfMemoryError, _triton().OperandError):
+        raise  # not the kernel's fault (de-quantizing would need more memory still; the operands are wrong)
+    except Exception as e:
+        if kernel == Kernel.TRITON:
+            raise
+        _triton().disable(f"it failed: {type(e).__name__}: {e}")
+        log.warning("int8: the fused Triton kernel failed (%s: %s); de-quantizing from now on", type(e).__name__, e)
+        return None
 
 _workspaces = threading.local()
 
@@ -100,11 +166,17 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, block_size: int
 
 
 def int8_linear(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int,
+    bias: torch.Tensor | None = None,
+    kernel: str = Kernel.AUTO,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for the block-quantized ``W``, without materialising ``W``; no autograd.
 
     ``x`` is ``(..., in)`` in the compute dtype; the result has ``x``'s dtype.
+    ``kernel`` (a `Kernel`) picks the fused Triton kernel or de-quantizing.
     """
     out_features, in_features = codes.shape
     lead = x.shape[:-1]
@@ -116,6 +188,10 @@ def int8_linear(
     if tokens == 0:
         y = x2.new_zeros(0, out_features)
         return y.reshape(*lead, out_features)
+    if triton_ready(x.device.type, kernel) and _triton().supports(x2, codes, scales, block_size):
+        y = _fused(_triton().linear, kernel, x2, codes, scales, block_size, bias)
+        if y is not None:
+            return y.reshape(*lead, out_features)
     if x.device.type != "cpu":
         w = dequantize_weight(codes, scales, block_size, dtype)
         y = torch.nn.functional.linear(x2, w, bias)
@@ -139,12 +215,18 @@ def int8_linear(
     return y.reshape(*lead, out_features)
 
 
-def int8_linear_grad_input(grad_out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``grad_out @ W`` (the input gradient), de-quantizing ``W`` again chunk by chunk."""
+def int8_linear_grad_input(
+    grad_out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int, kernel: str = Kernel.AUTO
+) -> torch.Tensor:
+    """``grad_out @ W`` (the input gradient): the fused kernel, or de-quantizing ``W`` again chunk by chunk."""
     out_features, in_features = codes.shape
     lead = grad_out.shape[:-1]
     g = grad_out.reshape(-1, out_features)
     dtype = grad_out.dtype
+    if g.shape[0] and triton_ready(g.device.type, kernel) and _triton().supports(g, codes, scales, block_size):
+        gx = _fused(_triton().linear_grad_input, kernel, g, codes, scales, block_size)
+        if gx is not None:
+            return gx.reshape(*lead, in_features)
     if g.device.type != "cpu":
         w = dequantize_weight(codes, scales, block_size, dtype)
         gx = g @ w
@@ -164,22 +246,23 @@ class Int8LinearFunction(torch.autograd.Function):
     """Autograd for `int8_linear`: saves only the int8 codes and scales (no float weight)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales, bias, block_size):
+    def forward(ctx, x, codes, scales, bias, block_size, kernel=Kernel.AUTO):
         ctx.save_for_backward(codes, scales)
         ctx.block_size = block_size
+        ctx.kernel = kernel
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return int8_linear(x, codes, scales, block_size, bias)
+        return int8_linear(x, codes, scales, block_size, bias, kernel)
 
     @staticmethod
     def backward(ctx, grad_out):
         codes, scales = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = int8_linear_grad_input(grad_out, codes, scales, ctx.block_size)
+            grad_x = int8_linear_grad_input(grad_out, codes, scales, ctx.block_size, ctx.kernel)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, None, grad_bias, None
+        return grad_x, None, None, grad_bias, None, None
 
 
 class Int8Linear(nn.Module):
@@ -187,8 +270,11 @@ class Int8Linear(nn.Module):
 
     Build it empty (``Int8Linear(in, out, ...)``, then load a state dict with
     ``weight_packed`` / ``weight_scale`` / ``weight_shape``) or from a float
-    layer with `Int8Linear.from_linear`.
+    layer with `Int8Linear.from_linear`. ``kernel`` (a `Kernel`, default auto) picks
+    how it multiplies on a GPU; `int8.load` sets it from its ``kernel`` argument.
     """
+
+    kernel: str = Kernel.AUTO
 
     def __init__(
         self,
@@ -279,6 +365,12 @@ class Int8Linear(nn.Module):
         """The de-quantized weight ``(out, in)`` (a new tensor; for inspection and merging)."""
         return dequantize_weight(self.codes, self.scales, self.block_size, dtype or self.compute_dtype)
 
+    @property
+    def kernel_path(self) -> str:
+        """What the forward and backward run on the layer's device now: "triton" or "dequantize"."""
+        device = (self.weight_packed if self.checkpoint_layout else self.codes).device
+        return "triton" if triton_ready(device.type, self.kernel) else "dequantize"
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -300,8 +392,8 @@ class Int8Linear(nn.Module):
         bias = self.bias
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         if not needs_grad:
-            return int8_linear(x, self.codes, self.scales, self.block_size, bias)
-        return Int8LinearFunction.apply(x, self.codes, self.scales, bias, self.block_size)
+            return int8_linear(x, self.codes, self.scales, self.block_size, bias, self.kernel)
+        return Int8LinearFunction.apply(x, self.codes, self.scales, bias, self.block_size, self.kernel)
 
     # -- checkpoint layout ----------------------------------------------------------------------
 

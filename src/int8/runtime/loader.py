@@ -17,6 +17,7 @@ transformers both read again.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFoun
 from ..formats.compressed_tensors import check_config
 from ..hf import FROM_TORCH_NAME, NameMap, out_in, parse_dtype, resolve_device, torch_dtype, weight_layout
 from ..hf import model_class as model_class_for
-from .layer import Int8Linear
+from .layer import Int8Linear, Kernel, triton_ready, triton_unavailable_reason
+
+log = logging.getLogger("int8.runtime")
 
 QUANT_METHOD = "int8-runtime"
 INDEX_NAME = "model.safetensors.index.json"
@@ -281,6 +284,7 @@ def load(
     revision: str | None = None,
     token: str | bool | None = None,
     attn_implementation: str | None = None,
+    kernel: str | Kernel = "auto",
 ):
     """Load an int8 checkpoint (a folder `int8 convert` wrote, or a Hub repo id) as a transformers model.
 
@@ -293,10 +297,16 @@ def load(
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: a GPU when there
     is one. ``dtype``: the compute dtype (``"fp32"``, ``"bf16"``, ``"fp16"``
     or a torch dtype); default float32 on CPU and the checkpoint's dtype on a
-    GPU. Raises `int8.errors.Int8Error` for every problem with the input.
+    GPU. ``kernel``: how the int8 layers multiply on a GPU: ``"auto"`` (the
+    fused Triton kernel on CUDA when triton is installed, else de-quantizing),
+    ``"triton"`` (the fused kernel, or an error where it cannot run) or
+    ``"dequantize"``; ``model.int8_kernel`` and a log line (logger
+    ``int8.runtime``, level INFO) say which one runs. Raises
+    `int8.errors.Int8Error` for every problem with the input.
     """
     from ..hf import load_config, load_model
 
+    kernel = resolve_kernel(kernel)
     folder = resolve_folder(path_or_repo, revision=revision, token=token)
     if not (folder / "config.json").is_file():
         raise NoWeightsFound(f"{folder} has no config.json", "int8.load reads the folders that `int8 convert` writes.")
@@ -308,6 +318,7 @@ def load(
     group_size = check_quantization_config(qc, folder)
     specs = quantized_layers(folder, group_size)
     dev = resolve_device(device)
+    check_kernel(kernel, dev)
     compute = resolve_dtype(dtype, dev, config)
     cls = model_class_for(config)
 
@@ -333,5 +344,37 @@ def load(
                                 "The download is incomplete or the index is wrong: fetch the checkpoint again.")
     if len(int8_names) != len(specs):
         raise CorruptCheckpoint(f"{len(specs)} int8 layers in the checkpoint but {len(int8_names)} in the model")
+    use_kernel(model, kernel, dev)
     model.eval()
     return model
+
+
+def resolve_kernel(kernel: str | Kernel) -> Kernel:
+    try:
+        return Kernel(kernel)
+    except ValueError:
+        raise Int8Error(f"unknown kernel {kernel!r}", "Use kernel='auto', 'triton' or 'dequantize'.") from None
+
+
+def check_kernel(kernel: Kernel, device: torch.device) -> None:
+    """``kernel="triton"`` must be able to run on ``device``."""
+    if kernel == Kernel.TRITON and not triton_ready(device.type, kernel):
+        raise Int8Error(f"kernel='triton' asked for on {device}, but it cannot run there: "
+                        f"{triton_unavailable_reason(device.type)}",
+                        "The fused kernel needs a CUDA GPU and triton (bundled with CUDA builds of torch; "
+                        "else pip install triton). Use kernel='auto' to fall back to de-quantizing.")
+
+
+def use_kernel(model: torch.nn.Module, kernel: Kernel, device: torch.device) -> str:
+    """Set ``kernel`` on every `Int8Linear` of ``model``; record and log the path that runs."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in layers:
+        m.kernel = kernel
+    path = "triton" if triton_ready(device.type, kernel) else "dequantize"
+    model.int8_kernel = path
+    if path == "triton":
+        log.info("int8.load: %d int8 layers on %s run the fused Triton kernel", len(layers), device)
+    else:
+        why = "asked for" if kernel == Kernel.DEQUANTIZE else triton_unavailable_reason(device.type)
+        log.info("int8.load: %d int8 layers on %s de-quantize before each matmul (%s)", len(layers), device, why)
+    return path
