@@ -284,7 +284,7 @@ def test_sharded_output_and_report(sources, tmp_path):
     assert saved.to_dict() == report.to_dict()
     files = {f.name: f for f in saved.files}
     assert set(files) == {p.name for p in out.iterdir()} - {"README.md", "int8_report.json"}
-    from int8.conversion.writer import sha256_file
+    from int8.files import sha256_file
 
     for p in shards:
         assert files[p.name].sha256 == sha256_file(p) and files[p.name].bytes == p.stat().st_size

@@ -28,8 +28,8 @@ from models import make_tiny
 from test_hub_download import run_main
 
 import int8
-from int8.conversion.writer import sha256_file
 from int8.errors import Int8Error, UnsupportedModel
+from int8.files import sha256_file
 from int8.report import ConversionReport
 from int8.verify import VERIFY_NAME, verify_checkpoint
 from int8.verify.result import manifest_digest

@@ -248,8 +248,8 @@ def test_big_files_are_hashed_only_when_touched_after_the_report(old_out, monkey
     shard = next(old_out.glob("model*.safetensors"))
     monkeypatch.setattr(output, "HASH_ALWAYS_BYTES", 0)  # every file counts as big
     hashed = []
-    real = output._sha256
-    monkeypatch.setattr(output, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = output.sha256_file
+    monkeypatch.setattr(output, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     assert output.foreign_entries(old_out) == [] and hashed == []
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF

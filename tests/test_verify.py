@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import int8
-from int8.conversion.writer import sha256_file
 from int8.errors import Int8Error, SourceNotFound
+from int8.files import sha256_file
 from int8.report import ConversionReport
 from int8.verify import SCHEMA, VERIFY_NAME, Thresholds, verify_checkpoint
 

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-REPORT_NAME = "int8_report.json"
+from .files import REPORT_NAME
+
 SCHEMA = "int8.conversion/1"
 
 _CACHE_SNAPSHOT = re.compile(r"models--[^/]+?--[^/]+/snapshots/[0-9a-f]{40}")

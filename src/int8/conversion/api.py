@@ -29,8 +29,9 @@ import torch
 from .. import __version__, options
 from ..checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint
 from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
+from ..files import CARD_NAME, sha256_file
 from ..formats.compressed_tensors import build_config
-from ..formats.safetensors import itemsize
+from ..formats.safetensors import itemsize, write_index
 from ..hf import TORCH_NAMES, parse_dtype, resolve_device
 from ..paths import copy_inside, inside
 from ..quantize import ErrorStats, num_blocks
@@ -57,11 +58,8 @@ from .plan import (
     make_plan,
     unmatched_patterns,
 )
-from .writer import sha256_file
 
 CHUNK_BYTES = 32 << 20
-INDEX_NAME = "model.safetensors.index.json"
-CARD_NAME = "README.md"
 class Progress(Protocol):
     """What the converter reports while it works (the CLI draws it with rich)."""
 
@@ -281,9 +279,7 @@ def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def _write_index(folder: Path, plan: ConversionPlan) -> None:
-    weight_map = {o.name: s.filename for s in plan.shards for e in s.entries for o in e.outputs}
-    index = {"metadata": {"total_size": plan.bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_index(folder, {o.name: s.filename for s in plan.shards for e in s.entries for o in e.outputs}, plan.bytes_out)
 
 
 def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None:

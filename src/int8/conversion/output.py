@@ -31,7 +31,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -43,11 +42,8 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import OutputError, OutputExists
+from ..files import OWN_FILES, REPORT_NAME, sha256_file
 
-REPORT_NAME = "int8_report.json"
-CARD_NAME = "README.md"
-VERIFY_NAME = "int8_verify.json"
-OWN_FILES = (CARD_NAME, REPORT_NAME, VERIFY_NAME)
 """Files int8 writes outside its manifest (they change after a conversion: card, report, verify record)."""
 REPORT_SCHEMA_PREFIX = "int8.conversion/"
 HASH_ALWAYS_BYTES = 64 << 20
@@ -141,49 +137,41 @@ def foreign_entries(folder: Path) -> list[str]:
             size, digest = manifest[name]
             if st.st_size != size:
                 foreign.append(f"{name} (changed since the conversion: {st.st_size} bytes, the manifest says {size})")
-            elif (size <= HASH_ALWAYS_BYTES or st.st_mtime_ns > report_mtime) and _sha256(path) != digest:
+            elif (size <= HASH_ALWAYS_BYTES or st.st_mtime_ns > report_mtime) and sha256_file(path) != digest:
                 foreign.append(f"{name} (changed since the conversion: its SHA-256 differs from the manifest)")
     return foreign
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, tuple[int, str]] | None, str]:
-    """The report's manifest {name: (bytes, sha256)}, or (None, why it is not int8's report)."""
+    """The report's manifest {name: (bytes, sha256)}, or (None, why it is not int8's report).
+
+    The report must be a plain file that `int8.report.ConversionReport` validates, of int8's schema, and
+    every manifest entry a plain file name (no folder part) other than int8's own files, listed once."""
+    from ..report import ConversionReport, InvalidReport
+
     try:
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):
             return None, "not a plain file"
         if st.st_size > 512 << 20:
             return None, "far too big for a report"
-        data = json.loads(path.read_bytes())
+        raw = json.loads(path.read_bytes())
+        report = ConversionReport.from_dict(raw)
     except FileNotFoundError:
         return None, "missing"
+    except InvalidReport:
+        return None, "not a valid int8 conversion report"
     except (OSError, ValueError) as e:
         return None, f"unreadable ({type(e).__name__})"
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith(REPORT_SCHEMA_PREFIX):
+    if not str(raw.get("schema", "")).startswith(REPORT_SCHEMA_PREFIX):
         return None, "not an int8 conversion report"
-    files = data.get("files")
-    if not isinstance(files, list):
-        return None, "no manifest"
     manifest: dict[str, tuple[int, str]] = {}
-    for f in files:
-        if not isinstance(f, dict):
+    for f in report.files:
+        plain_name = f.name not in ("", ".", "..") and not any(c in f.name for c in ("/", "\\", "\0"))
+        if not plain_name or f.bytes < 0 or len(f.sha256) != 64 or f.name in manifest or f.name in OWN_FILES:
             return None, "a malformed manifest"
-        name, size, digest = f.get("name"), f.get("bytes"), f.get("sha256")
-        plain_name = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-        if not plain_name or not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            return None, "a malformed manifest"
-        if not isinstance(digest, str) or len(digest) != 64 or name in manifest or name in OWN_FILES:
-            return None, "a malformed manifest"
-        manifest[name] = (size, digest.lower())
+        manifest[f.name] = (f.bytes, f.sha256.lower())
     return manifest, ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ locks

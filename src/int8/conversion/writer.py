@@ -145,12 +145,3 @@ def _preallocate(file, size: int) -> None:
             raise
     except AttributeError:  # pragma: no cover - platforms without posix_fallocate
         pass
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -302,3 +302,11 @@ class OutputTensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> Path:
+    """``folder/model.safetensors.index.json`` as transformers writes it: total size, tensor -> shard, sorted."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    path = Path(folder) / SAFE_INDEX
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    return path
