@@ -203,7 +203,9 @@ def test_every_from_pretrained_call_refuses_remote_code():
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
-            if ".from_pretrained(" in code and '"' not in code.split(".from_pretrained(")[0][-40:]:
+            receiver = code.split(".from_pretrained(")[0][-40:]
+            # PEFT's adapter loading (runtime/lora.py) reads adapter weights and a JSON config, never model code
+            if ".from_pretrained(" in code and '"' not in receiver and not receiver.rstrip().endswith(("PeftModel", "PeftConfig")):
                 offenders.append(f"{path.relative_to(src)}:{n}: {line.strip()}")
             if "AutoConfig" in code or "AutoTokenizer.from" in code:
                 offenders.append(f"{path.relative_to(src)}:{n}: {line.strip()}")
@@ -283,7 +285,8 @@ def test_a_symlinked_folder_is_not_in_the_manifest(folder, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     result = verify_checkpoint(folder, quick=True)
-    assert "linked/" in result.check("files").detail
+    assert not result.passed and "linked" in result.check("contained").detail
+    assert result.check("files").skipped  # nothing is read once a link leads out of the folder
 
 
 def rotate_vocabulary(folder: Path) -> None:
