@@ -1,18 +1,16 @@
 """Read source checkpoints tensor by tensor, row range by row range, in flat memory.
 
-Two on-disk forms are read:
+`find_checkpoint` locates a folder's weights (one format, every file inside the folder:
+`int8.paths`); `CheckpointReader` serves their tensors to the converter and to verify:
 
-* safetensors (single or sharded with ``model.safetensors.index.json``): the
-  header is parsed here (the format is 8 bytes of little-endian length, then a
-  JSON header, then raw data) and row ranges are read with ``pread`` into the
-  caller's buffer. The ``safetensors`` library has no way to read a slice into
-  a caller's buffer without mapping the whole file into the process, and the
-  mapped pages would count against the memory of a 24 GB conversion.
-* PyTorch ``pytorch_model.bin`` (single or sharded): loaded with
-  ``torch.load(mmap=True, weights_only=True)`` so no arbitrary object is ever
-  unpickled and no tensor is read until it is used. After a row range has been
-  copied out, its pages are dropped from the process with ``madvise`` so the
-  resident set stays flat.
+* safetensors (single or sharded): headers come from `int8.formats.safetensors` (validated
+  there); each file is mapped read-only and row ranges are viewed in place (no copy) or read with
+  ``pread`` into the caller's buffer; after a range is used its pages are dropped from the process
+  with ``madvise``, so the resident set stays flat even for a 24 GB model. Sizes are checked
+  against the headers before mapping and before each read, and a file truncated under the mapping
+  fails the run cleanly (`int8.errors.SourceChanged`) instead of killing it.
+* PyTorch ``pytorch_model.bin`` (single or sharded): loaded by `int8.formats.pytorch`
+  (memory-mapped, ``weights_only=True``: no pickled code runs), pages dropped the same way.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ def available() -> bool:
 
 
 if _HAVE_NUMBA:
-    _jit = numba.njit(nogil=True, cache=True, boundscheck=False)
     # `reassoc` lets LLVM vectorize the error sum; it cannot change a division, a rint or a
     # conversion, so the codes and scales are exact. No `arcp` (reciprocals) and no `nnan`.
     _jit_reassoc = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"})

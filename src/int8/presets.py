@@ -37,7 +37,6 @@ class Preset:
     repo: str
     revision: str = "main"
     description: str = ""
-    family: str = ""
     parameters: str = ""
     dtype: str = "bf16"
     block_size: int = 128
@@ -61,7 +60,6 @@ def _parse(path: Path) -> Preset:
             repo=data["repo"],
             revision=data.get("revision", "main"),
             description=data.get("description", ""),
-            family=data.get("family", ""),
             parameters=data.get("parameters", ""),
             dtype=data.get("dtype", "bf16"),
             block_size=int(data.get("block_size", 128)),

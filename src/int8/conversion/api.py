@@ -1,15 +1,12 @@
 """`int8 convert`: stream an FP32/FP16/BF16 checkpoint into an int8 checkpoint.
 
-The pipeline has three stages running at once, each on its own thread:
-
-    read (pread / mmap row chunks)  ->  quantize (torch, CPU or CUDA)  ->  write (append + SHA-256)
-
-Tensors are cut into row chunks of ``CHUNK_BYTES``; buffers come from small
-fixed pools, so memory stays flat whatever the model's size (about
-``1 GB + 2 x the largest tensor`` is the budget, a few hundred MB in
-practice). The output is built in a hidden folder beside the target and
-renamed into place only when everything has been written: an interrupted or
-failed run leaves nothing that looks like a finished conversion.
+The orchestrator: check what the user typed, resolve the source (preset, Hub id or folder), read
+its config and tensor headers, plan every tensor (`int8.conversion.plan`), stream the data through
+the engine (`int8.conversion.engine`: worker threads quantizing row chunks in place, a writer
+appending them to the shards in plan order, SHA-256 on its own thread; memory flat whatever the
+model's size), then write the index, config, side files, report and card. Everything is built in a
+staging folder beside the output and swapped into place only when complete
+(`int8.conversion.output`): an interrupted or failed run leaves nothing that looks finished.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 import torch
 
@@ -334,7 +333,3 @@ def _shard(entries: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
         size += n
     total = len(groups)
     return [ShardPlan(f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
-
-
-def shard_path(folder: Path, shard: ShardPlan) -> Path:
-    return folder / shard.filename

@@ -458,7 +458,3 @@ def _load_pre_hook(module: Int8Linear, state_dict, prefix, local_metadata, stric
         return
     state_dict[prefix + "codes"] = codes
     state_dict[prefix + "scale_bits"] = scale.to(module.scale_dtype).view(module.scale_bits.dtype)
-
-
-def quantized_modules(model: nn.Module) -> dict[str, Int8Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
