@@ -109,12 +109,13 @@ def main(argv=None) -> int:
     held_out = next(batches(tokenizer, text, args.seq, 8, 1, seed=1234))
 
     # 2. LoRA adapters on the int8 layers (PEFT picks the usual attention projections for the
-    #    model type), gradient checkpointing, AdamW (8-bit AdamW from bitsandbytes on a GPU).
+    #    model type), gradient checkpointing, bitsandbytes' 8-bit AdamW (its state in 8 bits, on CPU too).
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0))
     model.print_trainable_parameters()
     model.gradient_checkpointing_enable()
     optimizer = adapter_optimizer(model, lr=lr)
+    print(f"optimizer: {type(optimizer).__name__}")
     frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
 
     with torch.no_grad():

@@ -15,6 +15,7 @@ def test_lora_example_runs(tmp_path, capsys):
     rc = mod.main(["--steps", "12", "--seq", "48", "--out", str(tmp_path / "adapter")])
     out = capsys.readouterr().out
     assert "int8 codes unchanged: True" in out
+    assert "optimizer: AdamW8bit" in out
     assert "reloaded outputs identical: True" in out
     before = float(out.split("held-out loss before:")[1].split()[0])
     after = float(out.split("held-out loss after:")[1].split()[0])

@@ -128,30 +128,54 @@ class Int8LoraLinear(torch.nn.Module, LoraLayer):
 def adapter_optimizer(model: torch.nn.Module, lr: float = 2e-4, weight_decay: float = 0.0, eight_bit: bool | None = None):
     """An AdamW over the trainable parameters of ``model`` (the LoRA adapters).
 
-    On CUDA with bitsandbytes installed (or with ``eight_bit=True``) it is
-    bitsandbytes' 8-bit ``AdamW8bit``, whose optimizer state takes a quarter of
-    the memory; otherwise (CPU) it is ``torch.optim.AdamW``.
+    By default, on CPU and CUDA alike, bitsandbytes' 8-bit ``AdamW8bit``: both moment estimates are
+    kept as 8-bit block-quantized state (every adapter matrix, however small: ``min_8bit_size=0``),
+    a quarter of fp32 Adam's optimizer memory. Where bitsandbytes cannot be loaded, torch's
+    ``AdamW`` is used and a warning says so once. ``eight_bit=False`` asks for torch's AdamW;
+    ``eight_bit=True`` fails (`Int8Error`) when bitsandbytes cannot be loaded.
     """
     from ..errors import Int8Error
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise Int8Error("the model has no trainable parameters", "Attach LoRA adapters with peft.get_peft_model first.")
-    if eight_bit is None:
-        eight_bit = params[0].is_cuda and _has_bitsandbytes()
-    if eight_bit:
-        if not _has_bitsandbytes():
-            raise Int8Error("8-bit Adam needs bitsandbytes, which is not installed", "pip install bitsandbytes")
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        raise Int8Error("the model has no trainable parameters", "Attach LoRA adapters with int8.runtime.get_peft_model first.")
+    if eight_bit is not False:
+        bnb, why = _bitsandbytes()
+        if bnb is not None:
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=0)
+        if eight_bit:
+            raise Int8Error(f"8-bit Adam needs bitsandbytes, which cannot be loaded ({why})", "pip install bitsandbytes")
+        _warn_once(f"bitsandbytes cannot be loaded ({why}): using torch's AdamW (32-bit optimizer state)")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _has_bitsandbytes() -> bool:
-    import importlib.util
+_WARNED: set[str] = set()
 
-    return importlib.util.find_spec("bitsandbytes") is not None
+
+def _warn_once(message: str) -> None:
+    import warnings
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _bitsandbytes():
+    """(the bitsandbytes module, "") or (None, why it cannot be loaded)."""
+    import logging
+
+    # its CPU backend logs a warning about an optional 4-bit kernel package at import; 8-bit Adam does not use it
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+
+        return bnb, ""
+    except Exception as e:  # not installed, or its native library does not load on this machine
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(": ")
+    finally:
+        cpu_ops.setLevel(level)
 
 
 LORA_MAPPING = {Int8Linear: Int8LoraLinear}
