@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,6 +13,9 @@ from ..errors import Int8Error
 from .display import RichProgress, console, size
 from .option_types import device_option, quiet_option, revision_option
 from .push import publish
+
+if TYPE_CHECKING:
+    from ..report import ConversionReport
 
 Device = device_option("Where to quantize: auto (GPU if any), cpu, cuda, cuda:N.")
 Revision = revision_option("Hub branch, tag or commit of the source (not for a local folder).")
@@ -142,7 +145,7 @@ def convert(
         publish(folder, push, quiet=quiet)
 
 
-def summary(report, folder: Path) -> Table:
+def summary(report: ConversionReport, folder: Path) -> Table:
     """The table `int8 convert` ends with: source, model, sizes, tensors, time and the output folder."""
     t = report.totals
     table = Table(title="int8 convert", show_header=False, title_justify="left")
