@@ -276,3 +276,47 @@ def test_help_examples_read_as_typed(command, expected):
     assert r.returncode == 0
     for text in expected:
         assert text in r.stdout, (text, r.stdout)
+
+
+# -- the command line stays a thin, fast layer ------------------------------------------------------
+
+
+HEAVY = ("torch", "transformers", "huggingface_hub", "peft", "compressed_tensors", "numpy")
+
+
+def test_help_imports_no_heavy_library():
+    """`int8 --help` and every command's --help answer at once: none of them imports torch or transformers."""
+    code = (
+        "import sys\n"
+        "from int8.cli import main\n"
+        "for args in ([], ['--help'], ['--version'], ['convert', '--help'], ['verify', '--help'], ['push', '--help'],\n"
+        "             ['card', '--help'], ['generate', '--help'], ['presets', '--help'], ['convert']):\n"
+        "    sys.argv = ['int8', *args]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout and "int8 0." in r.stdout  # the help texts and the version were printed
+    assert r.stdout.splitlines()[-1] == "HEAVY []", r.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        ([], {}),
+        (["--min-top1", "0.8"], {"top1_min": 0.8, "top1_slack": 0.0}),  # a floor of its own: no slack below it
+        (["--max-kl", "0.1", "--kl-factor", "5"], {"kl_max": 0.1, "kl_factor": 5.0}),
+        (["--max-ppl-ratio", "1.2", "--min-top1", "0.95"], {"ppl_ratio_max": 1.2, "top1_min": 0.95, "top1_slack": 0.0}),
+    ],
+)
+def test_verify_thresholds_reach_the_result(converted, tmp_path, given, expected):
+    from int8.verify import Thresholds
+
+    r = run_cli("verify", str(converted), "--quick", "--quiet", "--json", str(tmp_path / "v.json"), *given)
+    assert r.returncode == 0, r.stderr
+    recorded = json.loads((tmp_path / "v.json").read_text())["thresholds"]
+    assert recorded == {**Thresholds().to_dict(), **expected}

@@ -48,12 +48,12 @@ if where == "index":  # all shards written, in staging, before the report
         wait()
     conv._write_index = slow_index
 elif where == "stream":  # tensors streaming, worker threads running
-    import int8.cli as cli
-    real_advance = cli.RichProgress.advance
+    from int8.cli.display import RichProgress
+    real_advance = RichProgress.advance
     def slow_advance(self, nbytes, tensors=0):
         real_advance(self, nbytes, tensors)
         wait()
-    cli.RichProgress.advance = slow_advance
+    RichProgress.advance = slow_advance
 elif where == "verify":  # verify under way (its first progress message)
     import int8.verify as v
     real_verify = v.verify_checkpoint

@@ -391,10 +391,10 @@ def test_run_generate_prints_prompt_and_continuation(converted, capsys):
 
 
 def test_generate_command_errors(converted, tmp_path):
-    from int8.runtime.generate import generate_command
+    from int8.cli.generate import generate
 
     with pytest.raises(SourceNotFound):
-        generate_command(str(tmp_path / "nope"), "hi")
+        generate(str(tmp_path / "nope"), "hi")
     _, out = converted("gptj")
     with pytest.raises(Int8Error, match="max-new-tokens"):
         run_generate(str(out), "hi", max_new_tokens=0, device="cpu")
@@ -459,10 +459,10 @@ def test_generate_command_registers_with_typer(converted):
     import typer
     from typer.testing import CliRunner
 
-    from int8.runtime.generate import generate_command
+    from int8.cli.generate import generate
 
     app = typer.Typer()
-    app.command("generate")(generate_command)
+    app.command("generate")(generate)
     app.command("noop")(lambda: None)  # a second command, so "generate" is a subcommand as in the real CLI
     _, out = converted("gptj")
     res = CliRunner().invoke(app, ["generate", str(out), "The keeper", "--max-new-tokens", "5", "--device", "cpu"])

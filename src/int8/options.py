@@ -56,6 +56,21 @@ def at_least(name: str, value: int | None, low: int) -> int | None:
     return value
 
 
+def max_new_tokens(value: int) -> int:
+    """--max-new-tokens of `int8 generate`: at least one."""
+    return at_least("--max-new-tokens", value, 1)
+
+
+def temperature(value: float) -> float:
+    """--temperature of `int8 generate`: 0 (greedy) or above."""
+    return finite("--temperature", value, low=0.0)
+
+
+def top_p(value: float) -> float:
+    """--top-p of `int8 generate`: above 0, at most 1."""
+    return finite("--top-p", value, low=0.0, high=1.0, low_open=True)
+
+
 def skip_patterns(patterns: Sequence[str] | None) -> list[str]:
     """--skip: every pattern well formed (a ``re:`` one a valid regular expression)."""
     from .conversion.plan import check_pattern

@@ -1,13 +1,12 @@
-"""Quick generation from an int8 checkpoint, streaming tokens as they come (`int8 generate`)."""
+"""Quick generation from an int8 checkpoint, streaming tokens as they come (the library side of `int8 generate`)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TextIO
+from typing import Callable, TextIO
 
-import typer
-
+from .. import options
 from ..errors import Int8Error
 
 
@@ -110,56 +109,6 @@ def stream_generate(
     return out[0] if seq2seq else out[0, input_ids.shape[1] :]
 
 
-def _check_top_p(value: float) -> float:
-    from ..options import finite
-
-    return finite("--top-p", value, low=0.0, high=1.0, low_open=True)
-
-
-def _check_temperature(value: float) -> float:
-    from ..options import finite
-
-    return finite("--temperature", value, low=0.0)
-
-
-def _check_new_tokens(value: int) -> int:
-    from ..options import at_least
-
-    return at_least("--max-new-tokens", value, 1)
-
-
-def generate_command(
-    model: Annotated[str, typer.Argument(help="An int8 checkpoint: a folder `int8 convert` wrote, or a Hub repo id.")],
-    prompt: Annotated[str, typer.Argument(help="The text to continue (for T5-style models: the input text).")],
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", help="How many tokens to generate (at least 1).", callback=_check_new_tokens)
-    ] = 50,
-    temperature: Annotated[
-        float, typer.Option("--temperature", "-t", help="0 for greedy decoding; above 0 samples.", callback=_check_temperature)
-    ] = 0.0,
-    top_p: Annotated[
-        float, typer.Option("--top-p", help="Nucleus sampling threshold, above 0 and at most 1 (with --temperature).",
-                            callback=_check_top_p)
-    ] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto, fp32, bf16 or fp16.")] = "auto",
-    revision: Annotated[
-        Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit); not for a local folder.")
-    ] = None,
-) -> None:
-    """Generate text from an int8 checkpoint, streaming tokens as they come.
-
-    The checkpoint is loaded with `int8.load` (its weights stay int8 in memory) and PROMPT is continued.
-
-    Example:
-
-    `int8 generate flan-t5-small-int8 "Translate to German: Hello" -n 20`
-    """
-    run_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                 device=device, dtype=dtype, revision=revision, stream=sys.stdout)
-
-
 def run_generate(
     model: str,
     prompt: str,
@@ -173,16 +122,16 @@ def run_generate(
     revision: str | None = None,
     stream: TextIO | None = None,
 ) -> str:
-    """`generate_command` as a function: writes to ``stream`` as tokens come; returns the generated text."""
+    """Load ``model`` with `int8.load` and continue ``prompt``, writing to ``stream`` (default: stdout) as tokens
+    come, the prompt first for a decoder-only model; return the generated text. `int8 generate` is this."""
     from transformers.utils import logging as hf_logging
 
-    from ..options import local_revision
     from .loader import load, resolve_folder
 
-    _check_new_tokens(max_new_tokens)
-    _check_temperature(temperature)
-    _check_top_p(top_p)
-    local_revision(model, revision)
+    options.max_new_tokens(max_new_tokens)
+    options.temperature(temperature)
+    options.top_p(top_p)
+    options.local_revision(model, revision)
     hf_logging.disable_progress_bar()  # the CLI streams text; no "Loading weights" bar in between
     stream = stream if stream is not None else sys.stdout
     pieces: list[str] = []

@@ -79,7 +79,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -137,6 +137,14 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def overridden(self, *, kl_max: float | None = None, kl_factor: float | None = None, top1_min: float | None = None,
+                   ppl_ratio_max: float | None = None) -> Thresholds:
+        """These thresholds with the figures a user gave (None keeps one); a given ``top1_min`` is a
+        floor of its own, not lowered to the reference's agreement less ``top1_slack``."""
+        given = {"kl_max": kl_max, "kl_factor": kl_factor, "top1_min": top1_min, "ppl_ratio_max": ppl_ratio_max}
+        changed = replace(self, **{k: v for k, v in given.items() if v is not None})
+        return changed if top1_min is None else replace(changed, top1_slack=0.0)
 
 
 @dataclass

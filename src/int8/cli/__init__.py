@@ -1,0 +1,124 @@
+"""The `int8` command line: a thin layer over the library (`int8.convert`, `int8.verify`, ...).
+
+Every user mistake ends with a one-paragraph message, a hint, and exit code 2;
+a traceback means a bug in int8.
+
+The package: this module holds the app, the commands' registration and `main` (the single way
+out, with the signal handling and error printing); `option_types` the options several commands
+share; `display` the consoles and the progress bar; one module per command (`convert`, `verify`,
+`push` with `card`, `generate`, `presets`). `int8 --help` imports neither torch nor transformers:
+the commands import the library when they run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+from rich.markup import escape as _escape
+
+from .. import __version__
+from ..errors import Int8Error
+from . import convert, generate, presets, push, verify
+from .display import console, out
+
+app = typer.Typer(
+    name="int8",
+    help=(
+        "Turn big FP32 language-model checkpoints into 8-bit ones that run and fine-tune on one GPU, "
+        "check them, and publish them.\n\n"
+        "Typical use:\n\n"
+        "`int8 convert flan-t5-small --out flan-t5-small-int8`\n\n"
+        "`int8 verify flan-t5-small-int8`\n\n"
+        "`int8 push flan-t5-small-int8 --repo you/flan-t5-small-int8`"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"int8 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+app.command(epilog=convert.epilog())(convert.convert)
+app.command()(push.push)
+app.command()(push.card)
+app.command()(verify.verify)
+app.command()(generate.generate)
+app.command()(presets.presets)
+
+
+_signal_received: list[int] = []
+"""The first SIGINT/SIGTERM of this run (the exit code is 128 + its number)."""
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT and SIGTERM (a CI job's timeout) both unwind as KeyboardInterrupt, so cleanups run."""
+    if not _signal_received:
+        _signal_received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _run_app() -> int:
+    """Run the command; return its exit code. Every way out of `int8` goes through here."""
+    try:
+        rc = app(standalone_mode=False)
+    except Int8Error as e:
+        console.print("[bold red]Error:[/] " + _escape(e.message), markup=True)
+        if e.hint:
+            console.print(f"[dim]{_escape(e.hint)}[/]", markup=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        rc = 130
+    except typer.Exit as e:
+        rc = e.exit_code
+    except typer.Abort:
+        rc = 130 if _signal_received else 1
+        if not _signal_received:
+            console.print("Aborted.")
+    except typer.TyperException as e:  # a bad option value or usage: one line, and where to look
+        if not hasattr(e, "format_message"):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `int8` or `int8 convert` alone: the help
+            e.show()
+            return getattr(e, "exit_code", 2)
+        console.print("[bold red]Error:[/] " + _escape(e.format_message()), markup=True)
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            console.print(f"[dim]Run '{_escape(ctx.command_path)} --help' for the options.[/]", markup=True)
+        return getattr(e, "exit_code", 2)
+    if _signal_received or rc == 130:
+        signum = _signal_received[0] if _signal_received else signal.SIGINT
+        console.print("[bold red]Interrupted.[/]", markup=True)
+        return 128 + int(signum)
+    return rc if isinstance(rc, int) else 0
+
+
+def main() -> None:
+    """Entry point of the `int8` console script: exit 0 on success, 1 for a failed check, 2 for a
+    user error, 130 after Ctrl-C and 143 after SIGTERM (once the run has cleaned up after itself)."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        rc = _run_app()
+    except KeyboardInterrupt:  # a second signal while the first was being handled
+        rc = 128 + (_signal_received[0] if _signal_received else int(signal.SIGINT))
+    sys.exit(rc)

@@ -1,0 +1,163 @@
+"""`int8 convert`: a thin layer over `int8.conversion.api.convert` (and `int8 push` after it with --push)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .. import options
+from ..errors import Int8Error
+from .display import RichProgress, console, size
+from .option_types import device_option, quiet_option, revision_option
+from .push import publish
+
+if TYPE_CHECKING:
+    from ..report import ConversionReport
+
+Device = device_option("Where to quantize: auto (GPU if any), cpu, cuda, cuda:N.")
+Revision = revision_option("Hub branch, tag or commit of the source (not for a local folder).")
+Quiet = quiet_option("No progress or summary; errors only.")
+
+
+def epilog() -> str:
+    """The presets, under the options of `int8 convert --help`."""
+    from ..presets import all_presets
+
+    try:
+        names = ", ".join(all_presets())
+    except Int8Error:
+        names = "(the preset files could not be read)"
+    return f"Presets: {names}. `int8 presets` describes them."
+
+
+def _checked_size(value: str) -> str:
+    options.shard_size(value)
+    return value
+
+
+def convert(
+    source: Annotated[str, typer.Argument(help="A preset name (`int8 presets`), a Hub repo id (owner/name), or a local folder.")],
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Output folder. Default: `./NAME-int8`.", show_default=False,
+                     callback=lambda v: None if v is None else options.output_folder(v)),
+    ] = None,
+    block_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--block-size",
+            min=1,
+            help="Values per absmax scale, along each row (input dimension). Default: the preset's, else 128. "
+            "vLLM's int8 kernels take 32, 64 or 128.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype",
+            help="dtype of the scales and of everything not quantized: fp16, bf16 or fp32. "
+            "Default: the preset's (bf16 for T5-family models, which overflow in fp16), else bf16.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Device = "auto",
+    skip: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--skip",
+            help="Keep modules matching PATTERN unquantized (repeatable): a module name or one of its dotted parts "
+            "(`lm_head`, `mlp.fc_in`), a glob (`*.attn.*`), or `re:REGEX`. lm_head and the model class's fp32 modules "
+            "are always kept. A pattern that matches nothing is warned about.",
+            metavar="PATTERN",
+            callback=options.skip_patterns,
+        ),
+    ] = None,
+    revision: Revision = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.", callback=_checked_size)
+    ] = "5GB",
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace --out if it holds an earlier int8 output and nothing else "
+                     "(a folder with other files in it is never replaced)."),
+    ] = False,
+    push: Annotated[
+        Optional[str],
+        typer.Option("--push", help="After converting, publish to this Hub repo (as `int8 push` does).", metavar="REPO_ID"),
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Convert a checkpoint to int8: linear weights in int8 blocks with absmax scales, the rest in --dtype.
+
+    The output is a compressed-tensors `pack-quantized` folder that plain transformers loads
+    (with `pip install compressed-tensors`) and vLLM serves, plus a model card and a
+    conversion report (`int8_report.json`). Memory stays flat: a 24 GB model converts in a few GB of RAM.
+
+    Examples:
+
+    `int8 convert gpt-j-6b`
+
+    `int8 convert bigscience/bloomz-560m --out bloomz-int8 --dtype fp16`
+
+    `int8 convert ./my-model --block-size 64 --skip "re:.*\\.attn\\..*"`
+
+    `int8 convert ./my-model --skip lm_head --skip "*.mlp.fc_out"`
+    """
+    from ..conversion.api import convert as run_convert
+    from ..conversion.api import default_output
+
+    options.local_revision(source, revision)
+    folder = out_dir if out_dir is not None else default_output(source)
+    if push:
+        from ..hub.upload import check_can_push
+
+        check_can_push(push)  # a missing token or a malformed repo id fails now, not after the conversion
+    warned: list[str] = []
+
+    def warn(message: str) -> None:  # as soon as it is known: before the long work
+        warned.append(message)
+        console.print(f"[yellow]Warning:[/] {message}", markup=True, highlight=False)
+
+    report = run_convert(
+        source,
+        folder,
+        block_size=block_size,
+        dtype=dtype,
+        device=device,
+        skip=skip or (),
+        revision=revision,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=None if quiet else RichProgress("Converting"),
+        quiet=quiet,
+        on_warning=warn,
+    )
+    for w in report.warnings:
+        if w not in warned:
+            warn(w)
+    if not quiet:
+        console.print(summary(report, folder))
+    if push:
+        publish(folder, push, quiet=quiet)
+
+
+def summary(report: ConversionReport, folder: Path) -> Table:
+    """The table `int8 convert` ends with: source, model, sizes, tensors, time and the output folder."""
+    t = report.totals
+    table = Table(title="int8 convert", show_header=False, title_justify="left")
+    table.add_column()
+    table.add_column(overflow="fold")  # a long output path wraps whole, never cut with an ellipsis
+    table.add_row("source", report.source.id + (f" @ {report.source.commit[:12]}" if report.source.commit else ""))
+    table.add_row("model", f"{report.model.architecture} ({report.model.model_type})")
+    table.add_row("size in", size(t.bytes_in))
+    table.add_row("size out", size(t.bytes_out))
+    table.add_row("ratio", f"{t.ratio:.2f}x")
+    table.add_row("tensors", f"{t.tensors_quantized} quantized, {t.tensors_kept} kept, {t.tensors_dropped} dropped")
+    table.add_row("time", f"{t.seconds:.1f} s on {t.device} ({t.stream_seconds:.1f} s streaming tensors)")
+    table.add_row("throughput", f"{t.throughput_gb_s:.2f} GB/s of input while streaming")
+    table.add_row("output", str(folder))
+    return table
