@@ -3,13 +3,16 @@
 Three groups of checks, each only when the one before leaves something to check:
 
 1. structure and integrity (`int8.verify.structure`; all that ``quick=True`` runs):
-   config, index, tensor layout, codes, scales, NaN/Inf, SHA-256 manifest,
-   tokenizer, card;
-2. loading (`int8.verify.models`): stock transformers with compressed-tensors
-   loads it and a forward pass gives finite logits;
-3. fidelity against the original (`int8.verify.fidelity`): every tensor's
-   reconstruction error, then top-1 agreement, KL divergence and perplexity
-   on a text sample, relative to ideal int8 rounding noise.
+   the small files read once into a frozen `int8.verify.layout.Layout`, the
+   shards' data scanned once (`int8.verify.scan`), and the checks of
+   `int8.verify.checks` run on both: config, index, tensor layout, codes,
+   scales, NaN/Inf, SHA-256 manifest, tokenizer, card;
+2. loading (`int8.verify.phases`, building models with `int8.verify.models`):
+   stock transformers with compressed-tensors loads it and a forward pass
+   gives finite logits;
+3. fidelity against the original (`int8.verify.phases`, `int8.verify.fidelity`):
+   every tensor's reconstruction error, then top-1 agreement, KL divergence
+   and perplexity on a text sample, relative to ideal int8 rounding noise.
 
 The library API::
 

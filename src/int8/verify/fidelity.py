@@ -28,8 +28,8 @@ from ..formats.compressed_tensors import unpack_codes
 from ..formats.safetensors import SourceTensor
 from ..hf import WeightLayout
 from ..quantize import QMAX, dequantize
-from .result import Check, Thresholds, outcome
-from .structure import Layout, QuantLayer
+from .layout import Layout, QuantLayer
+from .result import SKIP, Check, Group, Thresholds, outcome
 
 ERROR_SLACK = 1e-3
 """Relative slack on the scale/2 bound: float32 division and product round by about 1e-7."""
@@ -118,7 +118,7 @@ def check_reconstruction(layout: Layout, original: Path, thresholds: Thresholds)
         f"scales within {worst_scale:.2%} of absmax/127; {kept_ok}/{len(layout.kept)} other tensors identical"
     )
     threshold = f"<= 0.5 scale; scales within {thresholds.scale_rtol:.0%} of absmax/127; the rest equal"
-    return outcome("reconstruction", problems, figure=figure, threshold=threshold, group="fidelity", value=worst)
+    return outcome("reconstruction", problems, figure=figure, threshold=threshold, group=Group.FIDELITY, value=worst)
 
 
 def _layer(
@@ -287,7 +287,7 @@ def metric_checks(converted: Agreement, reference: Agreement, thresholds: Thresh
         top1_problems,
         figure=f"{converted.top1_rate:.1%} of {converted.tokens} tokens (reference {reference.top1_rate:.1%})",
         threshold=f">= {top1_bar:.1%} (min({t.top1_min:.0%}, reference - {t.top1_slack:.0%}))",
-        group="fidelity",
+        group=Group.FIDELITY,
         value=converted.top1_rate,
     )
 
@@ -304,7 +304,7 @@ def metric_checks(converted: Agreement, reference: Agreement, thresholds: Thresh
         kl_problems,
         figure=f"{converted.mean_kl:.3g} nats/token (reference {reference.mean_kl:.3g})",
         threshold=f"<= {kl_bar:.3g} (min({t.kl_factor:g} x reference, {t.kl_max:g}))",
-        group="fidelity",
+        group=Group.FIDELITY,
         value=converted.mean_kl,
     )
 
@@ -320,7 +320,7 @@ def metric_checks(converted: Agreement, reference: Agreement, thresholds: Thresh
         ppl_problems,
         figure=f"{converted.ppl_model:.4g} vs {converted.ppl_original:.4g} (ratio {ratio:.4f})",
         threshold=f"ratio within {1 / t.ppl_ratio_max:.4f}..{t.ppl_ratio_max:.4f}",
-        group="fidelity",
+        group=Group.FIDELITY,
         value=ratio,
     )
     return [top1, kl, ppl], metrics
@@ -338,11 +338,11 @@ def check_same_tokenizer(original, converted, text: str) -> Check:
     threshold = "the original's vocabulary, special tokens and token ids on the sample"
     if original is None:
         return Check("same_tokenizer", True, figure="not run: the original has no tokenizer that loads",
-                     threshold=threshold, group="fidelity", status="skip",
+                     threshold=threshold, group=Group.FIDELITY, status=SKIP,
                      detail="the original has no tokenizer that loads")
     if converted is None:
         return outcome("same_tokenizer", ["the converted folder's tokenizer does not load"], figure="does not load",
-                       threshold=threshold, group="fidelity")
+                       threshold=threshold, group=Group.FIDELITY)
     problems: list[str] = []
     try:
         vocab_o, vocab_c = original.get_vocab(), converted.get_vocab()
@@ -372,7 +372,7 @@ def check_same_tokenizer(original, converted, text: str) -> Check:
             )
             break
     figure = f"{len(vocab_c) or len(converted)} tokens, sample ids identical" if not problems else f"{len(problems)} difference(s)"
-    return outcome("same_tokenizer", problems, figure=figure, threshold=threshold, group="fidelity")
+    return outcome("same_tokenizer", problems, figure=figure, threshold=threshold, group=Group.FIDELITY)
 
 
 def _json_or_none(path: Path) -> tuple[object, str]:
@@ -420,4 +420,4 @@ def check_same_config(original: Path, converted: Path) -> Check:
             continue
         problems += _differences(a, b, ignored, name)
     return outcome("same_config", problems, figure="identical" if not problems else f"{len(problems)} difference(s)",
-                   threshold=threshold, group="fidelity")
+                   threshold=threshold, group=Group.FIDELITY)

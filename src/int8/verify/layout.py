@@ -1,13 +1,22 @@
-"""What the structure checks learn about a converted checkpoint: its stored tensors and quantized layers.
+"""What verify knows about a converted checkpoint, read once: its files, stored tensors and quantized layers.
 
-The model-level checks (loading, fidelity) work from this description rather
-than re-reading headers or rebuilding the model's structure.
+`read_layout` reads the small files (the conversion report, config.json, the
+shard index and the safetensors headers), builds the model on the ``meta``
+device from config.json and pairs each quantized layer's stored tensors with
+the weight the model expects. It returns one frozen `Layout` and, for each of
+the checks that reading feeds, a `Reading`: the problems found on the way.
+The checks (`int8.verify.checks`) and the model-level phases
+(`int8.verify.core`) are functions of these; nothing re-reads a header or
+rebuilds the model's structure.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,36 +62,95 @@ class QuantLayer:
     shape: StoredTensor | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layout:
-    """What the structure pass learned about the checkpoint, for the model-level checks."""
+    """The converted checkpoint as `read_layout` found it (empty where a file could not be read)."""
 
     folder: Path
-    config: dict[str, Any] | None = None
-    model_class: str | None = None
+    report: ConversionReport | None = None
+    config: Mapping[str, Any] | None = None  # config.json as stored
+    model_class: str | None = None  # the class transformers builds from config.json (None: it cannot)
     model_type: str | None = None
     seq2seq: bool = False
-    block_size: int | None = None
-    scale_dtype: str | None = None
-    tensors: dict[str, StoredTensor] = field(default_factory=dict)
-    quantized: dict[str, QuantLayer] = field(default_factory=dict)
-    report: ConversionReport | None = None
-    model_keys: frozenset[str] = frozenset()  # the state dict names transformers expects
-    base_prefix: str = ""  # the model class's base_model_prefix ("transformer" for BLOOM)
-    tied: dict[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it copies
-    bytes_checked: int = 0  # bytes of the shards read (and hashed)
-    scan_seconds: float = 0.0  # time of the data pass over the shards
-    seconds: float = 0.0  # time of all structure checks (imports, meta model, tokenizer included)
+    block_size: int | None = None  # quantization_config's group size, when it gives one
+    scale_dtype: str | None = None  # config.json's dtype as a safetensors name (F16...)
+    tensors: Mapping[str, StoredTensor] = field(default_factory=dict)  # every tensor of the shards, by name
+    shards: tuple[Path, ...] = ()  # the shards the index lists that are present (and inside the folder)
+    quantized: Mapping[str, QuantLayer] = field(default_factory=dict)  # by module name
+    names: NameMap = field(default_factory=lambda: NameMap(frozenset()))  # the state dict names transformers expects
+    tied: Mapping[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it copies
 
-    @property
+    @cached_property
     def kept(self) -> dict[str, StoredTensor]:
+        """The tensors stored as they are (not part of a quantized layer)."""
         mine = {n for q in self.quantized.values() for n in (q.packed.name, q.scale.name, q.shape and q.shape.name)}
         return {n: t for n, t in self.tensors.items() if n not in mine}
 
     def model_name(self, name: str) -> str:
         """A checkpoint's tensor name as the model names it (`int8.hf.NameMap`)."""
-        return NameMap(self.model_keys, self.base_prefix).model_name(name)
+        return self.names.model_name(name)
 
     @property
     def conv1d(self) -> bool:
         return any(q.layout == WeightLayout.CONV1D for q in self.quantized.values())
+
+
+class ReadState(Enum):
+    """How far reading a file got."""
+
+    READ = "read"
+    MISSING = "missing"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What reading one subject of the checkpoint found wrong."""
+
+    problems: tuple[str, ...] = ()
+    state: ReadState = ReadState.READ
+    files: frozenset[str] = frozenset()  # the shards the problems are about
+
+
+@dataclass(frozen=True)
+class Readings:
+    """The problems of `read_layout`, by the check that reports them."""
+
+    report: Reading = Reading()
+    config: Reading = Reading()
+    index: Reading = Reading()
+    tensors: Reading = Reading()
+
+
+def read_layout(folder: Path) -> tuple[Layout, Readings]:
+    """Read the checkpoint's small files once; the frozen layout and the problems met on the way."""
+    from .pairing import pair_layers
+    from .read import read_config, read_index, read_report
+
+    folder = Path(folder)
+    report, report_reading = read_report(folder)
+    cfg = read_config(folder, report)
+    idx = read_index(folder)
+    quantized: dict[str, QuantLayer] = {}
+    tensor_problems: list[str] = []
+    if cfg.meta is not None and idx.tensors:
+        quantized, tensor_problems = pair_layers(idx.tensors, cfg, cfg.meta)
+    elif cfg.meta is None:
+        tensor_problems = ["not checked: config.json does not give the model's tensors"]
+    meta = cfg.meta
+    layout = Layout(
+        folder=folder,
+        report=report,
+        config=cfg.config,
+        model_class=type(meta).__name__ if meta is not None else None,
+        model_type=meta.config.model_type if meta is not None else None,
+        seq2seq=bool(getattr(meta.config, "is_encoder_decoder", False)) if meta is not None else False,
+        block_size=cfg.block_size,
+        scale_dtype=cfg.scale_dtype,
+        tensors=idx.tensors,
+        shards=idx.shards,
+        quantized=quantized,
+        names=NameMap.of(meta) if meta is not None else NameMap(frozenset()),
+        tied=dict(getattr(meta, "all_tied_weights_keys", None) or {}) if meta is not None else {},
+    )
+    return layout, Readings(report_reading, cfg.reading, idx.reading, Reading(tuple(tensor_problems)))

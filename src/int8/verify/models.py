@@ -32,14 +32,16 @@ import contextlib
 import gc
 import io
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointReader, find_checkpoint
-from ..hf import WeightLayout
+from ..formats.safetensors import DTYPES
+from ..hf import WeightLayout, torch_dtype
+from .layout import Layout
 from .sample import Window
-from .structure import Layout
 
 T5_FAMILY = {"t5", "mt5", "umt5", "longt5"}
 """Model types whose transformers code cannot run with run-compressed linear layers."""
@@ -93,16 +95,24 @@ def compute_dtype(device: torch.device, layout: Layout) -> torch.dtype:
     free, _ = torch.cuda.mem_get_info(device)
     if params and 4 * params <= 0.6 * free:
         return torch.float32
-    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(layout.scale_dtype or "", torch.float32)
+    return torch_dtype(layout.scale_dtype) if layout.scale_dtype in ("F16", "BF16") else torch.float32
 
 
-def load_mode(layout: Layout) -> str:
-    """How stock transformers loads this checkpoint: "compressed", "dequantized", or "int8" (not at all)."""
+class LoadMode(Enum):
+    """How the converted checkpoint is loaded for the loading and fidelity checks."""
+
+    COMPRESSED = "run-compressed"  # stock transformers + compressed-tensors, int8 codes in the layers
+    DEQUANTIZED = "de-quantized at load"  # stock transformers + compressed-tensors, weights de-quantized
+    INT8 = "int8's de-quantized build"  # compressed-tensors cannot load it (Conv1D): int8 builds the model
+
+
+def load_mode(layout: Layout) -> LoadMode:
+    """How stock transformers loads this checkpoint (`LoadMode.INT8`: not at all)."""
     if layout.conv1d:
-        return "int8"
+        return LoadMode.INT8
     if (layout.model_type or "") in T5_FAMILY:
-        return "dequantized"
-    return "compressed"
+        return LoadMode.DEQUANTIZED
+    return LoadMode.COMPRESSED
 
 
 def _placement(device: torch.device) -> dict:
@@ -123,7 +133,7 @@ def load_original(folder: Path, dtype: torch.dtype, device: torch.device):
     return model.eval()
 
 
-def load_converted(folder: Path, mode: str, dtype: torch.dtype, device: torch.device):
+def load_converted(folder: Path, mode: LoadMode, dtype: torch.dtype, device: torch.device):
     """(model, loading info) by stock transformers + compressed-tensors."""
     from transformers import CompressedTensorsConfig
 
@@ -131,7 +141,7 @@ def load_converted(folder: Path, mode: str, dtype: torch.dtype, device: torch.de
     from ..hf import model_class as model_class_for
 
     with quiet():
-        qc = CompressedTensorsConfig(dequantize=mode != "compressed")
+        qc = CompressedTensorsConfig(dequantize=mode is not LoadMode.COMPRESSED)
         config = load_config(folder)
         cls = model_class_for(config)
         model, info = load_model(
@@ -211,13 +221,11 @@ def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
     quantized (in blocks of what size, scales in what dtype) and in which dtype
     the others are stored. Returns the names that found no parameter of the
     original (a different architecture, or a wrong original)."""
-    from ..formats.safetensors import DTYPES
-
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     unmatched: list[str] = []
     device = next(iter(params.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    scale_dtype = DTYPES.get(layout.scale_dtype or "F32", torch.float32)
+    scale_dtype = torch_dtype(layout.scale_dtype or "F32")
     g = layout.block_size or 1
     with torch.no_grad():
         for name, t in layout.kept.items():
@@ -226,7 +234,7 @@ def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
                 unmatched.append(name)
                 continue
             if p.is_floating_point() and t.dtype in DTYPES:
-                p.copy_(p.to(DTYPES[t.dtype]).to(p.dtype))  # rounded as the checkpoint stores it
+                p.copy_(p.to(torch_dtype(t.dtype)).to(p.dtype))  # rounded as the checkpoint stores it
         for q in layout.quantized.values():
             p = params.get(f"{q.module}.weight")
             want = (q.in_features, q.out_features) if q.layout == WeightLayout.CONV1D else (q.out_features, q.in_features)

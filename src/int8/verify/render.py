@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import Int8Error
-from .result import FAIL, SKIP, VerifyResult
+from .result import FAIL, PASS, SKIP, Group, VerifyResult
 
-_STYLE = {"pass": "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
+_STYLE = {PASS: "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
 
 
 def result_table(result: VerifyResult):
@@ -26,13 +26,13 @@ def result_table(result: VerifyResult):
         if group is not None and c.group != group:
             table.add_section()
         group = c.group
-        table.add_row(c.name, _STYLE.get(c.status, c.status), escape(c.figure), escape(c.threshold))
+        table.add_row(c.name, _STYLE[c.status], escape(c.figure), escape(c.threshold))
     return table
 
 
 def summary(result: VerifyResult) -> str:
     failed = result.failures
-    n_skip = sum(c.status == SKIP for c in result.checks)
+    n_skip = sum(c.status is SKIP for c in result.checks)
     skipped = f", {n_skip} skipped" if n_skip else ""
     against = f" against {result.against}" if result.against else ""
     if failed:
@@ -53,10 +53,10 @@ def print_result(out, err, result: VerifyResult, quiet: bool = False) -> None:
         err.print(f"[bold red]{c.name}[/] failed:")
         for p in c.problems or [c.detail]:
             err.print(f"  - {escape(p)}")
-        if len(c.problems) and c.detail.endswith("more"):
-            err.print(f"  - {escape(c.detail.rsplit('; ', 1)[-1])}")
+        if c.problems and c.left_off:
+            err.print(f"  - and {c.left_off} more")
     for c in result.checks:
-        if c.status == SKIP and c.group == "fidelity" and c.name == "reconstruction" and not quiet:
+        if c.status is SKIP and c.group is Group.FIDELITY and c.name == "reconstruction" and not quiet:
             err.print(f"[yellow]Fidelity not measured:[/] {escape(c.detail)}")
     err.print(summary(result))
 

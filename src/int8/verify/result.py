@@ -87,7 +87,25 @@ from typing import Any, Literal
 SCHEMA = "int8.verify/1"
 VERIFY_NAME = "int8_verify.json"  # the same name int8.hub.card reads
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+class Status(str, Enum):
+    """A check's outcome (the value is what the JSON report says)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class Group(str, Enum):
+    """The phase a check belongs to (the value is what the JSON report says)."""
+
+    STRUCTURE = "structure"
+    LOADING = "loading"
+    FIDELITY = "fidelity"
+
+
+PASS, FAIL, SKIP = Status.PASS, Status.FAIL, Status.SKIP
 MAX_PROBLEMS = 20
 """Problems kept per check; the count of the rest is given."""
 
@@ -147,7 +165,7 @@ class Thresholds:
         return changed if top1_min is None else replace(changed, top1_slack=0.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Check:
     """One check: its name, whether it passed, the measured figure and the bar it was held to."""
 
@@ -156,16 +174,19 @@ class Check:
     figure: str = ""
     threshold: str = ""
     detail: str = ""
-    group: str = "structure"  # "structure", "loading" or "fidelity"
-    status: str = ""  # "pass", "fail" or "skip" (derived from passed when empty)
+    group: Group = Group.STRUCTURE
+    status: Status | None = None  # derived from passed when not given; a skipped check has passed true
     value: float | None = None
-    problems: list[str] = field(default_factory=list)
+    problems: tuple[str, ...] = ()  # at most MAX_PROBLEMS
+    left_off: int = 0  # problems found beyond those kept
 
     def __post_init__(self) -> None:
-        if not self.status:
-            self.status = PASS if self.passed else FAIL
-        if self.status == SKIP:
-            self.passed = True
+        status = Status(self.status) if self.status else (PASS if self.passed else FAIL)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "group", Group(self.group))
+        object.__setattr__(self, "problems", tuple(self.problems))
+        if status is SKIP:
+            object.__setattr__(self, "passed", True)
 
     @property
     def failed(self) -> bool:
@@ -178,8 +199,8 @@ class Check:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "group": self.group,
-            "status": self.status,
+            "group": self.group.value,
+            "status": self.status.value,
             "passed": self.passed,
             "figure": self.figure,
             "threshold": self.threshold,
@@ -195,7 +216,7 @@ def outcome(
     *,
     figure: str,
     threshold: str,
-    group: str = "structure",
+    group: Group = Group.STRUCTURE,
     value: float | None = None,
 ) -> Check:
     """A check that passed when ``problems`` is empty; the detail lists them."""
@@ -211,11 +232,12 @@ def outcome(
         detail=detail,
         group=group,
         value=value,
-        problems=shown,
+        problems=tuple(shown),
+        left_off=len(problems) - len(shown),
     )
 
 
-def skipped(name: str, why: str, *, group: str, threshold: str = "") -> Check:
+def skipped(name: str, why: str, *, group: Group, threshold: str = "") -> Check:
     return Check(name, True, figure=f"not run: {why}", threshold=threshold, group=group, status=SKIP, detail=why)
 
 
@@ -350,7 +372,7 @@ def _record_model():
     class CheckRecord(BaseModel):
         model_config = ConfigDict(extra="allow", strict=True)
         name: str
-        status: Literal["pass", "fail", "skip"]
+        status: Literal["pass", "fail", "skip"]  # Status
         passed: bool
         figure: str = ""
         threshold: str = ""
@@ -392,7 +414,7 @@ def read_record(folder: Path, manifest: list | None) -> Record:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
         return Record(RecordState.INVALID, why=f"{VERIFY_NAME} does not follow {SCHEMA}: {where}: {err.get('msg')}")
-    if model.passed != (not any(c.status == FAIL for c in model.checks)):
+    if model.passed != (not any(c.status == FAIL.value for c in model.checks)):
         return Record(RecordState.INVALID, why=f"{VERIFY_NAME} says passed={model.passed}, but its checks say otherwise")
     clean = {**data, "checks": [c.model_dump() for c in model.checks], "metrics": dict(model.metrics)}
     if manifest is None or model.manifest_sha256 != manifest_digest(manifest):

@@ -1,0 +1,128 @@
+"""Each quantized layer's stored tensors paired with the weight the model built from config.json expects.
+
+`pair_layers` finds, for every ``weight_packed``, its ``weight_scale`` and
+``weight_shape``, and checks every stored tensor's shape and dtype against the
+meta model: what the ``tensors`` check reports.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from ..formats.compressed_tensors import is_ignored, packed_columns
+from ..formats.safetensors import FLOAT_DTYPES
+from ..hf import out_in, weight_layout
+from .layout import QuantLayer, StoredTensor
+from .read import ConfigRead
+
+PACKED, SCALE, SHAPE = ".weight_packed", ".weight_scale", ".weight_shape"
+
+
+def _where(t: StoredTensor) -> str:
+    return f"{t.file.name}: {t.name}"
+
+
+def pair_layers(tensors: Mapping[str, StoredTensor], cfg: ConfigRead, meta) -> tuple[dict[str, QuantLayer], list[str]]:
+    """(quantized layers by module, problems): pair each weight_packed with its scale and shape; check shapes and dtypes."""
+    params = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
+    modules = dict(meta.named_modules())
+    cls = type(meta).__name__
+    problems: list[str] = []
+
+    def ignored(module: str) -> bool:
+        return is_ignored(module, type(modules.get(module)).__name__, cfg.ignore)
+
+    quantized: dict[str, QuantLayer] = {}
+    for name, t in sorted(tensors.items()):
+        if name.endswith(PACKED):
+            layer = _pair(name[: -len(PACKED)], t, tensors, cfg, params, modules, cls, ignored, problems)
+            if layer is not None:
+                quantized[layer.module] = layer
+    _check_others(tensors, quantized, cfg, meta, params, modules, cls, ignored, problems)
+    return quantized, problems
+
+
+def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, problems: list[str]) -> QuantLayer | None:
+    gs = cfg.block_size
+    scale = tensors.get(f"{mod}{SCALE}")
+    shape_t = tensors.get(f"{mod}{SHAPE}")
+    if scale is None:
+        problems.append(f"{_where(t)} has no {mod}{SCALE} beside it in any shard")
+    if shape_t is None:
+        problems.append(f"{_where(t)} has no {mod}{SHAPE} beside it in any shard")
+    if f"{mod}.weight" in tensors:
+        problems.append(f"{mod} is stored both quantized and as a plain {mod}.weight")
+    kind = weight_layout(modules.get(mod))
+    if kind is None:
+        problems.append(f"{_where(t)}: {mod} is not a linear layer of {cls} built from config.json")
+        return None
+    if ignored(mod):
+        problems.append(f"{_where(t)}: {mod} is quantized but quantization_config.ignore lists it")
+    expected = params.get(f"{mod}.weight")
+    if expected is None or len(expected) != 2:
+        problems.append(f"{_where(t)}: {cls} has no 2-D weight for {mod}")
+        return None
+    out_f, in_f = out_in(expected, kind)
+    if t.dtype != "I32":
+        problems.append(f"{_where(t)} is {t.dtype}, not I32 (four packed int8 codes per int32)")
+    elif t.shape != (out_f, packed_columns(in_f)):
+        problems.append(
+            f"{_where(t)} has shape {list(t.shape)}, but the weight {cls} built from config.json expects is "
+            f"[{out_f}, {in_f}], packed as [{out_f}, {packed_columns(in_f)}]"
+        )
+    if scale is not None:
+        if scale.dtype not in FLOAT_DTYPES:
+            problems.append(f"{_where(scale)} is {scale.dtype}, not a floating dtype")
+        elif cfg.scale_dtype and scale.dtype != cfg.scale_dtype:
+            problems.append(f"{_where(scale)} is {scale.dtype}, but config.json's dtype is {cfg.scale_dtype}")
+        if gs:
+            want = (out_f, math.ceil(in_f / gs))
+            if in_f % gs:
+                problems.append(f"{_where(t)}: {in_f} input features are not a multiple of the group size {gs}")
+            if scale.shape != want:
+                problems.append(
+                    f"{_where(scale)} has shape {list(scale.shape)}, but group size {gs} (config.json) over "
+                    f"[{out_f}, {in_f}] needs {list(want)}"
+                )
+    if shape_t is not None and (shape_t.dtype != "I64" or shape_t.shape != (2,)):
+        problems.append(f"{_where(shape_t)} is {shape_t.dtype} {list(shape_t.shape)}, not I64 [2]")
+    if scale is None:
+        return None
+    return QuantLayer(mod, out_f, in_f, kind, t, scale, shape_t)
+
+
+def _check_others(tensors, quantized, cfg: ConfigRead, meta, params, modules, cls, ignored, problems: list[str]) -> None:
+    """The tensors stored as they are: each one the model needs, none it does not, as config.json implies."""
+    tied = dict(getattr(meta, "all_tied_weights_keys", None) or {})
+    skip_missing = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])]
+    quantized_weights = {f"{m}.weight" for m in quantized} | {f"{n[: -len(PACKED)]}.weight" for n in tensors if n.endswith(PACKED)}
+    for mod_name, module in modules.items():
+        if weight_layout(module) and f"{mod_name}.weight" in params and f"{mod_name}.weight" not in quantized_weights:
+            if not ignored(mod_name) and f"{mod_name}.weight" in tensors:
+                problems.append(
+                    f"{tensors[f'{mod_name}.weight'].file.name}: {mod_name}.weight is stored unquantized but "
+                    "quantization_config.ignore does not list it (compressed-tensors would expect it packed)"
+                )
+    for name, shape in params.items():
+        if name in quantized_weights:
+            continue
+        t = tensors.get(name)
+        if t is None:
+            source = tied.get(name)
+            if source is not None and (source in tensors or source in quantized_weights):
+                continue
+            if any(p.search(name) for p in skip_missing):
+                continue
+            problems.append(f"tensor {name!r}, which {cls} needs, is in no shard")
+            continue
+        if t.shape != shape:
+            problems.append(f"{_where(t)} has shape {list(t.shape)}, but {cls} built from config.json expects {list(shape)}")
+        if t.dtype in FLOAT_DTYPES and cfg.scale_dtype and t.dtype not in (cfg.scale_dtype, "F32"):
+            problems.append(f"{_where(t)} is {t.dtype}, but config.json's dtype is {cfg.scale_dtype}")
+    known = set(params) | {n for q in quantized.values() for n in (q.packed.name, q.scale.name)}
+    known |= {f"{m}{SHAPE}" for m in quantized}
+    for name, t in sorted(tensors.items()):
+        if name not in known and not name.endswith((PACKED, SCALE, SHAPE)):
+            problems.append(f"{_where(t)} is not a tensor of {cls} (transformers would report it as unexpected)")

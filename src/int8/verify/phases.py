@@ -1,0 +1,324 @@
+"""The model-level phases of `int8 verify`, each a function returning its checks and figures.
+
+1. the original phase: the tensors against the original's (``reconstruction``),
+   its tokenizer and config, then the original's and the reference's
+   predictions on the sample;
+2. the loading phase: the converted model loaded as its users will load it
+   (``load``), and run (``forward``), its predictions compared with the original's;
+3. the fidelity phase: ``top1``, ``kl`` and ``perplexity`` from those comparisons.
+
+Only one model is in memory at a time. Whether an unusable original is an
+error or a finding is decided once, in `Against`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import Int8Error
+from .result import SKIP, Check, Group, Thresholds, outcome, skipped
+from .target import Original
+
+if TYPE_CHECKING:
+    from .fidelity import Agreement
+    from .layout import Layout
+    from .models import LoadMode
+
+FIDELITY_CHECKS = ("original", "reconstruction", "same_tokenizer", "same_config", "top1", "kl", "perplexity")
+MODEL_LEVEL = ("top1", "kl", "perplexity")
+NO_ORIGINAL_HINT = "pass --against SOURCE (the preset, Hub id or folder it was converted from), or --quick for structure only"
+
+
+@dataclass(frozen=True)
+class Against:
+    """The original to compare with, and what an unusable one is.
+
+    One the user named (``against``) that proves unusable is an error for the
+    caller to fix; the recorded one, a finding (the ``original`` check fails)."""
+
+    original: Original
+    named: bool
+
+    def unusable(self, error: Int8Error, why: str) -> str:
+        """``why`` the original cannot be compared with; raises ``error`` instead when the user named it."""
+        if self.named:
+            raise error from None
+        return why
+
+
+@dataclass(frozen=True)
+class Run:
+    """How the models are run: where, in what dtype, held to what, telling whom."""
+
+    device: Any
+    dtype: Any
+    thresholds: Thresholds
+    say: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OriginalPhase:
+    """The original and the reference run: their checks, and what the converted model is compared with."""
+
+    checks: tuple[Check, ...]  # original, and when there is one: reconstruction, same_tokenizer, same_config
+    why: str  # why the model-level fidelity checks cannot run ("": they can)
+    logprobs: tuple[Any, ...]  # the original's log-probabilities, window by window
+    reference: Agreement
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadingPhase:
+    """The converted model loaded and run: the load and forward checks, its agreement with the original."""
+
+    checks: tuple[Check, ...]
+    converted: Agreement
+    why: str = ""  # set when the converted model raised while the original's predictions wait for it
+
+
+def model_checks(
+    layout: Layout, against: Against, text: str, device, thresholds: Thresholds, max_tokens: int, say: Callable[[str], None]
+) -> tuple[list[Check], dict]:
+    """Loading, forward pass and fidelity; the original first, then the converted model, never both at once."""
+    from . import models
+
+    run = Run(device, models.compute_dtype(device, layout), thresholds, say)
+    mode = models.load_mode(layout)
+    unusable = _unusable(against)
+    # The sample is tokenized with the original's tokenizer: the converted one is what is checked.
+    converted_tok = _tokenizer(layout.folder)
+    original_tok = None if unusable else _tokenizer(against.original.folder)
+    wins = _windows(layout, original_tok or converted_tok, text, max_tokens)
+    original = _original_phase(layout, against, unusable, (original_tok, converted_tok), text, wins, run)
+    say(f"Loading the converted model ({mode.value})")
+    loading = _loading_phase(layout, mode, wins, original.logprobs, run)
+    fidelity, found = _fidelity_phase(original, loading, thresholds)
+    metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found}
+    return [*loading.checks, *fidelity], metrics
+
+
+def _unusable(against: Against) -> str:
+    """Why the original cannot be compared with ("" when it may be)."""
+    original = against.original
+    if original.folder is None:
+        return original.why
+    if _is_quantized(original.folder):
+        error = Int8Error(
+            f"--against {original.id} is itself a quantized checkpoint",
+            "Compare with the full-precision original the checkpoint was converted from.",
+        )
+        return against.unusable(error, f"the recorded original {original.id} is itself quantized")
+    return ""
+
+
+def _windows(layout: Layout, tokenizer, text: str, max_tokens: int) -> list:
+    """The sample text cut into the windows both models run (none when no tokenizer loads)."""
+    from ..hf import load_config
+    from . import models
+    from .sample import tokenize, windows
+
+    with models.quiet():
+        config = load_config(layout.folder)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    ids = tokenize(tokenizer, text, min(max_tokens, models.token_cap(vocab))) if tokenizer is not None else []
+    span = models.max_positions(config) or 1024
+    window = min(span, 512 if layout.seq2seq else 1024)
+    start = getattr(config, "decoder_start_token_id", None)
+    return windows(ids, seq2seq=layout.seq2seq, window=window, decoder_start=start) if len(ids) >= 4 else []
+
+
+def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers, text: str, wins: list, run: Run) -> OriginalPhase:
+    """The tensors against the original's; then the original's and the reference's predictions on the sample."""
+    import torch
+
+    from . import models
+    from .fidelity import Agreement, check_reconstruction, check_same_config, check_same_tokenizer
+
+    original = against.original
+    checks: list[Check] = []
+    why = ""
+    logprobs: list = []
+    reference = Agreement()
+    metrics: dict[str, float] = {}
+    if not unusable:
+        run.say(f"Comparing tensors with the original ({original.id})")
+        try:
+            checks.append(check_reconstruction(layout, original.folder, run.thresholds))
+        except Int8Error as e:
+            unusable = against.unusable(e, f"the original {original.id} cannot be read ({e.message})")
+    if not unusable:
+        checks.append(check_same_tokenizer(*tokenizers, text))
+        checks.append(check_same_config(original.folder, layout.folder))
+        if not wins:
+            why = "no tokenizer loads, so there is no text to run"
+    if not unusable and not why:
+        run.say("Running the original")
+        try:
+            model = models.load_original(original.folder, run.dtype, run.device)
+        except Exception as e:  # an original transformers cannot load cannot be compared with
+            error = Int8Error(f"--against {original.id}: transformers cannot load it ({_first_line(e)})")
+            unusable = against.unusable(error, f"transformers cannot load the original {original.id} ({_first_line(e)})")
+        else:
+            try:
+                for lg in models.logits(model, wins, run.device):
+                    logprobs.append(torch.log_softmax(lg, dim=-1))
+                run.say("Running the reference (the original with ideal int8 rounding noise)")
+                unmatched = models.to_reference(model, layout)
+                if unmatched:
+                    metrics["reference_unmatched"] = len(unmatched)
+                for w, lp, lg in zip(wins, logprobs, models.logits(model, wins, run.device), strict=True):
+                    reference.update(lp, lg, w.targets)
+            except models.NotALanguageModel as e:
+                logprobs.clear()
+                why = f"{e}: only its tensors are compared"
+            finally:
+                models.free(model)
+                model = None
+    if unusable:
+        return OriginalPhase((_original_check(original, unusable),), "no original to compare with", (), reference, metrics)
+    return OriginalPhase((_original_check(original, ""), *checks), why, tuple(logprobs), reference, metrics)
+
+
+def _loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) -> LoadingPhase:
+    """Load the converted model as its users will, run it on the sample, compare its predictions with the original's."""
+    import torch
+
+    from . import models
+    from .fidelity import Agreement
+
+    converted = Agreement()
+    load_check, model = _load(layout, mode, run.dtype, run.device)
+    if model is None:
+        return LoadingPhase((load_check, skipped("forward", "the model did not load", group=Group.LOADING)), converted)
+    why = ""
+    try:
+        shown = wins if logprobs else wins[:1]
+        bad = []
+        for i, (w, (lg, is_logits)) in enumerate(zip(shown, models.outputs(model, shown, run.device), strict=True)):
+            n_bad = int((~torch.isfinite(lg)).sum())
+            what = "logits" if is_logits else "outputs"
+            if n_bad:
+                bad.append(f"window {i}: {n_bad} of {lg.numel()} {what} are NaN or infinite")
+            if logprobs and is_logits:
+                converted.update(logprobs[i], lg, w.targets)
+        if not shown:
+            forward = skipped("forward", "no tokenizer loads, so there is no text to run", group=Group.LOADING)
+        else:
+            forward = outcome("forward", bad, figure=f"{sum(w.tokens for w in shown)} tokens in {len(shown)} window(s)",
+                              threshold="finite outputs", group=Group.LOADING)
+    except Exception as e:  # a model that loads but cannot run is the finding
+        forward = outcome("forward", [f"the forward pass raised {type(e).__name__}: {_first_line(e)}"],
+                          figure="raised", threshold="finite outputs", group=Group.LOADING)
+        if logprobs:
+            why = "the converted model does not run"
+    finally:
+        models.free(model)
+        model = None
+    return LoadingPhase((load_check, forward), converted, why)
+
+
+def _fidelity_phase(original: OriginalPhase, loading: LoadingPhase, thresholds: Thresholds) -> tuple[list[Check], dict]:
+    """The fidelity checks in order: those of the original phase, then top-1, KL and perplexity (or why not)."""
+    from .fidelity import metric_checks
+
+    fidelity = list(original.checks)
+    metrics: dict[str, float] = {}
+    why = original.why or loading.why
+    converted = loading.converted
+    if why:
+        done = {c.name for c in fidelity}
+        fidelity += [skipped(n, why, group=Group.FIDELITY) for n in FIDELITY_CHECKS if n not in done]
+    elif not converted.tokens and not converted.vocab_mismatch:
+        fidelity += [skipped(n, "the converted model did not run", group=Group.FIDELITY) for n in MODEL_LEVEL]
+    else:
+        more, found = metric_checks(converted, original.reference, thresholds)
+        fidelity += more
+        metrics.update(found)
+    rec = next((c for c in fidelity if c.name == "reconstruction" and c.status is not SKIP), None)
+    if rec is not None and rec.value is not None:
+        metrics["max_error_scales"] = rec.value
+    return fidelity, metrics
+
+
+def _tokenizer(folder: Path | None):
+    """The folder's tokenizer, or None when none loads (the tokenizer checks say why)."""
+    from ..hf import load_tokenizer
+    from . import models
+
+    if folder is None:
+        return None
+    try:
+        with models.quiet():
+            return load_tokenizer(folder)
+    except Exception:  # the tokenizer check has already said why
+        return None
+
+
+def _original_check(original: Original, unusable: str) -> Check:
+    """Whether there is an original to compare with: a full verify passes only when fidelity could run."""
+    threshold = "the full-precision original is found and readable"
+    if unusable:
+        return outcome("original", [f"fidelity was not checked: {unusable}; {NO_ORIGINAL_HINT}"],
+                       figure="not found", threshold=threshold, group=Group.FIDELITY)
+    return outcome("original", [], figure=str(original.id), threshold=threshold, group=Group.FIDELITY)
+
+
+def _load(layout: Layout, mode: LoadMode, dtype, device) -> tuple[Check, object | None]:
+    """The loading check, and the model to run (None when it did not load)."""
+    from . import models
+
+    cls = layout.model_class
+    n = len(layout.quantized)
+    threshold = "stock transformers + compressed-tensors, no missing or unexpected keys"
+    if mode is models.LoadMode.INT8:
+        try:
+            model, missing = models.build_dequantized(layout, dtype, device)
+        except Exception as e:  # cannot be built: a finding, reported as such
+            return outcome("load", [f"int8 cannot build {cls} from this folder: {_first_line(e)}"],
+                           figure="does not build", threshold=threshold, group=Group.LOADING), None
+        why = (
+            "GPT-2 style Conv1D layers: compressed-tensors loads only nn.Linear (run with int8.load); "
+            "fidelity runs int8's own de-quantized build"
+        )
+        check = Check("load", True, figure=f"not applicable: {why}", threshold=threshold, group=Group.LOADING,
+                      status=SKIP, detail=why)
+        if missing:
+            check = outcome("load", [f"the checkpoint does not fill {', '.join(missing[:5])}"],
+                            figure="incomplete", threshold=threshold, group=Group.LOADING)
+        return check, model
+    try:
+        model, info = models.load_converted(layout.folder, mode, dtype, device)
+    except Exception as e:  # transformers refusing the checkpoint is the finding
+        return outcome("load", [f"transformers cannot load it: {type(e).__name__}: {_first_line(e)}"],
+                       figure="does not load", threshold=threshold, group=Group.LOADING), None
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(key) or [])
+        if keys:
+            problems.append(f"{len(keys)} {key.replace('_', ' ')}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else ""))
+    if mode is models.LoadMode.COMPRESSED:
+        packed = {name for name, m in model.named_modules() if hasattr(m, "weight_packed")}
+        missing = sorted(set(layout.quantized) - packed)
+        if missing:
+            problems.append(f"compressed-tensors did not take over {len(missing)} quantized layer(s): {', '.join(missing[:5])}")
+        figure = f"{cls}, run-compressed: {len(packed)}/{n} int8 layers"
+    else:
+        figure = f"{cls}, de-quantized at load (transformers cannot run {layout.model_type} run-compressed)"
+    return outcome("load", problems, figure=figure, threshold=threshold, group=Group.LOADING), model
+
+
+def _is_quantized(folder: Path | None) -> bool:
+    from ..hf import read_json_object
+
+    try:
+        return "quantization_config" in read_json_object(Path(folder) / "config.json")
+    except Int8Error:  # no readable config: not a quantized checkpoint that could be mistaken for an original
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
