@@ -20,7 +20,8 @@ OWN_FILES = (CARD_NAME, REPORT_NAME, VERIFY_NAME)
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     """The SHA-256 of a file's bytes, read in ``chunk``-sized pieces (memory stays flat)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
+    with open(path, "rb", buffering=0) as f:
+        view = memoryview(bytearray(chunk))  # one buffer, filled again and again: no allocation per chunk
+        while n := f.readinto(view):
+            h.update(view[:n])
     return h.hexdigest()

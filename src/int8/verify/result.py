@@ -84,8 +84,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
+from ..files import VERIFY_NAME
+
 SCHEMA = "int8.verify/1"
-VERIFY_NAME = "int8_verify.json"  # the same name int8.hub.card reads
 
 
 

@@ -268,13 +268,3 @@ def scan_all(shards: list[Path], layout: Layout, workers: int | None) -> dict[Pa
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="int8-verify-scan") as pool:
         futures = {p: pool.submit(_scan_shard, p, ts, layout.quantized) for p, ts in by_file.items()}
         return {p: f.result() for p, f in futures.items()}
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
-        mv = memoryview(buf)
-        while n := f.readinto(mv):
-            h.update(mv[:n])
-    return h.hexdigest()

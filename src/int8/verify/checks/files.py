@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import UnsafePath
+from ...files import OWN_FILES, sha256_file
 from ...paths import inside, links_outside, plain, show
 from ...report import REPORT_NAME
 from ...report import SCHEMA as REPORT_SCHEMA
 from ..layout import Layout, Reading, ReadState
-from ..result import VERIFY_NAME, Check, outcome
-from ..scan import ShardScan, sha256_file
+from ..result import Check, outcome
+from ..scan import ShardScan
 
-CARD_NAME = "README.md"
-NOT_IN_MANIFEST = {CARD_NAME, REPORT_NAME, VERIFY_NAME}
+NOT_IN_MANIFEST = set(OWN_FILES)
 """Files that legitimately change after conversion, so the manifest leaves them out."""
 LOAD_AFFECTING = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".py", ".gguf")
 """Files outside the manifest with these endings fail the integrity check (they change what loads)."""
