@@ -114,3 +114,30 @@ def test_the_template_ships_inside_the_package():
 
     assert card_module.TEMPLATE_PATH.parent == Path(int8.__file__).parent / "hub"
     assert card_module.TEMPLATE_PATH.suffix == ".md" and card_module.TEMPLATE_PATH.is_file()
+
+
+def test_the_cards_lora_snippet_runs_on_the_checkpoint(tmp_path):
+    """The fine-tuning snippet is int8's API of today: LoRA adapters on the int8 layers, an optimizer over them."""
+    import re
+    import sys
+
+    import torch
+
+    import int8
+    from int8.runtime import Int8LoraLinear
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import make_tiny
+
+    out = tmp_path / "out"
+    int8.convert(make_tiny("gptj", tmp_path / "m"), out, device="cpu", block_size=64)
+    text = (out / "README.md").read_text(encoding="utf-8")
+    snippet = re.findall(r"```python\n(.*?)```", text, re.S)[2]
+    assert "from int8.runtime import adapter_optimizer, get_peft_model" in snippet and "from peft import get_peft_model" not in text
+    scope: dict = {}
+    exec(compile(snippet.replace('int8.load("m-int8")', f"int8.load({str(out)!r}, device='cpu')"), "card-lora", "exec"), scope)
+    model, optimizer = scope["model"], scope["optimizer"]
+    adapters = [m for m in model.modules() if isinstance(m, Int8LoraLinear)]
+    assert adapters and isinstance(optimizer, torch.optim.Optimizer)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable and trainable == {id(p) for g in optimizer.param_groups for p in g["params"]}
