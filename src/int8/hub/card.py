@@ -18,8 +18,6 @@ from ..presets import CardInfo, Preset
 from ..report import ConversionReport
 
 CARD_NAME = "README.md"
-VERIFY_NAME = "int8_verify.json"
-"""Where `int8 verify` leaves its latest result in the folder it checked; the card reads it."""
 
 TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 """The card's body: ``string.Template`` text whose ``${...}`` fields `card_values` fills (shipped in the wheel)."""
@@ -315,15 +313,24 @@ def rewrite_card(folder: Path, repo_id: str | None = None) -> Path:
 
 def render_for_folder(folder: Path, repo_id: str | None = None) -> str:
     """The card `rewrite_card` would write, as text; the folder is not changed (what `int8 push` uploads)."""
-    from ..errors import Int8Error, SourceNotFound
+    from ..errors import SourceNotFound
     from ..presets import get_preset
-    from ..report import REPORT_NAME
 
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceNotFound(f"folder {folder} does not exist")
+    report = load_report(folder)
+    preset = get_preset(report.source.preset) if report.source.preset else None
+    return card_text(folder, report, preset=preset, repo_id=repo_id)
+
+
+def load_report(folder: Path) -> ConversionReport:
+    """``folder``'s conversion report, which the card is rendered from; `int8.errors.Int8Error` when it has none or it is unreadable."""
+    from ..errors import Int8Error
+    from ..report import REPORT_NAME
+
     try:
-        report = ConversionReport.load(folder)
+        return ConversionReport.load(folder)
     except FileNotFoundError:
         raise Int8Error(
             f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
@@ -332,5 +339,3 @@ def render_for_folder(folder: Path, repo_id: str | None = None) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({e})",
                         "Convert the model again (--overwrite) to write a fresh report.") from None
-    preset = get_preset(report.source.preset) if report.source.preset else None
-    return card_text(folder, report, preset=preset, repo_id=repo_id)

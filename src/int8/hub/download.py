@@ -23,7 +23,6 @@ SIDECAR_PATTERNS = ["config.json", "README.md", *SIDECAR_FILES]
 """Files other than the weights that a converted checkpoint needs or that the card reads."""
 
 
-
 @dataclass(frozen=True)
 class Downloaded:
     folder: Path

@@ -28,6 +28,7 @@ from ..errors import HubError, Int8Error, SourceNotFound, first_line
 from .redact import endpoint as public_endpoint
 from .redact import redact_error
 
+NO_TOKEN = "no Hugging Face token: publishing needs one with write access"
 TOKEN_HINT = "Set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens), or run `hf auth login`."
 AGAIN = "Run the same command again: files the Hub already received are not sent again."
 SERVED_OFFLINE = "A model downloaded before is served offline with HF_HUB_OFFLINE=1."
@@ -171,9 +172,9 @@ def rules() -> tuple[Rule, ...]:
         Rule(FETCH, network, HubError, "cannot reach the Hub at {endpoint} ({detail})",
              "Check the network (and HF_ENDPOINT). " + SERVED_OFFLINE),
         # publishing one (int8 push, int8 convert --push)
-        Rule(PUBLISH, _is(hf.LocalTokenNotFoundError), HubError,
-             "no Hugging Face token: publishing needs one with write access", TOKEN_HINT),
-        Rule(PUBLISH, _is(hf.HFValidationError), HubError, "{repo_id!r} is not a valid Hub repo id ({line})"),
+        Rule(PUBLISH, _is(hf.LocalTokenNotFoundError), HubError, NO_TOKEN, TOKEN_HINT),
+        Rule(PUBLISH, _is(hf.HFValidationError), HubError, "{repo_id!r} is not a valid Hub repo id ({line})",
+             "Use OWNER/NAME (or NAME for your own namespace): letters, digits, '-', '_' and '.'."),
         Rule(PUBLISH, _is(hf.RevisionNotFoundError), HubError,
              "branch {revision!r} does not exist in {repo_id}", "Open the PR against an existing branch."),
         Rule(PUBLISH, _both(_is(hf.RepositoryNotFoundError), _creating_pr), HubError,

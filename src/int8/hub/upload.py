@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HubError, Int8Error, SourceNotFound, VerificationFailed, first_line
+from ..errors import HubError, SourceNotFound, VerificationFailed
 from ..verify.result import VERIFY_NAME, Record, RecordState, read_record
-from .errors import TOKEN_HINT
+from .errors import NO_TOKEN, TOKEN_HINT
 from .redact import redact
 
 IGNORE_PATTERNS = [".*", "**/.*", "*.int8-tmp"]
@@ -72,7 +72,7 @@ def push(
     """
     from huggingface_hub import HfApi
 
-    from .card import CARD_NAME, render_for_folder, save_card
+    from .card import CARD_NAME, load_report, render_for_folder, save_card
     from .download import progress_bars
     from .timeouts import bounded, metadata_timeout, transfer_timeout
 
@@ -83,7 +83,7 @@ def push(
     repo_id, token = check_can_push(repo_id, token)
     api = HfApi(token=token)
 
-    report = _load_report(folder)
+    report = load_report(folder)
     say("Running int8 verify's quick checks")
     _verify(folder)
     record = _check_record(folder, report)
@@ -154,21 +154,6 @@ def _operations(folder: Path, skip: set[str], card: bytes) -> list:
     return ops
 
 
-def _load_report(folder: Path):
-    from ..report import REPORT_NAME, ConversionReport
-
-    try:
-        return ConversionReport.load(folder)
-    except FileNotFoundError:
-        raise Int8Error(
-            f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
-            "The card is rendered from the conversion report; convert the model with int8 first.",
-        ) from None
-    except (OSError, ValueError) as e:
-        raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({e})",
-                        "Convert the model again (--overwrite) to write a fresh report.") from None
-
-
 def _check_record(folder: Path, report) -> Record:
     """The latest recorded verify; a failed full verify of these very files refuses the push."""
     record = read_record(folder, report.files)
@@ -193,7 +178,7 @@ def check_can_push(repo_id: str, token: str | None = None) -> tuple[str, str]:
     _check_repo_id(repo_id)
     token = token or get_token()
     if not token:
-        raise HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
+        raise HubError(NO_TOKEN, TOKEN_HINT)
     try:
         with bounded(metadata_timeout()):
             user = HfApi(token=token).whoami()
@@ -211,10 +196,7 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HubError(
-            f"{repo_id!r} is not a valid Hub repo id ({first_line(e)})",
-            "Use OWNER/NAME (or NAME for your own namespace): letters, digits, '-', '_' and '.'.",
-        ) from None
+        raise translate_push_error(e, repo_id) from None
 
 
 def _verify(folder: Path) -> None:
