@@ -82,6 +82,7 @@ PUBLISH = frozenset({Operation.PUBLISH})
 BOTH = FETCH | PUBLISH
 
 
+@cache
 def transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(network errors, timeouts) as classes: the HTTP clients' transport errors and the standard library's."""
     network: list[type[BaseException]] = [OSError, TimeoutError]
