@@ -73,3 +73,10 @@ class SourceChanged(CorruptCheckpoint):
 
 class ResourceLimit(CorruptCheckpoint):
     """A checkpoint declares more tensors, or a larger header, than any real model has."""
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's text (at most ``limit`` characters), or its class name when it has none:
+    how a message quotes an error it translates."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

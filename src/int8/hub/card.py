@@ -4,6 +4,8 @@ Metadata comes from the original model's card when the checkpoint came with
 one, else from the preset; the body says what the model is, how it was
 quantized, how big it is, how to load, serve and fine-tune it, and how
 faithful it is (the figures of the latest `int8 verify`, when it has run).
+The body's text is the template ``card_template.md`` beside this module;
+`card_values` computes what fills it.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from ..presets import CardInfo, Preset
 from ..report import ConversionReport
 
 CARD_NAME = "README.md"
-VERIFY_NAME = "int8_verify.json"
-"""Where `int8 verify` leaves its latest result in the folder it checked; the card reads it."""
+
+TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
+"""The card's body: ``string.Template`` text whose ``${...}`` fields `card_values` fills (shipped in the wheel)."""
 
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}")
 
@@ -167,92 +171,41 @@ def render_card(
     """
     from huggingface_hub import ModelCard
 
-    original = _original_metadata(original_card)
-    data = card_metadata(report, preset, original)
+    data = card_metadata(report, preset, _original_metadata(original_card))
+    body = Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def card_values(folder: Path, report: ConversionReport, preset: Preset | None = None, repo_id: str | None = None) -> dict[str, str]:
+    """What the template's ``${...}`` fields are filled with (every one of them, as text)."""
     base = base_model_id(report)
-    name = (base or Path(report.source.id).name).split("/")[-1]
-    repo_hint = repo_id or placeholder_repo(report)
     q = report.quantization
     totals = report.totals
     causal = report.model.task == "causal-lm"
-    auto = "AutoModelForCausalLM" if causal else "AutoModelForSeq2SeqLM"
     prompt = (preset.card.sample_prompt if preset and preset.card.sample_prompt else None) or (
         "The capital of France is" if causal else "Translate to German: How old are you?"
     )
-    about = preset.description if preset and preset.description else f"a {report.model.architecture} model"
-    origin = f"[{base}](https://huggingface.co/{base})" if base else f"a local checkpoint ({Path(report.source.id).name})"
-    body = f"""
-# {name} (int8)
-
-An 8-bit version of {origin}: {about}. The large weight matrices are stored in
-int8 with one absmax scale per block of {q.block_size} values, which takes the checkpoint
-from {_gb(totals.bytes_in)} to {_gb(totals.bytes_out)} ({totals.ratio:.2f}x smaller) so it loads, runs
-and fine-tunes on one ordinary GPU. Converted with int8 {report.int8_version}{_provenance(report)}.
-{_see_original(base)}
-
-## How it was quantized
-
-- Every `nn.Linear` weight, except those listed below, in blocks of {q.block_size} consecutive input values:
-  `scale = absmax / 127` (stored in {q.dtype}), `q = round(w / scale)` in [-127, 127].
-  Each weight is reconstructed as `q * scale`, within half a scale of the original.
-- Stored in the [compressed-tensors](https://github.com/vllm-project/compressed-tensors) `pack-quantized`
-  format (8 bits, symmetric, group size {q.block_size}): plain transformers loads it and vLLM serves it.
-- Kept in {q.dtype} (not quantized), and why:
-{_kept_summary(report)}
-
-| | size |
-|---|---|
-| original ({report.source.format}) | {_gb(totals.bytes_in)} |
-| int8 checkpoint | {_gb(totals.bytes_out)} |
-| quantized parameters | {totals.params_quantized:,} |
-| unquantized parameters | {totals.params_kept:,} |
-
-## Use it
-
-With transformers (needs `pip install compressed-tensors`):
-
-```python
-from transformers import AutoTokenizer, {auto}
-
-model = {auto}.from_pretrained("{repo_hint}", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained("{repo_hint}")
-inputs = tokenizer({json.dumps(prompt)}, return_tensors="pt").to(model.device)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0], skip_special_tokens=True))
-```
-
-Keeping the weights in int8 in memory (de-quantized block by block at each multiplication), with int8:
-
-```python
-import int8
-
-model = int8.load("{repo_hint}")
-```
-
-Serve it with vLLM:
-
-```bash
-vllm serve {repo_hint}
-```
-
-## Fine-tune it with LoRA
-
-The int8 weights stay frozen; small LoRA adapters train on top (the recipe of the original 8-bit GPT-J):
-
-```python
-import int8
-from peft import LoraConfig, get_peft_model
-
-model = int8.load("{repo_hint}")
-model.gradient_checkpointing_enable()
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-# train as usual; on CUDA, bitsandbytes' 8-bit Adam keeps optimizer memory small
-```
-
-## Fidelity
-
-{_fidelity_section(folder, report)}
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return {
+        "name": (base or Path(report.source.id).name).split("/")[-1],
+        "origin": f"[{base}](https://huggingface.co/{base})" if base else f"a local checkpoint ({Path(report.source.id).name})",
+        "about": preset.description if preset and preset.description else f"a {report.model.architecture} model",
+        "block_size": str(q.block_size),
+        "dtype": q.dtype,
+        "size_in": _gb(totals.bytes_in),
+        "size_out": _gb(totals.bytes_out),
+        "ratio": f"{totals.ratio:.2f}",
+        "int8_version": report.int8_version,
+        "provenance": _provenance(report),
+        "see_original": _see_original(base),
+        "kept_summary": _kept_summary(report),
+        "source_format": report.source.format,
+        "params_quantized": f"{totals.params_quantized:,}",
+        "params_kept": f"{totals.params_kept:,}",
+        "auto_class": "AutoModelForCausalLM" if causal else "AutoModelForSeq2SeqLM",
+        "repo": repo_id or placeholder_repo(report),
+        "prompt": json.dumps(prompt),
+        "fidelity": _fidelity_section(folder, report),
+    }
 
 
 def placeholder_repo(report: ConversionReport) -> str:
@@ -362,15 +315,24 @@ def rewrite_card(folder: Path, repo_id: str | None = None) -> Path:
 
 def render_for_folder(folder: Path, repo_id: str | None = None) -> str:
     """The card `rewrite_card` would write, as text; the folder is not changed (what `int8 push` uploads)."""
-    from ..errors import Int8Error, SourceNotFound
+    from ..errors import SourceNotFound
     from ..presets import get_preset
-    from ..report import REPORT_NAME
 
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceNotFound(f"folder {folder} does not exist")
+    report = load_report(folder)
+    preset = get_preset(report.source.preset) if report.source.preset else None
+    return card_text(folder, report, preset=preset, repo_id=repo_id)
+
+
+def load_report(folder: Path) -> ConversionReport:
+    """``folder``'s conversion report, which the card is rendered from; `int8.errors.Int8Error` when it has none or it is unreadable."""
+    from ..errors import Int8Error
+    from ..report import REPORT_NAME
+
     try:
-        report = ConversionReport.load(folder)
+        return ConversionReport.load(folder)
     except FileNotFoundError:
         raise Int8Error(
             f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
@@ -379,5 +341,3 @@ def render_for_folder(folder: Path, repo_id: str | None = None) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({e})",
                         "Convert the model again (--overwrite) to write a fresh report.") from None
-    preset = get_preset(report.source.preset) if report.source.preset else None
-    return card_text(folder, report, preset=preset, repo_id=repo_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import SIDECAR_FILES
-from ..errors import HubError, NoWeightsFound, SourceNotFound
+from ..errors import NoWeightsFound
 
 WEIGHT_PATTERNS = {
     "safetensors": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
@@ -21,7 +21,6 @@ WEIGHT_PATTERNS = {
 }
 SIDECAR_PATTERNS = ["config.json", "README.md", *SIDECAR_FILES]
 """Files other than the weights that a converted checkpoint needs or that the card reads."""
-
 
 
 @dataclass(frozen=True)
@@ -130,91 +129,8 @@ def _from_cache(repo_id: str, revision: str | None, token) -> Downloaded:
     return Downloaded(folder, repo_id, revision, folder.name, fmt)
 
 
-def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None) -> Exception:
-    """Map huggingface_hub / network exceptions onto int8's user errors (URL credentials removed)."""
-    from .redact import redact_error
+def translate_hub_error(e: Exception, repo_id: str, revision: str | None = None) -> BaseException:
+    """The int8 error for a client exception raised while fetching ``repo_id`` (see `int8.hub.errors`)."""
+    from .errors import Operation, translate
 
-    return redact_error(_translate(e, repo_id, revision))
-
-
-def _translate(e: Exception, repo_id: str, revision: str | None = None) -> Exception:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        CachedRepoTreeNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from ..errors import Int8Error
-
-    if isinstance(e, Int8Error):
-        return e
-    from .redact import endpoint as public_endpoint
-
-    endpoint = public_endpoint()
-    if isinstance(e, RevisionNotFoundError):
-        return SourceNotFound(
-            f"revision {revision!r} does not exist in {repo_id}", "Use a branch name, a tag or a full commit hash."
-        )
-    if isinstance(e, GatedRepoError):
-        return HubError(f"{repo_id} is gated: accept its terms on the Hub with your account, then retry with HF_TOKEN set")
-    if isinstance(e, RepositoryNotFoundError):
-        return SourceNotFound(
-            f"{repo_id!r} is not a preset, a local folder, or a model repo on {endpoint}",
-            "Check the spelling (`int8 presets` lists presets). If the repo is private, set HF_TOKEN or run `hf auth login`.",
-        )
-    if constants.HF_HUB_OFFLINE and isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, CachedRepoTreeNotFoundError)):
-        at = f" at revision {revision!r}" if revision else ""
-        return HubError(
-            f"{repo_id}{at} is not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it",
-            "Run once with the network (HF_HUB_OFFLINE unset) to fill the cache.",
-        )
-    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, CachedRepoTreeNotFoundError)):
-        cause = e.__cause__ or e.__context__
-        if cause is not None and _is_network_error(cause):
-            return _translate(cause, repo_id, revision)
-        return HubError(
-            f"{repo_id} is not in the local cache and the Hub cannot be reached ({endpoint})",
-            "Check the network (and HF_ENDPOINT), then retry.",
-        )
-    if isinstance(e, HfHubHTTPError):
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status == 401:
-            return HubError(
-                f"the Hub rejected the token (401) while fetching {repo_id}",
-                "Check HF_TOKEN (or `hf auth login`): the token is invalid or expired.",
-            )
-        if status == 403:
-            return HubError(f"access to {repo_id} was refused (403)", "Your token lacks read access to this repo.")
-        return HubError(f"the Hub answered an error for {repo_id}: {str(e).splitlines()[0]}")
-    if _is_timeout(e):
-        from .timeouts import ENV
-
-        return HubError(
-            f"the Hub at {endpoint} did not answer in time ({type(e).__name__}) while fetching {repo_id}",
-            f"Check the network (and HF_ENDPOINT). {ENV}=SECONDS waits longer. "
-            "A model downloaded before is served offline with HF_HUB_OFFLINE=1.",
-        )
-    if _is_network_error(e):
-        return HubError(
-            f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-            "Check the network (and HF_ENDPOINT). A model downloaded before is served offline with HF_HUB_OFFLINE=1.",
-        )
-    return e
-
-
-def _is_network_error(e: BaseException) -> bool:
-    """Connection refused, DNS failure, timeout: whatever HTTP client huggingface_hub uses."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"TransportError", "TimeoutException", "ConnectError", "NetworkError"}) or isinstance(
-        e, (OSError, TimeoutError)
-    )
-
-
-def _is_timeout(e: BaseException) -> bool:
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"TimeoutException", "TimeoutError"}) or isinstance(e, TimeoutError)
+    return translate(e, Operation.FETCH, repo_id, revision=revision)

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HubError, Int8Error, SourceNotFound, VerificationFailed
+from ..errors import HubError, SourceNotFound, VerificationFailed
 from ..verify.result import VERIFY_NAME, Record, RecordState, read_record
+from .errors import NO_TOKEN, TOKEN_HINT
 from .redact import redact
 
 IGNORE_PATTERNS = [".*", "**/.*", "*.int8-tmp"]
 """Never uploaded: hidden files (editor swap files, half-written temporaries, caches)."""
-
-TOKEN_HINT = "Set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens), or run `hf auth login`."
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def push(
     """
     from huggingface_hub import HfApi
 
-    from .card import CARD_NAME, render_for_folder, save_card
+    from .card import CARD_NAME, load_report, render_for_folder, save_card
     from .download import progress_bars
     from .timeouts import bounded, metadata_timeout, transfer_timeout
 
@@ -84,7 +83,7 @@ def push(
     repo_id, token = check_can_push(repo_id, token)
     api = HfApi(token=token)
 
-    report = _load_report(folder)
+    report = load_report(folder)
     say("Running int8 verify's quick checks")
     _verify(folder)
     record = _check_record(folder, report)
@@ -155,21 +154,6 @@ def _operations(folder: Path, skip: set[str], card: bytes) -> list:
     return ops
 
 
-def _load_report(folder: Path):
-    from ..report import REPORT_NAME, ConversionReport
-
-    try:
-        return ConversionReport.load(folder)
-    except FileNotFoundError:
-        raise Int8Error(
-            f"{folder} has no {REPORT_NAME}: it was not written by `int8 convert`",
-            "The card is rendered from the conversion report; convert the model with int8 first.",
-        ) from None
-    except (OSError, ValueError) as e:
-        raise Int8Error(f"{folder / REPORT_NAME} is unreadable ({e})",
-                        "Convert the model again (--overwrite) to write a fresh report.") from None
-
-
 def _check_record(folder: Path, report) -> Record:
     """The latest recorded verify; a failed full verify of these very files refuses the push."""
     record = read_record(folder, report.files)
@@ -194,7 +178,7 @@ def check_can_push(repo_id: str, token: str | None = None) -> tuple[str, str]:
     _check_repo_id(repo_id)
     token = token or get_token()
     if not token:
-        raise HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
+        raise HubError(NO_TOKEN, TOKEN_HINT)
     try:
         with bounded(metadata_timeout()):
             user = HfApi(token=token).whoami()
@@ -212,10 +196,7 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HubError(
-            f"{repo_id!r} is not a valid Hub repo id ({str(e).splitlines()[0]})",
-            "Use OWNER/NAME (or NAME for your own namespace): letters, digits, '-', '_' and '.'.",
-        ) from None
+        raise translate_push_error(e, repo_id) from None
 
 
 def _verify(folder: Path) -> None:
@@ -240,70 +221,8 @@ def _default_message(report) -> str:
     return f"Upload int8 checkpoint of {source} (block size {report.quantization.block_size})"
 
 
-def translate_push_error(
-    e: Exception, repo_id: str, *, revision: str | None = None, create_pr: bool = False
-) -> Exception:
-    """Map huggingface_hub / network exceptions raised while publishing onto int8's user errors (URL credentials removed)."""
-    from .redact import redact_error
+def translate_push_error(e: Exception, repo_id: str, *, revision: str | None = None, create_pr: bool = False) -> BaseException:
+    """The int8 error for a client exception raised while publishing to ``repo_id`` (see `int8.hub.errors`)."""
+    from .errors import Operation, translate
 
-    return redact_error(_translate(e, repo_id, revision=revision, create_pr=create_pr))
-
-
-def _translate(e: Exception, repo_id: str, *, revision: str | None, create_pr: bool) -> Exception:
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalTokenNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from .download import _is_network_error, _is_timeout
-
-    if isinstance(e, Int8Error):
-        return e
-    from .redact import endpoint as public_endpoint
-
-    endpoint = public_endpoint()
-    owner = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
-    again = "Run the same command again: files the Hub already received are not sent again."
-    if isinstance(e, LocalTokenNotFoundError):
-        return HubError("no Hugging Face token: publishing needs one with write access", TOKEN_HINT)
-    if isinstance(e, HFValidationError):
-        return HubError(f"{repo_id!r} is not a valid Hub repo id ({str(e).splitlines()[0]})")
-    if isinstance(e, RevisionNotFoundError):
-        return HubError(f"branch {revision!r} does not exist in {repo_id}", "Open the PR against an existing branch.")
-    if isinstance(e, RepositoryNotFoundError):
-        if create_pr:
-            return HubError(f"{repo_id} does not exist (or is private): a pull request needs an existing repo",
-                            "Push without --create-pr to create it.")
-        return HubError(f"{repo_id} was not found on {endpoint}", "Check the repo id and that the token can see it.")
-    if isinstance(e, HfHubHTTPError):
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status == 401:
-            return HubError(f"the Hub rejected the token (401) while publishing to {repo_id}",
-                            "The token is invalid or expired. " + TOKEN_HINT)
-        if status == 403:
-            return HubError(
-                f"the token has no write access to {owner!r} (403): cannot publish to {repo_id}",
-                "Use a token with write access to that namespace (a fine-grained or read token is not enough), "
-                "publish under your own namespace, or open a pull request with --create-pr.",
-            )
-        return HubError(f"the Hub refused the upload to {repo_id}: {_first_line(e)}", again)
-    cause = e.__cause__ or e.__context__
-    if isinstance(e, RuntimeError) and cause is not None and "uploading" in str(e):  # an LFS transfer failed
-        return HubError(f"the upload to {repo_id} was interrupted ({_first_line(e)} {_first_line(cause)})", again)
-    if _is_timeout(e):
-        from .timeouts import ENV
-
-        return HubError(f"the Hub at {endpoint} did not answer in time while publishing to {repo_id}",
-                        f"Check the network (and HF_ENDPOINT); {ENV}=SECONDS waits longer. {again}")
-    if _is_network_error(e):
-        return HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {_first_line(e)})",
-                        f"Check the network (and HF_ENDPOINT). {again}")
-    return e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return translate(e, Operation.PUBLISH, repo_id, revision=revision, create_pr=create_pr)
