@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__, options
 from ..checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint
-from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel
+from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel, first_line
 from ..files import CARD_NAME, sha256_file
 from ..formats.compressed_tensors import build_config
 from ..formats.safetensors import itemsize, write_index
@@ -215,7 +215,7 @@ def _load_config(folder: Path):
     try:
         config = load_config(folder)
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
-        raise UnsupportedModel(f"transformers cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise UnsupportedModel(f"transformers cannot read {path}: {first_line(e)}") from None
     return config, config_dict
 
 

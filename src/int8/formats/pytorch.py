@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpoint, UnsupportedModel
+from ..errors import CorruptCheckpoint, UnsupportedModel, first_line
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -27,7 +27,7 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise UnsupportedModel(
             f"{path.name} holds pickled Python objects besides tensors; int8 loads .bin files with "
-            f"weights_only=True and will not unpickle arbitrary code ({str(e).splitlines()[0]})",
+            f"weights_only=True and will not unpickle arbitrary code ({first_line(e)})",
             "If you trust the file, load it with torch.load and save the state dict with safetensors.",
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
@@ -38,7 +38,7 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 "Re-save it with a current torch (torch.save(torch.load(f, weights_only=True), f)) "
                 "or convert it to safetensors, then run int8 again.",
             ) from None
-        raise CorruptCheckpoint(f"{path} could not be read: {msg.splitlines()[0][:200]}", "Download or save it again.") from None
+        raise CorruptCheckpoint(f"{path} could not be read: {first_line(e, 200)}", "Download or save it again.") from None
     if not isinstance(state, dict):
         raise CorruptCheckpoint(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     if "state_dict" in state and isinstance(state["state_dict"], dict):

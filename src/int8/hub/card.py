@@ -16,10 +16,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from ..files import CARD_NAME
 from ..presets import CardInfo, Preset
 from ..report import ConversionReport
-
-CARD_NAME = "README.md"
 
 TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 """The card's body: ``string.Template`` text whose ``${...}`` fields `card_values` fills (shipped in the wheel)."""

@@ -72,7 +72,8 @@ def push(
     """
     from huggingface_hub import HfApi
 
-    from .card import CARD_NAME, load_report, render_for_folder, save_card
+    from ..files import CARD_NAME
+    from .card import load_report, render_for_folder, save_card
     from .download import progress_bars
     from .timeouts import bounded, metadata_timeout, transfer_timeout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .. import options
-from ..errors import Int8Error
+from ..errors import Int8Error, first_line
 
 
 def load_tokenizer(folder: Path):
@@ -18,7 +18,7 @@ def load_tokenizer(folder: Path):
         return hf_tokenizer(folder)
     except (OSError, ValueError, TypeError) as e:
         raise Int8Error(
-            f"{folder} has no tokenizer that transformers can load ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            f"{folder} has no tokenizer that transformers can load ({first_line(e)})",
             "Copy the original model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder.",
         ) from None
 

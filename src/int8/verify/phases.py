@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Int8Error
+from ..errors import Int8Error, first_line
 from .result import SKIP, Check, Group, Thresholds, outcome, skipped
 from .target import Original
 
@@ -159,8 +159,8 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
         try:
             model = models.load_original(original.folder, run.dtype, run.device)
         except Exception as e:  # an original transformers cannot load cannot be compared with
-            error = Int8Error(f"--against {original.id}: transformers cannot load it ({_first_line(e)})")
-            unusable = against.unusable(error, f"transformers cannot load the original {original.id} ({_first_line(e)})")
+            error = Int8Error(f"--against {original.id}: transformers cannot load it ({first_line(e, 300)})")
+            unusable = against.unusable(error, f"transformers cannot load the original {original.id} ({first_line(e, 300)})")
         else:
             try:
                 for lg in models.logits(model, wins, run.device):
@@ -210,7 +210,7 @@ def _loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) 
             forward = outcome("forward", bad, figure=f"{sum(w.tokens for w in shown)} tokens in {len(shown)} window(s)",
                               threshold="finite outputs", group=Group.LOADING)
     except Exception as e:  # a model that loads but cannot run is the finding
-        forward = outcome("forward", [f"the forward pass raised {type(e).__name__}: {_first_line(e)}"],
+        forward = outcome("forward", [f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"],
                           figure="raised", threshold="finite outputs", group=Group.LOADING)
         if logprobs:
             why = "the converted model does not run"
@@ -277,7 +277,7 @@ def _load(layout: Layout, mode: LoadMode, dtype, device) -> tuple[Check, object 
         try:
             model, missing = models.build_dequantized(layout, dtype, device)
         except Exception as e:  # cannot be built: a finding, reported as such
-            return outcome("load", [f"int8 cannot build {cls} from this folder: {_first_line(e)}"],
+            return outcome("load", [f"int8 cannot build {cls} from this folder: {first_line(e, 300)}"],
                            figure="does not build", threshold=threshold, group=Group.LOADING), None
         why = (
             "GPT-2 style Conv1D layers: compressed-tensors loads only nn.Linear (run with int8.load); "
@@ -292,7 +292,7 @@ def _load(layout: Layout, mode: LoadMode, dtype, device) -> tuple[Check, object 
     try:
         model, info = models.load_converted(layout.folder, mode, dtype, device)
     except Exception as e:  # transformers refusing the checkpoint is the finding
-        return outcome("load", [f"transformers cannot load it: {type(e).__name__}: {_first_line(e)}"],
+        return outcome("load", [f"transformers cannot load it: {type(e).__name__}: {first_line(e, 300)}"],
                        figure="does not load", threshold=threshold, group=Group.LOADING), None
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -317,8 +317,3 @@ def _is_quantized(folder: Path | None) -> bool:
         return "quantization_config" in read_json_object(Path(folder) / "config.json")
     except Int8Error:  # no readable config: not a quantized checkpoint that could be mistaken for an original
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

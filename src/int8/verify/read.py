@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptCheckpoint, UnsafePath
+from ..errors import CorruptCheckpoint, UnsafePath, first_line
 from ..formats.compressed_tensors import check_config
 from ..formats.safetensors import SAFE_INDEX, scan_safetensors_header
 from ..formats.safetensors import read_index as read_weight_map
@@ -87,7 +87,7 @@ def read_config(folder: Path, report: ConversionReport | None) -> ConfigRead:
     try:
         meta = _meta_model(folder)
     except Exception as e:  # transformers' own errors: the config is what is wrong
-        problems.append(f"transformers cannot build a model from config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        problems.append(f"transformers cannot build a model from config.json: {first_line(e)}")
     return ConfigRead(Reading(tuple(problems)), config, group_size, scale_dtype, ignore, meta)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ...files import CARD_NAME
 from ..layout import Layout
 from ..result import Check, outcome
-from .files import CARD_NAME
 
 
 def check_card(layout: Layout) -> Check:

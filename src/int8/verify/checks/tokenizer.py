@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...errors import first_line
 from ..layout import Layout
 from ..result import Check, outcome
 
@@ -31,7 +32,7 @@ def check_tokenizer(layout: Layout) -> Check:
         tok = load_tokenizer(folder)
     except Exception as e:  # any failure to load is the finding
         present = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         problems.append(
             f"the tokenizer does not load from {folder.name} ({msg[:200]}); tokenizer files present: "
             + (", ".join(present) or "none")
