@@ -191,6 +191,7 @@ def make_plan(
     warnings: list[str] = []
     by_model_name = {names.model_name(t.name): t for t in tensors}
     dropped_unknown: list[str] = []
+    ragged: list[str] = []  # linear weights kept only because the block size does not divide their rows
     for t in tensors:
         name = names.model_name(t.name)
         if name not in params:
@@ -226,6 +227,7 @@ def make_plan(
                 reason = f"{type(model).__name__} keeps it in fp32 (_keep_in_fp32_modules)"
             elif in_features % block_size:
                 reason = f"input dimension {in_features} is not a multiple of block size {block_size}"
+                ragged.append(name)
             if reason is None:
                 entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=dtype, layout=layout))
                 continue
@@ -250,9 +252,8 @@ def make_plan(
         )
     quantized = [e for e in entries if e.action == QUANTIZE]
     if not quantized:
-        linears = [e for e in entries if e.action == KEEP and "block size" in e.reason]
-        if linears:
-            dims = sorted({e.in_features for e in linears})
+        if ragged:
+            dims = sorted({e.in_features for e in entries if e.name in ragged})
             raise UnsupportedModel(
                 f"block size {block_size} divides none of the linear layers' input dimensions ({', '.join(map(str, dims[:5]))})",
                 "Choose a block size that divides them, such as 128, 64 or 32.",
@@ -261,11 +262,10 @@ def make_plan(
             f"{type(model).__name__} has no nn.Linear weights that int8 would quantize",
             "int8 converts models whose big weights are nn.Linear layers.",
         )
-    ragged = [e for e in entries if e.action == KEEP and "block size" in e.reason]
     if ragged:
         warnings.append(
             f"{len(ragged)} linear weight(s) kept unquantized because their input dimension is not a multiple "
-            f"of block size {block_size} (compressed-tensors groups must divide the row), e.g. {ragged[0].name}"
+            f"of block size {block_size} (compressed-tensors groups must divide the row), e.g. {ragged[0]}"
         )
     if any(e.layout == WeightLayout.CONV1D for e in quantized):
         warnings.append(
