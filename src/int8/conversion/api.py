@@ -12,7 +12,6 @@ staging folder beside the output and swapped into place only when complete
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import json
 import shutil
@@ -23,38 +22,27 @@ from typing import Protocol
 
 import torch
 
-from .. import __version__, options
-from ..checkpoint import SIDECAR_FILES, CheckpointFiles, CheckpointReader, find_checkpoint
+from .. import options
+from ..checkpoint import SIDECAR_FILES, CheckpointReader, find_checkpoint
 from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel, first_line
-from ..files import CARD_NAME, sha256_file
+from ..files import CARD_NAME
 from ..formats.compressed_tensors import build_config
 from ..formats.safetensors import itemsize, write_index
 from ..hf import TORCH_NAMES, parse_dtype, resolve_device
 from ..paths import copy_inside, inside
-from ..quantize import ErrorStats, num_blocks
 from ..report import (
-    REPORT_NAME,
     ConversionReport,
-    FileEntry,
-    ModelInfo,
-    QuantizationInfo,
-    SourceInfo,
-    TensorReport,
-    Totals,
-    public_source_id,
 )
-from ..sources import ResolvedSource, resolve_source
+from ..sources import resolve_source
 from .engine import stream
 from .output import check_replaceable
 from .output import start as start_staging
 from .plan import (
-    DROP,
-    KEEP,
-    QUANTIZE,
     ConversionPlan,
     make_plan,
     unmatched_patterns,
 )
+from .reporting import build_report
 
 CHUNK_BYTES = 32 << 20
 class Progress(Protocol):
@@ -181,7 +169,7 @@ def convert(
             _write_config(tmp, config_dict, plan)
             _copy_sidecars(resolved.folder, tmp)
             seconds = time.perf_counter() - started
-            report = _report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
+            report = build_report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
             report.warnings = [*warnings, *(w for w in report.warnings if w not in warnings)]
             report.save(tmp)
             from ..hub.card import write_card
@@ -315,76 +303,3 @@ def _copy_sidecars(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _report(
-    resolved: ResolvedSource,
-    files: CheckpointFiles,
-    plan: ConversionPlan,
-    stats: dict[str, ErrorStats],
-    hashes: dict[str, str],
-    folder: Path,
-    seconds: float,
-    stream_seconds: float,
-    device: torch.device,
-) -> ConversionReport:
-    tensors = []
-    for e in plan.entries:
-        t = e.source
-        common = dict(name=e.name, shape=list(t.shape), source_dtype=t.dtype, reason=e.reason)
-        if e.action == QUANTIZE:
-            st = stats[e.name]
-            tensors.append(
-                TensorReport(
-                    action="quantized",
-                    dtype=e.out_dtype,
-                    layout=e.layout,
-                    blocks=e.out_features * num_blocks(e.in_features, plan.block_size),
-                    max_abs_error=round(st.max_abs, 6),
-                    mean_abs_error=round(st.mean_abs, 6),
-                    zero_blocks=st.zero_blocks,
-                    **common,
-                )
-            )
-        elif e.action == KEEP:
-            tensors.append(TensorReport(action="kept", dtype=e.out_dtype, **common))
-        else:
-            tensors.append(TensorReport(action="dropped", tied_to=e.tied_to, **common))
-    entries = []
-    for p in sorted(folder.iterdir()):
-        if p.name in (CARD_NAME, REPORT_NAME) or not p.is_file():
-            continue
-        digest = hashes.get(p.name) or sha256_file(p)
-        entries.append(FileEntry(p.name, p.stat().st_size, digest))
-    return ConversionReport(
-        int8_version=__version__,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        source=SourceInfo(
-            kind=resolved.kind,
-            id=public_source_id(resolved.kind, resolved.id),
-            preset=resolved.preset.name if resolved.preset else None,
-            revision=resolved.revision,
-            commit=resolved.commit,
-            format=files.format,
-            files=[f.name for f in files.files],
-        ),
-        model=ModelInfo(
-            architecture=plan.model_class,
-            model_type=plan.model_type,
-            task="seq2seq-lm" if plan.is_encoder_decoder else "causal-lm",
-        ),
-        quantization=QuantizationInfo(block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore),
-        totals=Totals(
-            bytes_in=files.nbytes,
-            bytes_out=sum(f.bytes for f in entries if f.name.endswith(".safetensors")),
-            seconds=round(seconds, 3),
-            stream_seconds=round(stream_seconds, 3),
-            device=str(device),
-            tensors_quantized=sum(e.action == QUANTIZE for e in plan.entries),
-            tensors_kept=sum(e.action == KEEP for e in plan.entries),
-            tensors_dropped=sum(e.action == DROP for e in plan.entries),
-            params_quantized=sum(e.source.numel for e in plan.entries if e.action == QUANTIZE),
-            params_kept=sum(e.source.numel for e in plan.entries if e.action == KEEP),
-        ),
-        tensors=tensors,
-        files=entries,
-        warnings=list(plan.warnings),
-    )
