@@ -38,7 +38,8 @@ class Preset:
     revision: str = "main"
     description: str = ""
     parameters: str = ""
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # everything not quantized
+    scale_dtype: str = "fp32"  # the weight scales (see `int8 convert --help`)
     block_size: int = 128
     skip: tuple[str, ...] = ()
     card: CardInfo = field(default_factory=CardInfo)
@@ -62,6 +63,7 @@ def _parse(path: Path) -> Preset:
             description=data.get("description", ""),
             parameters=data.get("parameters", ""),
             dtype=data.get("dtype", "bf16"),
+            scale_dtype=_dtype_name(data.get("scale_dtype", "fp32"), "scale_dtype"),
             block_size=int(data.get("block_size", 128)),
             skip=tuple(data.get("skip", ())),
             card=CardInfo(
@@ -74,6 +76,14 @@ def _parse(path: Path) -> Preset:
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
         raise Int8Error(f"preset file {path} is invalid: {e}") from None
+
+
+def _dtype_name(value: object, key: str) -> str:
+    from .hf import DTYPE_ALIASES
+
+    if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
+        raise ValueError(f"{key} = {value!r} is not fp32, fp16 or bf16")
+    return value
 
 
 @cache

@@ -6,7 +6,9 @@ Written as ``int8_report.json`` in every converted folder. Schema
 * ``source``: where the weights came from (preset, Hub id + revision + commit,
   or local path) and their on-disk format;
 * ``model``: the transformers class and model type;
-* ``quantization``: scheme, bits, block size, dtypes, the unquantized Linear
+* ``quantization``: scheme, bits, block size, dtypes (``dtype``: everything
+  not quantized; ``scale_dtype``: the scales; a report written before that field
+  existed had its scales in ``dtype``, and loads so), the unquantized Linear
   modules (``ignore``), the rounding rule;
 * ``totals``: bytes in and out, ratio, seconds (the whole conversion after
   the download) and stream seconds (reading, quantizing and writing the
@@ -68,13 +70,20 @@ class ModelInfo:
 @dataclass
 class QuantizationInfo:
     block_size: int
-    dtype: str  # dtype of unquantized tensors and of the scales
+    dtype: str  # dtype of the unquantized tensors
     ignore: list[str] = field(default_factory=list)
     bits: int = 8
     symmetric: bool = True
     scheme: str = "absmax, one scale per block along the input dimension"
-    rounding: str = "q = clamp(round_half_even(w / scale), -127, 127), scale = absmax / 127 in the stored dtype"
+    rounding: str = (
+        "q = clamp(round_half_even(w / scale), -127, 127), scale = absmax / 127 in float32 rounded to nearest into scale_dtype"
+    )
     format: str = "compressed-tensors pack-quantized"
+    scale_dtype: str = ""  # dtype of the scales; "" (a report written before the field existed): ``dtype``
+
+    def __post_init__(self) -> None:
+        if not self.scale_dtype:
+            self.scale_dtype = self.dtype
 
 
 @dataclass

@@ -11,7 +11,7 @@ from rich.table import Table
 from .. import options
 from ..errors import Int8Error
 from .display import RichProgress, console, size
-from .option_types import device_option, quiet_option, revision_option
+from .option_types import device_option, dtype_option, quiet_option, revision_option
 from .push import publish
 
 if TYPE_CHECKING:
@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 Device = device_option("Where to quantize: auto (GPU if any), cpu, cuda, cuda:N.")
 Revision = revision_option("Hub branch, tag or commit of the source (not for a local folder).")
 Quiet = quiet_option("No progress or summary; errors only.")
+ScaleDtype = dtype_option(
+    "--scale-dtype",
+    "dtype of the weight scales (one per block): fp32, fp16 or bf16. Default: the preset's, else fp32. "
+    "Stock loaders (transformers with compressed-tensors, vLLM) compute each weight as code x scale in the "
+    "scale's dtype: with bf16 scales that product is rounded a second time (errors up to ~1 scale instead of "
+    "0.5), which measurably raises the KL divergence of real models; fp32 scales cost about 1.5% more bytes.",
+)
 
 
 def epilog() -> str:
@@ -59,11 +66,13 @@ def convert(
         Optional[str],
         typer.Option(
             "--dtype",
-            help="dtype of the scales and of everything not quantized: fp16, bf16 or fp32. "
+            help="dtype of everything not quantized (embeddings, norms, biases, kept layers): fp16, bf16 or fp32; "
+            "not of the scales (see --scale-dtype). "
             "Default: the preset's (bf16 for T5-family models, which overflow in fp16), else bf16.",
             show_default=False,
         ),
     ] = None,
+    scale_dtype: ScaleDtype = None,
     device: Device = "auto",
     skip: Annotated[
         Optional[list[str]],
@@ -91,7 +100,7 @@ def convert(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Convert a checkpoint to int8: linear weights in int8 blocks with absmax scales, the rest in --dtype.
+    """Convert a checkpoint to int8: linear weights in int8 blocks with absmax scales (in --scale-dtype), the rest in --dtype.
 
     The output is a compressed-tensors `pack-quantized` folder that plain transformers loads
     (with `pip install compressed-tensors`) and vLLM serves, plus a model card and a
@@ -127,6 +136,7 @@ def convert(
         folder,
         block_size=block_size,
         dtype=dtype,
+        scale_dtype=scale_dtype,
         device=device,
         skip=skip or (),
         revision=revision,

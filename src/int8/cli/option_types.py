@@ -45,3 +45,19 @@ def json_option(help: str) -> Any:
     return Annotated[
         Optional[Path], typer.Option("--json", help=help, metavar="FILE", show_default=False, callback=options.json_output)
     ]
+
+
+def _checked_dtype(value: str | None) -> str | None:
+    """A dtype option's value as typed, once `int8.hf.parse_dtype` accepts it (a UsageError, exit 2, otherwise)."""
+    from ..hf import parse_dtype
+
+    if value is not None:
+        parse_dtype(value)
+    return value
+
+
+def dtype_option(flag: str, help: str) -> Any:
+    """A floating dtype option (fp32, fp16 or bf16; torch names too), refused while parsing when it is none of them."""
+    return Annotated[
+        Optional[str], typer.Option(flag, help=help, metavar="fp32|fp16|bf16", show_default=False, callback=_checked_dtype)
+    ]

@@ -90,6 +90,7 @@ def convert(
     *,
     block_size: int | None = None,
     dtype: str | None = None,
+    scale_dtype: str | None = None,
     device: str = "auto",
     skip: Sequence[str] = (),
     revision: str | None = None,
@@ -108,12 +109,18 @@ def convert(
     called with each warning as soon as it is known (before the tensors stream); the warnings
     are also in the report. Raises `int8.errors.Int8Error` subclasses for every problem with
     the input or output.
+
+    ``dtype`` (fp16, bf16, fp32) is the dtype of everything not quantized; ``scale_dtype`` that of
+    the weight scales. Each defaults to the preset's, else bf16 and fp32: stock loaders decode
+    ``code * scale`` in the scale's dtype, so bf16 scales would round every weight a second time.
     """
     progress = progress or _NoProgress()
     # Everything the user typed is checked before anything is downloaded.
     dev = resolve_device(device)
     if dtype is not None:
         parse_dtype(dtype)
+    if scale_dtype is not None:
+        parse_dtype(scale_dtype)
     if block_size is not None and block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
     shard_bytes = options.shard_size(max_shard_size)
@@ -139,6 +146,7 @@ def convert(
     preset = resolved.preset
     block_size = int(block_size or (preset.block_size if preset else 128))
     out_dtype = parse_dtype(dtype or (preset.dtype if preset else "bf16"))
+    out_scale_dtype = parse_dtype(scale_dtype or (preset.scale_dtype if preset else "fp32"))
     skip = [*(preset.skip if preset else ()), *user_skip]
 
     _check_sidecars(resolved.folder)
@@ -151,6 +159,7 @@ def convert(
             reader.tensors,
             block_size=block_size,
             dtype=out_dtype,
+            scale_dtype=out_scale_dtype,
             skip=skip,
             max_shard_size=shard_bytes,
             same_data=lambda a, b: _same_data(reader, a, b),

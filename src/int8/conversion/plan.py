@@ -86,11 +86,12 @@ class ConversionPlan:
     model_type: str
     is_encoder_decoder: bool
     block_size: int
-    dtype: str
+    dtype: str  # of everything not quantized
     entries: list[TensorPlan]
     shards: list[ShardPlan]
     ignore: list[str]  # Linear modules left unquantized (compressed-tensors `ignore`)
     warnings: list[str] = field(default_factory=list)
+    scale_dtype: str = "F32"  # of the weight scales (each QUANTIZE entry's out_dtype)
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -160,11 +161,15 @@ def make_plan(
     *,
     block_size: int = 128,
     dtype: str = "BF16",
+    scale_dtype: str = "F32",
     skip: Iterable[str] = (),
     max_shard_size: int = 5_000_000_000,
     same_data: Callable[[SourceTensor, SourceTensor], bool] | None = None,
 ) -> ConversionPlan:
     """Plan the conversion of ``tensors`` (a checkpoint's tensors) for ``config``.
+
+    ``dtype`` is what every tensor kept unquantized is stored in, ``scale_dtype`` what the
+    scales of the quantized weights are stored in (safetensors names: ``F32``, ``F16``, ``BF16``).
 
     A tensor that the model ties to another (``lm_head`` to the embeddings,
     T5's ``embed_tokens`` to ``shared``) is dropped when the checkpoint also
@@ -229,7 +234,7 @@ def make_plan(
                 reason = f"input dimension {in_features} is not a multiple of block size {block_size}"
                 ragged.append(name)
             if reason is None:
-                entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=dtype, layout=layout))
+                entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=scale_dtype, layout=layout))
                 continue
             entries.append(TensorPlan(t, name, KEEP, reason, _keep_dtype(t.dtype, dtype, fp32), layout=layout))
             continue
@@ -288,6 +293,7 @@ def make_plan(
         shards=shards,
         ignore=ignore,
         warnings=warnings,
+        scale_dtype=scale_dtype,
     )
 
 

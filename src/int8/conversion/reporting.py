@@ -86,7 +86,9 @@ def build_report(
             model_type=plan.model_type,
             task="seq2seq-lm" if plan.is_encoder_decoder else "causal-lm",
         ),
-        quantization=QuantizationInfo(block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore),
+        quantization=QuantizationInfo(
+            block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore, scale_dtype=TORCH_NAMES[plan.scale_dtype]
+        ),
         totals=Totals(
             bytes_in=files.nbytes,
             bytes_out=sum(f.bytes for f in entries if f.name.endswith(".safetensors")),

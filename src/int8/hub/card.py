@@ -190,6 +190,8 @@ def card_values(folder: Path, report: ConversionReport, preset: Preset | None = 
         "about": preset.description if preset and preset.description else f"a {report.model.architecture} model",
         "block_size": str(q.block_size),
         "dtype": q.dtype,
+        "scale_dtype": q.scale_dtype,
+        "scale_note": _scale_note(q.scale_dtype),
         "size_in": _gb(totals.bytes_in),
         "size_out": _gb(totals.bytes_out),
         "ratio": f"{totals.ratio:.2f}",
@@ -205,6 +207,16 @@ def card_values(folder: Path, report: ConversionReport, preset: Preset | None = 
         "prompt": json.dumps(prompt),
         "fidelity": _fidelity_section(folder, report),
     }
+
+
+def _scale_note(scale_dtype: str) -> str:
+    """What the card adds after 'within half a scale of the original' when the scales are not float32."""
+    if scale_dtype == "float32":
+        return ""
+    return (
+        f" (stock loaders compute that product in {scale_dtype}, which rounds it once more: "
+        "up to about one scale; `int8 convert --scale-dtype fp32` avoids it)"
+    )
 
 
 def placeholder_repo(report: ConversionReport) -> str:
