@@ -11,6 +11,8 @@ that random noise of the same distribution causes).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ T5_FAMILY = {"t5", "mt5"}
 STOCK_ARCHS = ("gptj", "t5", "mt5", "bloom")
 FORMS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
 BLOCK = 64
+cli = [str(Path(sys.executable).with_name("int8"))]
 
 
 @pytest.fixture(scope="session")
@@ -188,17 +191,15 @@ def test_stock_transformers_loads_the_output(arch, form, sources, tmp_path):
         assert float(top2[0] - top2[1]) <= 2 * 3 * noise_dev
 
 
-@pytest.mark.parametrize(
-    "dtype,src_dtype", [("bf16", torch.float32), ("fp16", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
-)
-@pytest.mark.parametrize("arch", ["gptj", "t5"])
-def test_dtypes(arch, dtype, src_dtype, sources, tmp_path):
-    src = sources(arch, "safetensors", src_dtype)
-    out = tmp_path / "out"
-    report = int8.convert(src, out, block_size=BLOCK, dtype=dtype, device="cpu")
-    check_codes(src, out, report, BLOCK, dtype)
+TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_dtypes(out: Path, report: ConversionReport, arch: str, dtype: str, scale_dtype: str) -> None:
+    """Every scale in ``scale_dtype``; every other floating tensor in ``dtype`` (T5's fp32 modules apart)."""
     state = output_state(out)
-    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    scales = {n: t.dtype for n, t in state.items() if n.endswith(".weight_scale")}
+    assert len(scales) == len(report.quantized) and set(scales.values()) == {TORCH[scale_dtype]}
+    want = TORCH[dtype]
     for t in report.tensors:
         if t.action == "kept" and t.source_dtype.startswith(("F", "BF")):
             stored = state[t.name].dtype
@@ -208,12 +209,71 @@ def test_dtypes(arch, dtype, src_dtype, sources, tmp_path):
                 assert "_keep_in_fp32_modules" in t.reason
             else:
                 assert stored == want, t.name
+    assert {t.dtype for t in report.quantized} == {{"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[scale_dtype]}
+    assert report.quantization.scale_dtype == str(TORCH[scale_dtype]).removeprefix("torch.")
+    assert report.quantization.dtype == str(want).removeprefix("torch.")
     config = json.loads((out / "config.json").read_text())
-    assert config["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    assert config["dtype"] == str(want).removeprefix("torch.")
+
+
+@pytest.mark.parametrize(
+    "dtype,src_dtype", [("bf16", torch.float32), ("fp16", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+@pytest.mark.parametrize("arch", ["gptj", "t5"])
+def test_dtypes(arch, dtype, src_dtype, sources, tmp_path):
+    """--dtype alone: the rest in it, the scales in fp32 (the default --scale-dtype)."""
+    src = sources(arch, "safetensors", src_dtype)
+    out = tmp_path / "out"
+    report = int8.convert(src, out, block_size=BLOCK, dtype=dtype, device="cpu")
+    check_codes(src, out, report, BLOCK, "fp32")
+    check_dtypes(out, report, arch, dtype, "fp32")
     model, info = stock_load(out, run_compressed=arch not in T5_FAMILY)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     ids = torch.randint(3, 300, (1, 10))
     assert torch.isfinite(logits(model, arch, ids)).all()
+
+
+@pytest.mark.parametrize("scale_dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("arch", ["gptj", "t5"])
+def test_scale_dtypes(arch, dtype, scale_dtype, sources, tmp_path):
+    """`int8 convert --scale-dtype X --dtype Y`: scales in X, the rest in Y; stock transformers loads it, verify passes."""
+    src = sources(arch)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [*cli, "convert", str(src), "--out", str(out), "--block-size", str(BLOCK), "--dtype", dtype,
+         "--scale-dtype", scale_dtype, "--device", "cpu", "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    report = ConversionReport.load(out)
+    refs = check_codes(src, out, report, BLOCK, scale_dtype)
+    check_dtypes(out, report, arch, dtype, scale_dtype)
+    run_compressed = arch not in T5_FAMILY
+    model, info = stock_load(out, run_compressed=run_compressed)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(2))
+    got = logits(model, arch, ids)
+    assert torch.isfinite(got).all()
+    if dtype == "fp32" and scale_dtype == "fp32":  # nothing rounded on the way: exactly the fake-quantized original
+        ref_fq = logits(fake_quantized(load_original(src), refs, BLOCK, torch.float32), arch, ids)
+        assert torch.allclose(got, ref_fq, atol=1e-4 * float(ref_fq.abs().max()), rtol=0)
+    quick = subprocess.run([*cli, "verify", str(out), "--quick", "--device", "cpu"], capture_output=True, text=True)
+    assert quick.returncode == 0, quick.stdout + quick.stderr
+
+
+def test_scale_dtype_defaults_to_fp32_and_bad_values_exit_2(sources, tmp_path):
+    for bad in ("int8", "fp64", ""):
+        out = tmp_path / f"bad{bad}"
+        done = subprocess.run([*cli, "convert", str(sources("gptj")), "--out", str(out), "--scale-dtype", bad],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "unknown dtype" in done.stdout + done.stderr and not out.exists()
+    with pytest.raises(int8.errors.UsageError, match="unknown dtype"):
+        int8.convert(sources("gptj"), tmp_path / "api", scale_dtype="int4", device="cpu")
+    report = int8.convert(sources("gptj"), tmp_path / "default", block_size=BLOCK, device="cpu")
+    assert report.quantization.scale_dtype == "float32" and report.quantization.dtype == "bfloat16"
+    assert {t.dtype for t in report.quantized} == {"F32"}
 
 
 @pytest.mark.parametrize("arch", ["bloom", "t5"])

@@ -73,7 +73,8 @@ class Layout:
     model_type: str | None = None
     seq2seq: bool = False
     block_size: int | None = None  # quantization_config's group size, when it gives one
-    scale_dtype: str | None = None  # config.json's dtype as a safetensors name (F16...)
+    dtype: str | None = None  # config.json's dtype (of everything not quantized) as a safetensors name (F16...)
+    scale_dtype: str | None = None  # the scales' dtype: as int8_report.json records it, else as the layers store it
     tensors: Mapping[str, StoredTensor] = field(default_factory=dict)  # every tensor of the shards, by name
     shards: tuple[Path, ...] = ()  # the shards the index lists that are present (and inside the folder)
     quantized: Mapping[str, QuantLayer] = field(default_factory=dict)  # by module name
@@ -146,7 +147,8 @@ def read_layout(folder: Path) -> tuple[Layout, Readings]:
         model_type=meta.config.model_type if meta is not None else None,
         seq2seq=bool(getattr(meta.config, "is_encoder_decoder", False)) if meta is not None else False,
         block_size=cfg.block_size,
-        scale_dtype=cfg.scale_dtype,
+        dtype=cfg.dtype,
+        scale_dtype=cfg.scale_dtype or _stored_scale_dtype(quantized),
         tensors=idx.tensors,
         shards=idx.shards,
         quantized=quantized,
@@ -154,3 +156,9 @@ def read_layout(folder: Path) -> tuple[Layout, Readings]:
         tied=dict(getattr(meta, "all_tied_weights_keys", None) or {}) if meta is not None else {},
     )
     return layout, Readings(report_reading, cfg.reading, idx.reading, Reading(tuple(tensor_problems)))
+
+
+def _stored_scale_dtype(quantized: Mapping[str, QuantLayer]) -> str | None:
+    """The one dtype every quantized layer's scale is stored in (None: no layer, or they differ)."""
+    found = {q.scale.dtype for q in quantized.values()}
+    return found.pop() if len(found) == 1 else None

@@ -95,7 +95,7 @@ def compute_dtype(device: torch.device, layout: Layout) -> torch.dtype:
     free, _ = torch.cuda.mem_get_info(device)
     if params and 4 * params <= 0.6 * free:
         return torch.float32
-    return torch_dtype(layout.scale_dtype) if layout.scale_dtype in ("F16", "BF16") else torch.float32
+    return torch_dtype(layout.dtype) if layout.dtype in ("F16", "BF16") else torch.float32
 
 
 class LoadMode(Enum):

@@ -15,9 +15,11 @@ from ..formats.compressed_tensors import is_ignored, packed_columns
 from ..formats.safetensors import FLOAT_DTYPES
 from ..hf import out_in, weight_layout
 from .layout import QuantLayer, StoredTensor
-from .read import ConfigRead
+from .read import REPORT_NAME, ConfigRead
 
 PACKED, SCALE, SHAPE = ".weight_packed", ".weight_scale", ".weight_shape"
+SCALE_DTYPES = ("F32", "F16", "BF16")
+"""What `int8 convert --scale-dtype` writes; compressed-tensors de-quantizes ``code * scale`` in it."""
 
 
 def _where(t: StoredTensor) -> str:
@@ -41,7 +43,23 @@ def pair_layers(tensors: Mapping[str, StoredTensor], cfg: ConfigRead, meta) -> t
             if layer is not None:
                 quantized[layer.module] = layer
     _check_others(tensors, quantized, cfg, meta, params, modules, cls, ignored, problems)
+    problems += _mixed_scales(quantized)
     return quantized, problems
+
+
+def _mixed_scales(quantized: Mapping[str, QuantLayer]) -> list[str]:
+    """Every layer's scales in one dtype (fp32, fp16 or bf16: compressed-tensors reads one dtype per checkpoint)."""
+    by_dtype: dict[str, list[QuantLayer]] = {}
+    for q in quantized.values():
+        if q.scale.dtype in SCALE_DTYPES:
+            by_dtype.setdefault(q.scale.dtype, []).append(q)
+    if len(by_dtype) < 2:
+        return []
+    most = max(by_dtype, key=lambda d: len(by_dtype[d]))
+    return [
+        f"{_where(q.scale)} is {q.scale.dtype}, but the other layers' scales are {most} (one scale dtype per checkpoint)"
+        for d, layers in sorted(by_dtype.items()) if d != most for q in layers
+    ]
 
 
 def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, problems: list[str]) -> QuantLayer | None:
@@ -73,10 +91,10 @@ def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, probl
             f"[{out_f}, {in_f}], packed as [{out_f}, {packed_columns(in_f)}]"
         )
     if scale is not None:
-        if scale.dtype not in FLOAT_DTYPES:
-            problems.append(f"{_where(scale)} is {scale.dtype}, not a floating dtype")
+        if scale.dtype not in SCALE_DTYPES:
+            problems.append(f"{_where(scale)} is {scale.dtype}, not a scale dtype (F32, F16 or BF16)")
         elif cfg.scale_dtype and scale.dtype != cfg.scale_dtype:
-            problems.append(f"{_where(scale)} is {scale.dtype}, but config.json's dtype is {cfg.scale_dtype}")
+            problems.append(f"{_where(scale)} is {scale.dtype}, but {REPORT_NAME} records scales in {cfg.scale_dtype}")
         if gs:
             want = (out_f, math.ceil(in_f / gs))
             if in_f % gs:
@@ -119,8 +137,8 @@ def _check_others(tensors, quantized, cfg: ConfigRead, meta, params, modules, cl
             continue
         if t.shape != shape:
             problems.append(f"{_where(t)} has shape {list(t.shape)}, but {cls} built from config.json expects {list(shape)}")
-        if t.dtype in FLOAT_DTYPES and cfg.scale_dtype and t.dtype not in (cfg.scale_dtype, "F32"):
-            problems.append(f"{_where(t)} is {t.dtype}, but config.json's dtype is {cfg.scale_dtype}")
+        if t.dtype in FLOAT_DTYPES and cfg.dtype and t.dtype not in (cfg.dtype, "F32"):
+            problems.append(f"{_where(t)} is {t.dtype}, but config.json's dtype is {cfg.dtype}")
     known = set(params) | {n for q in quantized.values() for n in (q.packed.name, q.scale.name)}
     known |= {f"{m}{SHAPE}" for m in quantized}
     for name, t in sorted(tensors.items()):

@@ -135,7 +135,7 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     import torch
 
     from . import models
-    from .fidelity import Agreement, check_reconstruction, check_same_config, check_same_tokenizer
+    from .fidelity import Agreement, check_same_config, check_same_tokenizer, reconstruction
 
     original = against.original
     checks: list[Check] = []
@@ -146,7 +146,9 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     if not unusable:
         run.say(f"Comparing tensors with the original ({original.id})")
         try:
-            checks.append(check_reconstruction(layout, original.folder, run.thresholds))
+            rec = reconstruction(layout, original.folder, run.thresholds)
+            checks.append(rec.check)
+            metrics["max_error_scales_as_loaded"] = rec.max_error_as_loaded
         except Int8Error as e:
             unusable = against.unusable(e, f"the original {original.id} cannot be read ({e.message})")
     if not unusable:

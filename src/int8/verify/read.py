@@ -48,7 +48,8 @@ class ConfigRead:
     reading: Reading
     config: dict[str, Any] | None = None
     block_size: int | None = None
-    scale_dtype: str | None = None
+    dtype: str | None = None  # config.json's dtype (of everything not quantized) as a safetensors name (F16...)
+    scale_dtype: str | None = None  # the scales' dtype int8_report.json records (None: no report says)
     ignore: tuple[str, ...] = ()  # quantization_config.ignore's well-formed entries
     meta: Any = field(default=None, compare=False)  # the model on the meta device (None: it cannot be built)
 
@@ -80,15 +81,16 @@ def read_config(folder: Path, report: ConversionReport | None) -> ConfigRead:
             f"{report.quantization.block_size} in {REPORT_NAME}"
         )
     dtype = config.get("dtype") or config.get("torch_dtype")
-    scale_dtype = FROM_TORCH_NAME.get(str(dtype))
-    if dtype is not None and scale_dtype is None:
+    model_dtype = FROM_TORCH_NAME.get(str(dtype))
+    if dtype is not None and model_dtype is None:
         problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
+    scale_dtype = FROM_TORCH_NAME.get(report.quantization.scale_dtype) if report is not None else None
     meta = None
     try:
         meta = _meta_model(folder)
     except Exception as e:  # transformers' own errors: the config is what is wrong
         problems.append(f"transformers cannot build a model from config.json: {first_line(e)}")
-    return ConfigRead(Reading(tuple(problems)), config, group_size, scale_dtype, ignore, meta)
+    return ConfigRead(Reading(tuple(problems)), config, group_size, model_dtype, scale_dtype, ignore, meta)
 
 
 def _meta_model(folder: Path):

@@ -24,6 +24,7 @@ folder) has the schema ``int8.verify/1``::
         "structure_seconds": 2.0,                 #   all structure checks (imports included)
         "sample_tokens": 480,                     #   tokens of text run
         "max_error_scales": 0.5,                  #   worst |w - q*scale| / scale
+        "max_error_scales_as_loaded": 0.5,        #   the same, q*scale in the scales' dtype (stock loaders)
         "tokens": 480,                            #   positions scored
         "top1_agreement": 0.99, "top1_reference": 0.99,
         "mean_kl": 1e-4, "mean_kl_reference": 1e-4,   # nats/token, vs the original

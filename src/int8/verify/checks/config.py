@@ -17,11 +17,17 @@ def check_config(layout: Layout, reading: Reading) -> Check:
         return outcome("config", problems, figure=reading.state.value, threshold=threshold)
     dtype = layout.config.get("dtype") or layout.config.get("torch_dtype")
     figure = (
-        f"{layout.model_class or '?'}, group size {layout.block_size}, scales in {dtype}"
+        f"{layout.model_class or '?'}, group size {layout.block_size}, dtype {dtype}, scales in {_torch_name(layout.scale_dtype)}"
         if not problems
         else f"{len(problems)} problem(s)"
     )
     return outcome("config", problems, figure=figure, threshold=threshold)
+
+
+def _torch_name(dtype: str | None) -> str:
+    from ...hf import TORCH_NAMES
+
+    return TORCH_NAMES.get(dtype or "", "?")
 
 
 def check_index(layout: Layout, reading: Reading) -> Check:
