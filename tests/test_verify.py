@@ -47,17 +47,18 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     built: dict[str, tuple[Path, Path]] = {}
 
-    def get(arch: str) -> tuple[Path, Path]:
-        if arch not in built:
+    def get(arch: str, scale_dtype: str | None = None) -> tuple[Path, Path]:
+        key = f"{arch}@{scale_dtype}" if scale_dtype else arch
+        if key not in built:
             if arch == "gptj-other":
                 src = make_tiny("gptj", root / "gptj-other", seed=7)
-                built[arch] = (src, src)
+                built[key] = (src, src)
             else:
-                src = make_tiny(arch, root / arch)
-                out = root / f"{arch}-int8"
-                int8.convert(src, out, block_size=BLOCK, device="cpu")
-                built[arch] = (src, out)
-        return built[arch]
+                src = get(arch)[0] if scale_dtype else make_tiny(arch, root / arch)
+                out = root / f"{key}-int8"
+                int8.convert(src, out, block_size=BLOCK, device="cpu", scale_dtype=scale_dtype)
+                built[key] = (src, out)
+        return built[key]
 
     return get
 
@@ -66,8 +67,8 @@ def tiny(tmp_path_factory):
 def damaged(tiny, tmp_path):
     """A fresh copy of a clean conversion, to damage."""
 
-    def copy(arch: str = "gptj") -> Path:
-        src, clean = tiny(arch)
+    def copy(arch: str = "gptj", scale_dtype: str | None = None) -> Path:
+        src, clean = tiny(arch, scale_dtype)
         out = tmp_path / f"{arch}-int8"
         shutil.copytree(clean, out)
         beside(src, out)
@@ -257,18 +258,69 @@ def test_tensor_deleted_from_the_index(damaged):
     assert "model.safetensors.index.json" in problems["sha256"]
 
 
-def test_nan_scale(damaged):
-    folder = damaged()
+@pytest.mark.parametrize("scale_dtype,nan", [(None, struct.pack("<I", 0x7FC00000)), ("bf16", struct.pack("<H", 0x7FC0))])
+def test_nan_scale(scale_dtype, nan, damaged):
+    folder = damaged(scale_dtype=scale_dtype)
     name = "transformer.h.1.attn.v_proj.weight_scale"
     shard = folder / SHARD
     h, _ = header(shard)
     rows, blocks = h[name]["shape"]
-    assert h[name]["dtype"] == "BF16"
-    patch(shard, offset(shard, name) + (3 * blocks + 1) * 2, struct.pack("<H", 0x7FC0))  # bf16 NaN at row 3, block 1
+    assert h[name]["dtype"] == {None: "F32", "bf16": "BF16"}[scale_dtype]  # fp32 by default
+    patch(shard, offset(shard, name) + (3 * blocks + 1) * len(nan), nan)  # a NaN at row 3, block 1
     result = run(folder, quick=True)
     problems = failed(result)
     assert set(problems) == {"scales", "sha256"}
     assert f"{SHARD}: {name} has 1 NaN scale(s) (first at row 3, block 1)" in problems["scales"]
+
+
+@pytest.mark.parametrize("arch,scale_dtype", [("gptj", "fp32"), ("gptj", "bf16"), ("gptj", "fp16"), ("t5", "bf16")])
+def test_every_scale_dtype_passes_and_shows_the_loaders_error(arch, scale_dtype, tiny, tmp_path):
+    """Good checkpoints pass whatever their scale dtype; the as-loaded error tells bf16/fp16 scales from fp32 ones."""
+    src, clean = tiny(arch, scale_dtype)
+    folder = tmp_path / "out"
+    shutil.copytree(clean, folder)
+    beside(src, folder)
+    assert run(folder, quick=True).passed
+    result = run(folder)
+    assert result.passed, failed(result)
+    m = result.metrics
+    assert 0.45 < m["max_error_scales"] <= 0.5 * (1 + 1e-3)  # the exact decode: the bar, whatever the scales
+    loaded = m["max_error_scales_as_loaded"]
+    if scale_dtype == "fp32":
+        assert loaded <= 0.5 * (1 + 1e-3)  # float32 products: as good as the exact decode
+    else:
+        assert 0.5 * (1 + 1e-3) < loaded < 1.5  # rounded a second time, to 8 (bf16) or 11 (fp16) bits
+    assert f"{loaded:.3f} with q*scale in the scales' dtype" in result.check("reconstruction").figure
+    want = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[scale_dtype]
+    assert f"scales in {want}" in result.check("config").figure
+
+
+def test_scale_dtype_against_the_report(damaged):
+    """Scales in a dtype the report does not record, or in two dtypes, fail the tensors check; an old report
+    (no scale_dtype) holds the scales to its dtype."""
+    folder = damaged()
+    report = json.loads((folder / "int8_report.json").read_text())
+    report["quantization"]["scale_dtype"] = "bfloat16"
+    (folder / "int8_report.json").write_text(json.dumps(report))
+    problems = failed(run(folder, quick=True))
+    assert "weight_scale is F32, but int8_report.json records scales in BF16" in problems["tensors"]
+
+    del report["quantization"]["scale_dtype"]  # a report written before the field: scales in `dtype` (bfloat16)
+    (folder / "int8_report.json").write_text(json.dumps(report))
+    assert ConversionReport.load(folder).quantization.scale_dtype == "bfloat16"
+    assert "records scales in BF16" in failed(run(folder, quick=True))["tensors"]
+
+    report["quantization"]["scale_dtype"] = "float32"
+    (folder / "int8_report.json").write_text(json.dumps(report))
+    module = "transformer.h.0.attn.q_proj"
+    rewrite(folder / SHARD, lambda t: {k: v.bfloat16() if k == f"{module}.weight_scale" else v for k, v in t.items()})
+    refresh_manifest(folder)
+    problems = failed(run(folder, quick=True))
+    assert f"{module}.weight_scale is BF16, but int8_report.json records scales in F32" in problems["tensors"]
+
+    (folder / "int8_report.json").unlink()  # no report: one dtype across the layers is what is asked
+    problems = failed(run(folder, quick=True))
+    assert f"{module}.weight_scale is BF16, but the other layers' scales are F32" in problems["tensors"]
 
 
 def test_code_of_minus_128(damaged):
