@@ -387,3 +387,32 @@ def test_trained_minilm_stays_faithful(tmp_path):
     assert float(cos.min()) > 0.995, cos
     # and the similarity structure between sentences is preserved
     assert torch.allclose(a @ a.T, b @ b.T, atol=0.01)
+
+
+@pytest.mark.parametrize("line,want", [("", "fp32"), ('scale_dtype = "bf16"', "bf16"), ('scale_dtype = "fp16"', "fp16")])
+def test_preset_scale_dtype(line, want, tmp_path):
+    """A preset may set scale_dtype (fp32 when it does not); its dtype keeps meaning the rest."""
+    from int8.presets import _parse
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\nrepo = "o/p"\ndtype = "fp16"\n{line}\n')
+    preset = _parse(path)
+    assert (preset.dtype, preset.scale_dtype) == ("fp16", want)
+
+
+@pytest.mark.parametrize("value", ['"int8"', "16", '""'])
+def test_preset_with_a_bad_scale_dtype_is_refused(value, tmp_path):
+    from int8.presets import _parse
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\nrepo = "o/p"\nscale_dtype = {value}\n')
+    with pytest.raises(int8.errors.Int8Error, match="scale_dtype"):
+        _parse(path)
+
+
+def test_shipped_presets_keep_their_dtype_and_default_to_fp32_scales():
+    from int8.presets import all_presets
+
+    presets = all_presets()
+    assert presets["flan-t5-small"].dtype == "bf16" and presets["gpt-j-6b"].dtype == "fp16"
+    assert {p.scale_dtype for p in presets.values()} == {"fp32"}
