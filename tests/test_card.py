@@ -114,6 +114,12 @@ def test_card_for_a_local_folder(gptj_files, tmp_path, monkeypatch):
     assert "a local checkpoint (my-model)" in text and 'from_pretrained("my-model-int8"' in text
     assert validate_card_metadata((tmp_path / "out" / "README.md").read_text()) == ([], [])
     assert base_model_id(report) is None
+    # the scales' dtype, fp32 by default: the stock loader decodes the weights int8 wrote, nothing to warn of
+    assert "(stored in float32)" in text and "Kept in bfloat16" in text and "rounds it once more" not in text
+    convert(src, tmp_path / "bf16-scales", scale_dtype="bf16", dtype="fp16")
+    _, text = card_of(tmp_path / "bf16-scales")
+    assert "(stored in bfloat16)" in text and "Kept in float16" in text
+    assert "stock loaders compute that product in bfloat16, which rounds it once more" in text
 
     # A folder inside the Hub cache still knows where it came from.
     snap = tmp_path / "hub" / "models--alice--tiny" / "snapshots" / ("a" * 40)
