@@ -7,7 +7,7 @@ The scheme, exactly (it is what makes CPU and CUDA outputs byte-identical):
 * ``amax = max(|w|)`` over a block, in float32 (sources in fp16/bf16 are
   widened exactly first).
 * ``scale = amax / 127`` as an IEEE float32 division, then rounded to nearest
-  (ties to even) into the scale dtype (the checkpoint's dtype). The *stored*
+  (ties to even) into the scale dtype (``--scale-dtype``, fp32 by default). The *stored*
   scale is the one used below, so the checkpoint is self-consistent.
 * ``q = clamp(round_half_even(w / scale), -127, 127)`` with ``w / scale`` an
   IEEE float32 division (not a multiplication by a reciprocal). A block whose

@@ -45,7 +45,8 @@ The checks, always in this order (``quick`` stops after ``card``):
   ``report`` (int8_report.json readable), ``config``
   (quantization_config complete and consistent), ``index`` (index and shard
   headers agree), ``tensors`` (each quantized layer's packed weight, scale and
-  shape; every tensor's shape and dtype against config.json), ``codes`` (in
+  shape; every tensor's shape and dtype against config.json, the scales' against
+  the report's scale dtype or, without one, a single dtype across layers), ``codes`` (in
   [-127, 127]), ``scales`` (finite, >= 0), ``finite`` (no NaN/Inf in other
   floating tensors), ``sha256`` (the manifest), ``files`` (nothing push would
   upload is outside the manifest), ``tokenizer``, ``card``;
