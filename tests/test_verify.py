@@ -318,6 +318,10 @@ def test_scale_dtype_against_the_report(damaged):
     problems = failed(run(folder, quick=True))
     assert f"{module}.weight_scale is BF16, but int8_report.json records scales in F32" in problems["tensors"]
 
+    report["quantization"]["scale_dtype"] = "int4"
+    (folder / "int8_report.json").write_text(json.dumps(report))
+    assert "int8_report.json: scale_dtype 'int4' is not float32, float16 or bfloat16" in failed(run(folder, quick=True))["config"]
+
     (folder / "int8_report.json").unlink()  # no report: one dtype across the layers is what is asked
     problems = failed(run(folder, quick=True))
     assert f"{module}.weight_scale is BF16, but the other layers' scales are F32" in problems["tensors"]

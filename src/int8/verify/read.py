@@ -85,6 +85,8 @@ def read_config(folder: Path, report: ConversionReport | None) -> ConfigRead:
     if dtype is not None and model_dtype is None:
         problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
     scale_dtype = FROM_TORCH_NAME.get(report.quantization.scale_dtype) if report is not None else None
+    if report is not None and scale_dtype is None:
+        problems.append(f"{REPORT_NAME}: scale_dtype {report.quantization.scale_dtype!r} is not float32, float16 or bfloat16")
     meta = None
     try:
         meta = _meta_model(folder)
