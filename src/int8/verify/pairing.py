@@ -43,7 +43,8 @@ def pair_layers(tensors: Mapping[str, StoredTensor], cfg: ConfigRead, meta) -> t
             if layer is not None:
                 quantized[layer.module] = layer
     _check_others(tensors, quantized, cfg, meta, params, modules, cls, ignored, problems)
-    problems += _mixed_scales(quantized)
+    if cfg.scale_dtype is None:  # no report records it (one that does is checked layer by layer above)
+        problems += _mixed_scales(quantized)
     return quantized, problems
 
 
