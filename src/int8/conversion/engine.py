@@ -384,7 +384,16 @@ def _sigbus_guard(pipeline: Pipeline) -> Iterator[None]:
         yield
         return
 
+    handled = False
+
     def handler(signum, frame) -> None:
+        # The faulting thread keeps faulting until the mappings are replaced, so more SIGBUS arrive
+        # while this runs (CPython runs handlers between bytecodes, even inside a handler): handle
+        # the first only. `source_truncated` replaces every mapping at once, so one is enough.
+        nonlocal handled
+        if handled:
+            return
+        handled = True
         pipeline.source_truncated()
 
     previous = signal.signal(signal.SIGBUS, handler)
