@@ -172,3 +172,16 @@ def load_original(folder: Path, dtype: torch.dtype = torch.float32):
 
     cls = getattr(tf, tf.AutoConfig.from_pretrained(folder).architectures[0])
     return cls.from_pretrained(folder, dtype=dtype).eval()
+
+
+def refresh_manifest(folder: Path) -> None:
+    """Re-record every file's size and SHA-256 in the report, as an uploader who edited files (or a
+    conversion that produced the damage) would: then only the numbers can tell."""
+    from int8.files import sha256_file
+    from int8.report import ConversionReport
+
+    report = ConversionReport.load(folder)
+    for entry in report.files:
+        p = folder / entry.name
+        entry.bytes, entry.sha256 = p.stat().st_size, sha256_file(p)
+    report.save(folder)

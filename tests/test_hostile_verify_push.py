@@ -24,12 +24,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from models import make_tiny
+from models import make_tiny, refresh_manifest
 from test_hub_download import run_main
 
 import int8
 from int8.errors import Int8Error, UnsupportedModel
-from int8.files import sha256_file
 from int8.report import ConversionReport
 from int8.verify import VERIFY_NAME, verify_checkpoint
 from int8.verify.result import manifest_digest
@@ -82,15 +81,6 @@ def edit_json(path: Path, change) -> None:
     data = json.loads(path.read_text()) if path.exists() else None
     new = change(data)
     path.write_text("null" if new is NULL else json.dumps(data if new is None else new))
-
-
-def refresh_manifest(folder: Path) -> None:
-    """Re-record every file's size and SHA-256, as an uploader who edited files would."""
-    report = ConversionReport.load(folder)
-    for entry in report.files:
-        p = folder / entry.name
-        entry.bytes, entry.sha256 = p.stat().st_size, sha256_file(p)
-    report.save(folder)
 
 
 class Ran:

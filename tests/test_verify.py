@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import ARCHS, make_tiny
+from models import ARCHS, make_tiny, refresh_manifest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import int8
 from int8.errors import Int8Error, SourceNotFound
-from int8.files import sha256_file
 from int8.report import ConversionReport
 from int8.verify import SCHEMA, VERIFY_NAME, Thresholds, verify_checkpoint
 
@@ -114,15 +113,6 @@ def rewrite(path: Path, change) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     save_file(change(tensors), path, metadata=meta)
-
-
-def refresh_manifest(folder: Path) -> None:
-    """Re-record every file's size and SHA-256 in the report, as if the damage had been converted that way."""
-    report = ConversionReport.load(folder)
-    for entry in report.files:
-        p = folder / entry.name
-        entry.bytes, entry.sha256 = p.stat().st_size, sha256_file(p)
-    report.save(folder)
 
 
 def failed(result) -> dict[str, str]:
