@@ -107,6 +107,8 @@ def verify_checkpoint(
         metrics=metrics,
         folder=tgt.folder,
         manifest_sha256=manifest_digest(layout.report.files) if layout.report is not None else None,
+        provenance=structure.origin.provenance.value if structure.origin is not None else None,
+        unsupported=structure.unsupported or None,
     )
     asked = save
     if save is None:

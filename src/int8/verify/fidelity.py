@@ -108,7 +108,8 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
                     f"[{q.out_features}, {q.in_features}]" + (" (Conv1D: [in, out])" if q.layout == WeightLayout.CONV1D else "")
                 )
                 continue
-            err, loaded, rel, found = _layer(q, src, orig_reader, conv_reader, stored, layout.block_size or 1, thresholds)
+            err, loaded, rel, found = _layer(q, src, orig_reader, conv_reader, stored, layout.block_size or 1, thresholds,
+                                             scale_rule=layout.origin.own)
             worst, worst_loaded, worst_scale = max(worst, err), max(worst_loaded, loaded), max(worst_scale, rel)
             problems += found
         for name, t in layout.kept.items():
@@ -137,7 +138,10 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
         f"({worst_loaded:.3f} with q*scale in the scales' dtype, as stock loaders decode it); "
         f"scales within {worst_scale:.2%} of absmax/127; {kept_ok}/{len(layout.kept)} other tensors identical"
     )
-    threshold = f"<= 0.5 scale; scales within {thresholds.scale_rtol:.0%} of absmax/127; the rest equal"
+    threshold = (
+        f"<= 0.5 scale; scales within {thresholds.scale_rtol:.0%} of absmax/127; the rest equal" if layout.origin.own
+        else "<= 0.5 scale (another tool's scale rule: scales not held to absmax/127); the rest equal"
+    )
     check = outcome("reconstruction", problems, figure=figure, threshold=threshold, group=Group.FIDELITY, value=worst)
     return Reconstruction(check, worst_loaded)
 
@@ -150,8 +154,12 @@ def _layer(
     stored: dict,
     g: int,
     thresholds: Thresholds,
+    scale_rule: bool = True,
 ) -> tuple[float, float, float, list[str]]:
-    """(max error in scales, the same as the stock loader decodes, max relative scale deviation, problems) of one layer."""
+    """(max error in scales, the same as the stock loader decodes, max relative scale deviation, problems) of one layer.
+
+    Without ``scale_rule`` (another tool's checkpoint, `int8.verify.provenance`) the scales are not held to
+    absmax/127: their deviation is reported, and the half-a-scale bound alone judges the values."""
     packed_t, scale_t = stored[q.packed.name], stored[q.scale.name]
     sdtype = torch.float32
     in_f = q.in_features
@@ -196,7 +204,7 @@ def _layer(
         rel = torch.where(want > 0, dev / want.clamp_min(1e-45), torch.where(dev > 0, math.inf, 0.0))
         worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
         off = ~(dev <= allowed)  # NaN counts as off
-        if bool(off.any()):
+        if scale_rule and bool(off.any()):
             bad_scale += int(off.sum())
             if first_scale is None:
                 r, b = (int(i) for i in off.nonzero()[0])

@@ -23,6 +23,7 @@ from typing import Any
 from ..formats.safetensors import itemsize
 from ..hf import NameMap, WeightLayout
 from ..report import ConversionReport
+from .provenance import Origin, read_origin
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Layout:
     quantized: Mapping[str, QuantLayer] = field(default_factory=dict)  # by module name
     names: NameMap = field(default_factory=lambda: NameMap(frozenset()))  # the state dict names transformers expects
     tied: Mapping[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it copies
+    origin: Origin = Origin()  # who wrote it (`int8.verify.provenance`): int8, or another tool
 
     @cached_property
     def kept(self) -> dict[str, StoredTensor]:
@@ -123,15 +125,19 @@ class Readings:
     tensors: Reading = Reading()
 
 
-def read_layout(folder: Path) -> tuple[Layout, Readings]:
-    """Read the checkpoint's small files once; the frozen layout and the problems met on the way."""
+def read_layout(folder: Path, origin: Origin | None = None) -> tuple[Layout, Readings]:
+    """Read the checkpoint's small files once; the frozen layout and the problems met on the way.
+
+    ``origin`` is who wrote it (read here when not given): another tool's checkpoint may be a single
+    model.safetensors without an index, as transformers' ``save_pretrained`` writes small models."""
     from .pairing import pair_layers
     from .read import read_config, read_index, read_report
 
     folder = Path(folder)
+    origin = origin or read_origin(folder)
     report, report_reading = read_report(folder)
     cfg = read_config(folder, report)
-    idx = read_index(folder)
+    idx = read_index(folder, single_file=not origin.own)
     quantized: dict[str, QuantLayer] = {}
     tensor_problems: list[str] = []
     if cfg.meta is not None and idx.tensors:
@@ -154,6 +160,7 @@ def read_layout(folder: Path) -> tuple[Layout, Readings]:
         quantized=quantized,
         names=NameMap.of(meta) if meta is not None else NameMap(frozenset()),
         tied=dict(getattr(meta, "all_tied_weights_keys", None) or {}) if meta is not None else {},
+        origin=origin,
     )
     return layout, Readings(report_reading, cfg.reading, idx.reading, Reading(tuple(tensor_problems)))
 

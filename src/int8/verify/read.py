@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpoint, UnsafePath, first_line
 from ..formats.compressed_tensors import check_config
-from ..formats.safetensors import SAFE_INDEX, scan_safetensors_header
+from ..formats.safetensors import SAFE_INDEX, SAFE_SINGLE, scan_safetensors_header
 from ..formats.safetensors import read_index as read_weight_map
 from ..hf import FROM_TORCH_NAME
 from ..paths import inside, plain, show
@@ -113,10 +113,14 @@ class IndexRead:
     shards: tuple[Path, ...] = ()
 
 
-def read_index(folder: Path) -> IndexRead:
+def read_index(folder: Path, *, single_file: bool = False) -> IndexRead:
+    """The shard index and the headers of the shards it lists; with ``single_file``, a lone
+    model.safetensors without an index stands for one (another tool's checkpoint)."""
     index_path = folder / SAFE_INDEX
     if not index_path.is_file() and not index_path.is_symlink():
         loose = sorted(p.name for p in folder.glob("*.safetensors"))
+        if single_file and loose == [SAFE_SINGLE]:
+            return _single_file(folder)
         problem = f"{SAFE_INDEX} is missing" + (f" (shards present: {', '.join(loose[:4])})" if loose else "")
         return IndexRead(Reading((problem,), ReadState.MISSING))
     try:
@@ -180,3 +184,14 @@ def read_index(folder: Path) -> IndexRead:
         shown = total if isinstance(total, int) else "not an integer"
         problems.append(f"{SAFE_INDEX}: metadata.total_size is {shown}, but the shards hold {data_bytes} bytes of tensors")
     return IndexRead(Reading(tuple(problems), files=frozenset(flagged)), located, tuple(shards))
+
+
+def _single_file(folder: Path) -> IndexRead:
+    """A checkpoint stored as one model.safetensors and no index: its header is the index."""
+    try:
+        path = inside(folder, SAFE_SINGLE, what="weights file")
+    except UnsafePath as e:
+        return IndexRead(Reading((e.message,), ReadState.UNREADABLE, frozenset({SAFE_SINGLE})))
+    tensors, start, found = scan_safetensors_header(path)
+    located = {t.name: StoredTensor(t.name, t.dtype, t.shape, path, t.offset, t.nbytes) for t in tensors} if start else {}
+    return IndexRead(Reading(tuple(found), files=frozenset({SAFE_SINGLE}) if found else frozenset()), located, (path,))

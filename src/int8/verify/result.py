@@ -12,6 +12,8 @@ folder) has the schema ``int8.verify/1``::
       "against": "/path/or/owner/name" | null,    # the original compared with (null: none)
       "quick": false,                             # true: structure checks only
       "manifest_sha256": "ab12..." | null,        # the files this result is about (see `manifest_digest`)
+      "provenance": "int8" | "foreign" | null,    # who wrote it: int8, or another tool (null: nothing was read)
+      "unsupported": null | "not an 8-bit ...",   # another tool's checkpoint in a scheme verify does not check
       "passed": true,                             # no check failed
       "device": "cpu",
       "seconds": 12.3,
@@ -58,6 +60,15 @@ The checks, always in this order (``quick`` stops after ``card``):
   vocabulary and ids on the sample), ``same_config`` (config.json less what
   conversion sets, and generation_config.json, as the original's), ``top1``,
   ``kl``, ``perplexity`` (on the text sample).
+
+``provenance`` says who wrote the checkpoint (`int8.verify.provenance`): for
+``"foreign"`` (no ``int8_report.json``, no int8 card) the checks of int8's own
+files (``report``, ``sha256``, ``files``, ``card``) are skipped with the reason,
+``codes`` allows -128, and ``reconstruction`` holds the values within half a
+scale without asking the scales to be absmax/127. ``unsupported`` is set (and
+the ``config`` check fails with it) for another tool's checkpoint in a scheme
+other than 8-bit symmetric int weights in groups, weight-only, pack-quantized
+(`int8.verify.scheme`): 4-bit, W8A8, FP8, ...; the other checks are not run.
 
 ``manifest_sha256`` binds the result to the files it describes: the SHA-256 of
 the manifest of ``int8_report.json`` (each file's name and SHA-256, see
@@ -262,6 +273,8 @@ class VerifyResult:
     int8_version: str = ""
     created: str = ""
     manifest_sha256: str | None = None
+    provenance: str | None = None  # "int8" or "foreign" (`int8.verify.provenance.Provenance`); None: nothing was read
+    unsupported: str | None = None  # another tool's checkpoint in a scheme verify does not check: why
 
     def __post_init__(self) -> None:
         if not self.int8_version:
@@ -296,6 +309,8 @@ class VerifyResult:
             "against": self.against,
             "quick": self.quick,
             "manifest_sha256": self.manifest_sha256,
+            "provenance": self.provenance,
+            "unsupported": self.unsupported,
             "passed": self.passed,
             "device": self.device,
             "seconds": round(self.seconds, 3),

@@ -17,8 +17,10 @@ from .checks.card import check_card
 from .checks.config import check_config, check_index, check_tensors
 from .checks.data import check_data
 from .checks.files import check_contained, check_files, check_manifest, check_report
+from .checks.provenance import for_origin, unsupported
 from .checks.tokenizer import check_tokenizer
 from .layout import Layout, QuantLayer, StoredTensor, read_layout
+from .provenance import Origin, read_origin
 from .result import Check, Group, skipped
 from .scan import scan_all
 
@@ -39,6 +41,8 @@ class Structure:
     checks: tuple[Check, ...]
     layout: Layout
     metrics: Mapping[str, float] = field(default_factory=dict)
+    origin: Origin | None = None  # who wrote it (None: nothing was read)
+    unsupported: str = ""  # another tool's checkpoint in a scheme verify does not check: the scheme, in words
 
     @property
     def blocked(self) -> list[str]:
@@ -64,7 +68,12 @@ def check_structure(folder: Path, *, workers: int | None = None) -> Structure:
         why = "a file of the folder links outside it, so nothing was read"
         checks = (contained, *(skipped(n, why, group=Group.STRUCTURE) for n in STRUCTURE_CHECKS))
         return Structure(checks, Layout(folder), _metrics(0, 0.0, time.perf_counter() - started))
-    layout, readings = read_layout(folder)
+    origin = read_origin(folder)
+    if not origin.own and (scheme := _foreign_scheme(folder)):
+        checks = unsupported(origin, scheme, contained, STRUCTURE_CHECKS)
+        return Structure(checks, Layout(folder, origin=origin), _metrics(0, 0.0, time.perf_counter() - started), origin,
+                         scheme)
+    layout, readings = read_layout(folder, origin)
     scan_started = time.perf_counter()
     scans = scan_all(list(layout.shards), layout, workers)
     scan_seconds = time.perf_counter() - scan_started
@@ -80,5 +89,20 @@ def check_structure(folder: Path, *, workers: int | None = None) -> Structure:
         check_tokenizer(layout),
         check_card(layout),
     )
+    checks = for_origin(checks, origin)
     bytes_checked = sum(s.bytes for s in scans.values())
-    return Structure(checks, layout, _metrics(bytes_checked, scan_seconds, time.perf_counter() - started))
+    return Structure(checks, layout, _metrics(bytes_checked, scan_seconds, time.perf_counter() - started), origin)
+
+
+def _foreign_scheme(folder: Path) -> str:
+    """Why another tool's checkpoint is in a scheme verify does not check ("": it is in int8's, or its
+    config.json cannot be read, which the config check reports)."""
+    import json
+
+    from .scheme import unsupported_scheme
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return unsupported_scheme(config)
