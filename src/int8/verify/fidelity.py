@@ -30,7 +30,7 @@ import torch
 
 from ..checkpoint import CheckpointReader, find_checkpoint
 from ..formats.compressed_tensors import unpack_codes
-from ..formats.safetensors import SourceTensor
+from ..formats.safetensors import DTYPES, SourceTensor
 from ..hf import WeightLayout
 from ..quantize import QMAX, dequantize
 from .layout import Layout, QuantLayer
@@ -45,6 +45,18 @@ ROW_BYTES = 32 << 20
 def _subnormal(dtype: torch.dtype) -> float:
     info = torch.finfo(dtype)
     return info.smallest_normal * info.eps
+
+
+def _tool_rounding(weight_dtype: str, scale_dtype: torch.dtype) -> float:
+    """The relative rounding another tool's quantizer may add to ``|w - q*scale|`` (in units of ``|w| + scale``).
+
+    int8 divides in float32 by the stored scale, so its codes are within half a scale exactly. compressed-tensors
+    (llm-compressor's W8A16) divides in the weight's dtype promoted with the scale's, and rounds the scale
+    itself to its dtype: with bf16 weights and scales that moves a value by up to about half a scale more
+    (at |q| near 127), with float32 ones by nothing that shows."""
+    w = DTYPES.get(weight_dtype, torch.float32)
+    w = w if w.is_floating_point else torch.float32
+    return (torch.finfo(torch.promote_types(w, scale_dtype)).eps + torch.finfo(scale_dtype).eps) / 2
 
 
 def _where(t) -> str:
@@ -109,7 +121,7 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
                 )
                 continue
             err, loaded, rel, found = _layer(q, src, orig_reader, conv_reader, stored, layout.block_size or 1, thresholds,
-                                             scale_rule=layout.origin.own)
+                                             own=layout.origin.own)
             worst, worst_loaded, worst_scale = max(worst, err), max(worst_loaded, loaded), max(worst_scale, rel)
             problems += found
         for name, t in layout.kept.items():
@@ -140,7 +152,8 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
     )
     threshold = (
         f"<= 0.5 scale; scales within {thresholds.scale_rtol:.0%} of absmax/127; the rest equal" if layout.origin.own
-        else "<= 0.5 scale (another tool's scale rule: scales not held to absmax/127); the rest equal"
+        else "<= 0.5 scale, plus the rounding of the tool's arithmetic in the weights' and scales' dtype "
+        "(another tool's scale rule: scales not held to absmax/127); the rest equal"
     )
     check = outcome("reconstruction", problems, figure=figure, threshold=threshold, group=Group.FIDELITY, value=worst)
     return Reconstruction(check, worst_loaded)
@@ -154,12 +167,13 @@ def _layer(
     stored: dict,
     g: int,
     thresholds: Thresholds,
-    scale_rule: bool = True,
+    own: bool = True,
 ) -> tuple[float, float, float, list[str]]:
     """(max error in scales, the same as the stock loader decodes, max relative scale deviation, problems) of one layer.
 
-    Without ``scale_rule`` (another tool's checkpoint, `int8.verify.provenance`) the scales are not held to
-    absmax/127: their deviation is reported, and the half-a-scale bound alone judges the values."""
+    For another tool's checkpoint (not ``own``, `int8.verify.provenance`) the scales are not held to
+    absmax/127 (their deviation is reported), and the half-a-scale bound allows for the rounding of that
+    tool's arithmetic (`_tool_rounding`)."""
     packed_t, scale_t = stored[q.packed.name], stored[q.scale.name]
     sdtype = torch.float32
     in_f = q.in_features
@@ -185,6 +199,8 @@ def _layer(
         s_full = s.repeat_interleave(g, dim=1)[:, :in_f]
         err = (w - wq).abs()
         bound = s_full * (0.5 * (1 + ERROR_SLACK)) + QMAX * _subnormal(sdtype)
+        if not own:
+            bound = bound + (w.abs() + s_full) * _tool_rounding(src.dtype, sdtype)
         ratio = torch.where(s_full > 0, err / s_full.clamp_min(1e-45), torch.where(err > 0, math.inf, 0.0))
         over = err > bound
         worst = max(worst, float(ratio.max()) if ratio.numel() else 0.0)
@@ -204,7 +220,7 @@ def _layer(
         rel = torch.where(want > 0, dev / want.clamp_min(1e-45), torch.where(dev > 0, math.inf, 0.0))
         worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
         off = ~(dev <= allowed)  # NaN counts as off
-        if scale_rule and bool(off.any()):
+        if own and bool(off.any()):
             bad_scale += int(off.sum())
             if first_scale is None:
                 r, b = (int(i) for i in off.nonzero()[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import Int8Error
+from .provenance import NOT_INT8
 from .result import FAIL, PASS, SKIP, Group, VerifyResult
 
 _STYLE = {PASS: "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
@@ -31,6 +32,8 @@ def result_table(result: VerifyResult):
 
 
 def summary(result: VerifyResult) -> str:
+    if result.unsupported:
+        return f"[bold red]NOT CHECKED[/]: {result.unsupported}; {result.seconds:.1f} s"
     failed = result.failures
     n_skip = sum(c.status is SKIP for c in result.checks)
     skipped = f", {n_skip} skipped" if n_skip else ""
@@ -56,9 +59,20 @@ def print_result(out, err, result: VerifyResult, quiet: bool = False) -> None:
         if c.problems and c.left_off:
             err.print(f"  - and {c.left_off} more")
     for c in result.checks:
-        if c.status is SKIP and c.group is Group.FIDELITY and c.name == "reconstruction" and not quiet:
+        if c.status is SKIP and c.group is Group.FIDELITY and c.name == "reconstruction" and not quiet and not result.unsupported:
             err.print(f"[yellow]Fidelity not measured:[/] {escape(c.detail)}")
+    if result.provenance == "foreign" and not quiet and not result.unsupported:
+        err.print(f"[yellow]{NOT_INT8.capitalize()}[/] (no int8_report.json, no int8 model card): {escape(foreign_note(result))}")
     err.print(summary(result))
+
+
+def foreign_note(result: VerifyResult) -> str:
+    """How another tool's checkpoint was checked, in words."""
+    said = "the checks of int8's own report, manifest and card are skipped and the code -128 is legal"
+    if result.quick:
+        return (f"{said}; with no manifest, a quick verify cannot tell changed bytes: run a full verify against the "
+                "original (--against SOURCE), which compares every value with it")
+    return f"{said}; every value was compared with the original's (within half a scale), without int8's scale rule"
 
 
 def update_card(result: VerifyResult) -> Path:

@@ -50,7 +50,7 @@ def unsupported_scheme(config: Mapping[str, Any] | None) -> str:
                           ("transform_config", "transforms"))
         if qc.get(key)
     ]
-    if top not in (None, FORMAT):
+    if top not in (None, FORMAT) and not any(isinstance(g, Mapping) and g.get("format") == top for g in groups.values()):
         extras.append(f"format {_short(top)}")
     kinds = {kind for _, kind in schemes}
     if kinds & {"other"} or extras:
