@@ -117,9 +117,12 @@ def test_push_refuses_what_fails_the_quick_checks(hub, folder, capsys):
     hub.login("alice")
     code, _, err = run_main(capsys, "push", str(folder), "--repo", "alice/tiny-int8")
     assert code == 2 and "nothing was published" in err and "Traceback" not in err
-    (folder / "int8_report.json").unlink()
+    (folder / "int8_report.json").unlink()  # its card still says int8 wrote it: a removed report, not another tool's
     code, _, err = run_main(capsys, "push", str(folder), "--repo", "alice/tiny-int8")
-    assert code == 2 and "was not written by `int8 convert`" in err
+    assert code == 2 and "but its int8_report.json is missing" in err and "Traceback" not in err
+    (folder / "README.md").unlink()  # no mark of int8 left: another tool's checkpoint, which push does not publish
+    code, _, err = run_main(capsys, "push", str(folder), "--repo", "alice/tiny-int8")
+    assert code == 2 and "was not written by `int8 convert`" in err and "int8's own conversions only" in err
     assert ("model", "alice/tiny-int8") not in hub.repos
 
 

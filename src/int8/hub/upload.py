@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HubError, SourceNotFound, VerificationFailed
+from ..errors import HubError, Int8Error, SourceNotFound, VerificationFailed
 from ..verify.result import VERIFY_NAME, Record, RecordState, read_record
 from .errors import NO_TOKEN, TOKEN_HINT
 from .redact import redact
@@ -81,6 +81,7 @@ def push(
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceNotFound(f"folder {folder} does not exist", "Give the folder that `int8 convert` wrote.")
+    refuse_others(folder)
     repo_id, token = check_can_push(repo_id, token)
     api = HfApi(token=token)
 
@@ -123,6 +124,29 @@ def push(
         revision=info.pr_revision if create_pr else revision,
         pr_url=redact(info.pr_url) if info.pr_url else None,
     )
+
+
+def refuse_others(folder: Path) -> None:
+    """Publish int8's own conversions only: their card and the manifest push checks come from int8_report.json.
+
+    A checkpoint another tool wrote (`int8.verify.provenance`) is refused before any token is asked for, and
+    so is an int8 output whose report was removed (its card still says int8 wrote it)."""
+    from ..report import REPORT_NAME
+    from ..verify.provenance import NO_MARKS, read_origin
+
+    origin = read_origin(folder)
+    if not origin.own:
+        raise Int8Error(
+            f"{folder} was not written by `int8 convert` ({NO_MARKS}): "
+            "int8 push publishes int8's own conversions only, whose card and manifest it renders and checks",
+            f"Check it with `int8 verify {folder} --against ORIGINAL`; publish it with `hf upload OWNER/NAME {folder}`.",
+        )
+    if origin.report_removed:
+        raise Int8Error(
+            f"{folder} was written by `int8 convert` (README.md is int8's card), but its {REPORT_NAME} is missing: "
+            "nothing vouches for its files, so nothing was published",
+            "Convert the model again (--overwrite) to write a fresh folder.",
+        )
 
 
 def pushed_files(folder: Path) -> list[str]:

@@ -38,6 +38,7 @@ CARD_BYTES = 1 << 20
 """Cards are read up to this size (int8's are a few KB)."""
 
 NOT_INT8 = "not written by int8"
+NO_MARKS = f"no {REPORT_NAME}, no int8 model card"
 
 
 class Provenance(str, Enum):
@@ -67,7 +68,7 @@ class Origin:
     @property
     def why(self) -> str:
         """Why checks of int8's own files are skipped (another tool's checkpoint)."""
-        return f"{NOT_INT8} (no {REPORT_NAME}, no int8 model card)"
+        return f"{NOT_INT8} ({NO_MARKS})"
 
 
 def read_origin(folder: Path) -> Origin:

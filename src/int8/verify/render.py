@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import Int8Error
-from .provenance import NOT_INT8
+from .provenance import NO_MARKS, NOT_INT8
 from .result import FAIL, PASS, SKIP, Group, VerifyResult
 
 _STYLE = {PASS: "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
@@ -62,7 +62,7 @@ def print_result(out, err, result: VerifyResult, quiet: bool = False) -> None:
         if c.status is SKIP and c.group is Group.FIDELITY and c.name == "reconstruction" and not quiet and not result.unsupported:
             err.print(f"[yellow]Fidelity not measured:[/] {escape(c.detail)}")
     if result.provenance == "foreign" and not quiet and not result.unsupported:
-        err.print(f"[yellow]{NOT_INT8.capitalize()}[/] (no int8_report.json, no int8 model card): {escape(foreign_note(result))}")
+        err.print(f"[yellow]{NOT_INT8.capitalize()}[/] ({NO_MARKS}): {escape(foreign_note(result))}")
     err.print(summary(result))
 
 
