@@ -8,9 +8,11 @@ memoryless min-max observer's scales (``calculate_qparams`` of each group's
 minimum and maximum: absmax / 127.5), the ``pack-quantized`` compressor, the
 ``quantization_config`` of `ModelCompressor`, an index written by
 compressed-tensors' ``update_safetensors_index``, and the source's tokenizer
-and generation files copied. No int8_report.json and no model card. For a
-tiny GPT-J in float32 the bytes are the same as llm-compressor 0.14's
-``model_free_ptq`` writes (checked by hand: see bench/verify/foreign.md).
+and generation files copied. No int8_report.json and no model card. The
+weights are quantized in the dtype they are stored in. For the tiny GPT-J, T5
+and BLOOM (float32) and GPT-J (bf16) the tensors are byte for byte those
+llm-compressor 0.14's ``model_free_ptq`` writes (``bench/foreign`` runs it and
+compares).
 
 Other presets (W4A16, W8A8, FP8_DYNAMIC) give the checkpoints `int8 verify` must
 refuse to judge.
@@ -53,7 +55,8 @@ def make_foreign(source: Path, out: Path, *, scheme: str = "W8A16", index: bool 
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
     from compressed_tensors.utils.safetensors_load import update_safetensors_index
 
-    model = load_original(source)
+    stored = json.loads((Path(source) / "config.json").read_text()).get("dtype", "float32")
+    model = load_original(source, getattr(torch, stored))  # quantized in the dtype it is stored in, as model_free_ptq does
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(scheme, ["Linear"])}, ignore=list(ignore))
     apply_quantization_config(model, config)
     for module in model.modules():

@@ -75,6 +75,10 @@ def verify(
     error, and top-1 agreement, KL divergence and perplexity on a text sample.
     A local folder gets the result in int8_verify.json.
 
+    A checkpoint another tool wrote in the same format (llm-compressor's W8A16: no int8_report.json,
+    no int8 card) skips the checks of int8's own files and allows the code -128; name its original
+    with --against. Other schemes (4-bit, W8A8, FP8, ...) are reported as not checked (exit 1).
+
     Examples:
 
     `int8 verify gpt-j-6b-int8`
@@ -82,6 +86,8 @@ def verify(
     `int8 verify gpt-j-6b-int8 --quick --json verify.json`
 
     `int8 verify you/flan-t5-small-int8 --against flan-t5-small --update-card`
+
+    `int8 verify ./llama-w8a16 --against meta-llama/Llama-3.2-1B`
     """
     from ..verify import Thresholds, verify_checkpoint
     from ..verify.render import print_result

@@ -6,7 +6,9 @@ Three groups of checks, each only when the one before leaves something to check:
    the small files read once into a frozen `int8.verify.layout.Layout`, the
    shards' data scanned once (`int8.verify.scan`), and the checks of
    `int8.verify.checks` run on both: config, index, tensor layout, codes,
-   scales, NaN/Inf, SHA-256 manifest, tokenizer, card;
+   scales, NaN/Inf, SHA-256 manifest, tokenizer, card, as they apply to who
+   wrote it (`int8.verify.provenance`: int8, or another tool such as
+   llm-compressor, whose checkpoints skip the checks of int8's own files);
 2. loading (`int8.verify.phases`, building models with `int8.verify.models`):
    stock transformers with compressed-tensors loads it and a forward pass
    gives finite logits;

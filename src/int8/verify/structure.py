@@ -3,7 +3,10 @@
 The small files are read once into a `Layout` (`int8.verify.layout`); the data
 of the shards is read once (`int8.verify.scan`: hashing and value checks
 together), so the time scales with the bytes on disk. The checks themselves
-(`int8.verify.checks`) are functions of those two readings.
+(`int8.verify.checks`) are functions of those two readings, applied as they
+suit who wrote the folder (`int8.verify.provenance`, `int8.verify.checks.provenance`):
+another tool's checkpoint in a scheme verify does not check (`int8.verify.scheme`)
+is reported as such and not read further.
 """
 
 from __future__ import annotations
