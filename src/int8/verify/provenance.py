@@ -76,7 +76,7 @@ def read_origin(folder: Path) -> Origin:
     folder = Path(folder)
     marks = []
     report = folder / REPORT_NAME
-    if report.exists() or report.is_symlink():
+    if report.is_symlink() or report.exists():
         marks.append(REPORT_NAME)
     if int8_card(folder):
         marks.append(f"{CARD_NAME} (int8's model card)")
