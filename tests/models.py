@@ -53,6 +53,14 @@ def tiny_config(arch: str, **overrides):
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=128, **common)
         cfg.architectures = ["GPT2LMHeadModel"]
+    elif arch == "llama":
+        # SmolLM2-like widths that 128 does not divide: q/k/v/gate/up take 96 inputs (block 32), o_proj
+        # 4 heads x 32 = 128 (block 128), down_proj 192 (block 64); tied embeddings, as SmolLM2 has
+        cfg = tf.LlamaConfig(
+            hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, max_position_embeddings=128, tie_word_embeddings=True, **common,
+        )
+        cfg.architectures = ["LlamaForCausalLM"]
     else:
         raise ValueError(arch)
     for k, v in overrides.items():

@@ -314,14 +314,14 @@ def test_tied_weights_stored_once(arch, form, sources, tmp_path):
 
 
 def test_skip_patterns_and_ragged_blocks(sources, tmp_path):
-    src = sources("gptj", "safetensors", n_inner=96)  # fc_out has 96 inputs: not a multiple of 64
+    src = sources("gptj", "safetensors", n_inner=100)  # fc_out has 100 inputs: a multiple of neither 64 nor 32
     out = tmp_path / "out"
     report = int8.convert(src, out, block_size=BLOCK, dtype="fp32", device="cpu", skip=["q_proj", "re:.*h\\.1\\.attn\\.k_proj"])
     kept = {t.name: t.reason for t in report.tensors if t.action == "kept"}
     assert "matches skip pattern 'q_proj'" == kept["transformer.h.0.attn.q_proj.weight"]
     assert "transformer.h.1.attn.k_proj.weight" in kept and "transformer.h.0.attn.k_proj.weight" not in kept
-    assert "not a multiple of block size 64" in kept["transformer.h.0.mlp.fc_out.weight"]
-    assert any("not a multiple of block size" in w for w in report.warnings)
+    assert kept["transformer.h.0.mlp.fc_out.weight"] == "input dimension 100 is not a multiple of any block size (64, 32)"
+    assert any("not a multiple of any block size (64, 32" in w for w in report.warnings)
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert {"lm_head", "transformer.h.0.attn.q_proj", "transformer.h.1.mlp.fc_out"} <= set(ignore)
     model, info = stock_load(out)
@@ -329,8 +329,9 @@ def test_skip_patterns_and_ragged_blocks(sources, tmp_path):
 
 
 def test_block_size_dividing_nothing_is_refused(sources, tmp_path):
-    with pytest.raises(int8.errors.UnsupportedModel, match="divides none"):
-        int8.convert(sources("gptj"), tmp_path / "out", block_size=96, device="cpu")
+    # widths 100 and 400: neither --block-size 96 nor a fallback (64, 32) divides them
+    with pytest.raises(int8.errors.UnsupportedModel, match=r"no block size \(96, 64, 32\) divides any"):
+        int8.convert(sources("gptj", n_embd=100), tmp_path / "out", block_size=96, device="cpu")
     assert not (tmp_path / "out").exists()
 
 

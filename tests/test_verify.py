@@ -357,12 +357,14 @@ def test_group_size_disagrees_with_tensors(damaged):
     folder = damaged()
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 32
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
     cfg_path.write_text(json.dumps(cfg, indent=2))
     problems = failed(run(folder, quick=True))
-    assert "group size 32 (config.json)" in problems["tensors"]
+    assert "group size 16 (config.json's group for transformer.h.0.attn.q_proj) over [128, 128] needs [128, 8]" in problems["tensors"]
     assert f"{SHARD}: transformer.h.0.attn.q_proj.weight_scale has shape [128, 2]" in problems["tensors"]
-    assert "group_size 32 disagrees with the block size 64" in problems["config"]
+    assert "puts transformer.h.0.attn.q_proj in a group of group size 16, but int8_report.json records block size 64" in problems["tensors"]
+    assert ("group 'group_0' has group_size 16, not one of the block sizes of block size 64 in int8_report.json (64, 32)"
+            in problems["config"])
     assert "config.json" in problems["sha256"]
 
 

@@ -6,16 +6,17 @@ Written as ``int8_report.json`` in every converted folder. Schema
 * ``source``: where the weights came from (preset, Hub id + revision + commit,
   or local path) and their on-disk format;
 * ``model``: the transformers class and model type;
-* ``quantization``: scheme, bits, block size, dtypes (``dtype``: everything
-  not quantized; ``scale_dtype``: the scales; a report written before that field
-  existed had its scales in ``dtype``, and loads so), the unquantized Linear
-  modules (``ignore``), the rounding rule;
+* ``quantization``: scheme, bits, block size (the preferred, largest one), dtypes
+  (``dtype``: everything not quantized; ``scale_dtype``: the scales; a report
+  written before that field existed had its scales in ``dtype``, and loads so),
+  the unquantized Linear modules (``ignore``), the rounding rule, and
+  ``block_groups``: which block size how many layers got, and their input widths;
 * ``totals``: bytes in and out, ratio, seconds (the whole conversion after
   the download) and stream seconds (reading, quantizing and writing the
   tensors), throughput (GB of input per second of streaming), the device;
-* ``tensors``: one entry per source tensor: ``quantized`` (shape, blocks, the
-  max and mean absolute error in units of each block's scale — at most 0.5 by
-  construction), ``kept`` (stored dtype and why it was not quantized) or
+* ``tensors``: one entry per source tensor: ``quantized`` (shape, its block size,
+  blocks, the max and mean absolute error in units of each block's scale — at most
+  0.5 by construction), ``kept`` (stored dtype and why it was not quantized) or
   ``dropped`` (a tied copy, or a tensor the model does not use);
 * ``files``: every file of the folder except README.md and this report, with
   its size and SHA-256 — the manifest `int8 verify` checks.
@@ -68,8 +69,17 @@ class ModelInfo:
 
 
 @dataclass
-class QuantizationInfo:
+class BlockGroup:
+    """The quantized layers that got one block size (one compressed-tensors config group)."""
+
     block_size: int
+    layers: int
+    input_widths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class QuantizationInfo:
+    block_size: int  # the preferred (largest) block size; a layer whose width it does not divide gets a smaller one
     dtype: str  # dtype of the unquantized tensors
     ignore: list[str] = field(default_factory=list)
     bits: int = 8
@@ -80,6 +90,7 @@ class QuantizationInfo:
     )
     format: str = "compressed-tensors pack-quantized"
     scale_dtype: str = ""  # dtype of the scales; "" (a report written before the field existed): ``dtype``
+    block_groups: list[BlockGroup] = field(default_factory=list)  # by block size, largest first
 
     def __post_init__(self) -> None:
         if not self.scale_dtype:
@@ -118,6 +129,7 @@ class TensorReport:
     dtype: str | None = None  # kept: stored dtype; quantized: scale dtype
     reason: str = ""
     layout: str | None = None  # quantized: "linear" or "conv1d"
+    block_size: int | None = None  # quantized: values per scale (a report written before the field: the report's)
     blocks: int | None = None
     max_abs_error: float | None = None
     mean_abs_error: float | None = None
@@ -144,6 +156,14 @@ class ConversionReport:
     files: list[FileEntry]
     warnings: list[str] = field(default_factory=list)
     schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        # A report written before blocks were chosen per layer: every layer has the one block size.
+        for t in self.tensors:
+            if t.action == "quantized" and t.block_size is None:
+                t.block_size = self.quantization.block_size
+        if not self.quantization.block_groups:
+            self.quantization.block_groups = block_groups(self.tensors)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -188,6 +208,23 @@ class ConversionReport:
     @property
     def quantized(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.action == "quantized"]
+
+
+def in_width(t: TensorReport) -> int:
+    """A quantized tensor's input dimension (a Conv1D weight is stored ``(in, out)``)."""
+    return t.shape[0] if t.layout == "conv1d" else t.shape[-1]
+
+
+def block_groups(tensors: list[TensorReport]) -> list[BlockGroup]:
+    """The quantized tensors by block size, largest first."""
+    by_size: dict[int, list[TensorReport]] = {}
+    for t in tensors:
+        if t.action == "quantized" and t.block_size is not None:
+            by_size.setdefault(t.block_size, []).append(t)
+    return [
+        BlockGroup(size, len(ts), sorted({in_width(t) for t in ts}))
+        for size, ts in sorted(by_size.items(), reverse=True)
+    ]
 
 
 _FIELDS = {f.name for f in fields(ConversionReport)}

@@ -167,6 +167,7 @@ def summary(report: ConversionReport, folder: Path) -> Table:
     table.add_row("size out", size(t.bytes_out))
     table.add_row("ratio", f"{t.ratio:.2f}x")
     table.add_row("tensors", f"{t.tensors_quantized} quantized, {t.tensors_kept} kept, {t.tensors_dropped} dropped")
+    table.add_row("blocks", ", ".join(f"{g.block_size} ({g.layers} layers)" for g in report.quantization.block_groups))
     table.add_row("time", f"{t.seconds:.1f} s on {t.device} ({t.stream_seconds:.1f} s streaming tensors)")
     table.add_row("throughput", f"{t.throughput_gb_s:.2f} GB/s of input while streaming")
     table.add_row("output", str(folder))

@@ -281,7 +281,7 @@ def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None
     out["dtype"] = TORCH_NAMES[plan.dtype]
     if "torch_dtype" in out:
         out["torch_dtype"] = TORCH_NAMES[plan.dtype]
-    out["quantization_config"] = build_config(plan.block_size, plan.ignore)
+    out["quantization_config"] = build_config(plan.groups, plan.ignore)
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -257,7 +257,7 @@ class Pipeline:
         width = packed_columns(in_f) * 4
         with self._lock:
             if e.name not in self.scales:
-                self.scales[e.name] = torch.empty(out_f, num_blocks(in_f, self.plan.block_size), dtype=DTYPES[e.out_dtype])
+                self.scales[e.name] = torch.empty(out_f, num_blocks(in_f, e.block_size), dtype=DTYPES[e.out_dtype])
             scales = self.scales[e.name]
         r0, r1 = (0, out_f) if e.layout == WeightLayout.CONV1D else (u.r0, u.r1)
         buf, release_out = self.pool.take(rows * width)
@@ -267,11 +267,11 @@ class Pipeline:
             codes[:, in_f:] = 0
         try:
             if self.device.type == "cpu":
-                st = quantize_into(w, self.plan.block_size, codes, scales[r0:r1], offset_codes=True)
+                st = quantize_into(w, e.block_size, codes, scales[r0:r1], offset_codes=True)
             else:
                 codes_d = torch.zeros(rows, width, dtype=torch.int8, device=self.device)
                 scales_d = torch.empty(rows, scales.shape[1], dtype=scales.dtype, device=self.device)
-                st = quantize_into(w.to(self.device), self.plan.block_size, codes_d, scales_d, offset_codes=True)
+                st = quantize_into(w.to(self.device), e.block_size, codes_d, scales_d, offset_codes=True)
                 codes.copy_(codes_d)
                 scales[r0:r1].copy_(scales_d)
         except NonFiniteWeights as err:

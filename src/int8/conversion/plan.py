@@ -18,6 +18,7 @@ from enum import Enum
 
 import torch
 
+from ..blocks import block_candidates, choose_block
 from ..errors import UnsupportedModel
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
@@ -36,10 +37,6 @@ class Action(str, Enum):
 QUANTIZE, KEEP, DROP = Action.QUANTIZE, Action.KEEP, Action.DROP
 
 
-
-
-
-
 @dataclass
 class TensorPlan:
     """What happens to one source tensor."""
@@ -52,6 +49,7 @@ class TensorPlan:
     layout: WeightLayout = WeightLayout.LINEAR  # QUANTIZE: how the source stores the weight
     outputs: list[OutputTensor] = field(default_factory=list)
     tied_to: str | None = None  # DROP of a tied copy: the tensor it duplicates
+    block_size: int | None = None  # QUANTIZE: values per scale along each row (`int8.blocks.choose_block`)
 
     @property
     def module(self) -> str:
@@ -85,7 +83,7 @@ class ConversionPlan:
     model_class: str
     model_type: str
     is_encoder_decoder: bool
-    block_size: int
+    block_size: int  # the preferred (largest) block size; each quantized entry has its own
     dtype: str  # of everything not quantized
     entries: list[TensorPlan]
     shards: list[ShardPlan]
@@ -96,6 +94,14 @@ class ConversionPlan:
     @property
     def quantized(self) -> list[TensorPlan]:
         return [e for e in self.entries if e.action == QUANTIZE]
+
+    @property
+    def groups(self) -> dict[int, list[str]]:
+        """Block size (largest first) -> the modules quantized with it: one compressed-tensors config group each."""
+        out: dict[int, list[str]] = {}
+        for e in sorted(self.quantized, key=lambda e: -(e.block_size or 0)):
+            out.setdefault(e.block_size, []).append(e.module)
+        return out
 
     @property
     def written(self) -> list[TensorPlan]:
@@ -171,6 +177,10 @@ def make_plan(
     ``dtype`` is what every tensor kept unquantized is stored in, ``scale_dtype`` what the
     scales of the quantized weights are stored in (safetensors names: ``F32``, ``F16``, ``BF16``).
 
+    Each linear weight is quantized in blocks of the largest of ``block_size`` and the smaller
+    fallbacks (`int8.blocks.block_candidates`: 64 and 32 below the default 128) that divides its
+    input dimension; one that none divides is kept, with a warning.
+
     A tensor that the model ties to another (``lm_head`` to the embeddings,
     T5's ``embed_tokens`` to ``shared``) is dropped when the checkpoint also
     holds the tensor it is tied to, as ``save_pretrained`` does: only if
@@ -179,6 +189,7 @@ def make_plan(
     """
     if block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
+    sizes = ", ".join(map(str, block_candidates(block_size)))
     skip = list(skip)
     for pattern in skip:
         check_pattern(pattern)
@@ -196,7 +207,7 @@ def make_plan(
     warnings: list[str] = []
     by_model_name = {names.model_name(t.name): t for t in tensors}
     dropped_unknown: list[str] = []
-    ragged: list[str] = []  # linear weights kept only because the block size does not divide their rows
+    ragged: list[str] = []  # linear weights kept only because no block size divides their rows
     for t in tensors:
         name = names.model_name(t.name)
         if name not in params:
@@ -222,6 +233,7 @@ def make_plan(
         layout = weight_layout(module)
         if pname == "weight" and len(t.shape) == 2 and layout is not None and t.dtype in FLOAT_DTYPES:
             in_features = out_in(t.shape, layout)[1]
+            block = choose_block(in_features, block_size)
             reason = None
             hit = next((p for p in skip if matches(module_name, p)), None)
             if module_name in out_emb_names:
@@ -230,11 +242,11 @@ def make_plan(
                 reason = f"matches skip pattern {hit!r}"
             elif fp32:
                 reason = f"{type(model).__name__} keeps it in fp32 (_keep_in_fp32_modules)"
-            elif in_features % block_size:
-                reason = f"input dimension {in_features} is not a multiple of block size {block_size}"
+            elif block is None:
+                reason = f"input dimension {in_features} is not a multiple of any block size ({sizes})"
                 ragged.append(name)
             if reason is None:
-                entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=scale_dtype, layout=layout))
+                entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=scale_dtype, layout=layout, block_size=block))
                 continue
             entries.append(TensorPlan(t, name, KEEP, reason, _keep_dtype(t.dtype, dtype, fp32), layout=layout))
             continue
@@ -260,8 +272,8 @@ def make_plan(
         if ragged:
             dims = sorted({e.in_features for e in entries if e.name in ragged})
             raise UnsupportedModel(
-                f"block size {block_size} divides none of the linear layers' input dimensions ({', '.join(map(str, dims[:5]))})",
-                "Choose a block size that divides them, such as 128, 64 or 32.",
+                f"no block size ({sizes}) divides any of the linear layers' input dimensions ({', '.join(map(str, dims[:5]))})",
+                "Choose a --block-size that divides them.",
             )
         raise UnsupportedModel(
             f"{type(model).__name__} has no nn.Linear weights that int8 would quantize",
@@ -270,7 +282,7 @@ def make_plan(
     if ragged:
         warnings.append(
             f"{len(ragged)} linear weight(s) kept unquantized because their input dimension is not a multiple "
-            f"of block size {block_size} (compressed-tensors groups must divide the row), e.g. {ragged[0]}"
+            f"of any block size ({sizes}; compressed-tensors groups must divide the row), e.g. {ragged[0]}"
         )
     if any(e.layout == WeightLayout.CONV1D for e in quantized):
         warnings.append(
@@ -278,7 +290,7 @@ def make_plan(
             "so load this checkpoint with int8.load rather than plain transformers"
         )
     for e in entries:
-        e.outputs = _outputs(e, block_size)
+        e.outputs = _outputs(e)
     ignore = sorted(
         n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in {e.module for e in quantized}
     )
@@ -312,7 +324,7 @@ def _missing_keys(model, params: dict, tied: dict[str, str], provided: set[str])
     }
 
 
-def _outputs(e: TensorPlan, block_size: int) -> list[OutputTensor]:
+def _outputs(e: TensorPlan) -> list[OutputTensor]:
     if e.action == DROP:
         return []
     if e.action == KEEP:
@@ -320,7 +332,7 @@ def _outputs(e: TensorPlan, block_size: int) -> list[OutputTensor]:
     out, inp = e.out_features, e.in_features
     return [
         OutputTensor(f"{e.module}.weight_packed", "I32", (out, packed_columns(inp))),
-        OutputTensor(f"{e.module}.weight_scale", e.out_dtype, (out, num_blocks(inp, block_size))),
+        OutputTensor(f"{e.module}.weight_scale", e.out_dtype, (out, num_blocks(inp, e.block_size))),
         OutputTensor(f"{e.module}.weight_shape", "I64", (2,)),
     ]
 

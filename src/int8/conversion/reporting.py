@@ -22,6 +22,7 @@ from ..report import (
     SourceInfo,
     TensorReport,
     Totals,
+    block_groups,
     public_source_id,
 )
 from ..sources import ResolvedSource
@@ -52,7 +53,8 @@ def build_report(
                     action="quantized",
                     dtype=e.out_dtype,
                     layout=e.layout,
-                    blocks=e.out_features * num_blocks(e.in_features, plan.block_size),
+                    block_size=e.block_size,
+                    blocks=e.out_features * num_blocks(e.in_features, e.block_size),
                     max_abs_error=round(st.max_abs, 6),
                     mean_abs_error=round(st.mean_abs, 6),
                     zero_blocks=st.zero_blocks,
@@ -87,7 +89,8 @@ def build_report(
             task="seq2seq-lm" if plan.is_encoder_decoder else "causal-lm",
         ),
         quantization=QuantizationInfo(
-            block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore, scale_dtype=TORCH_NAMES[plan.scale_dtype]
+            block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore,
+            scale_dtype=TORCH_NAMES[plan.scale_dtype], block_groups=block_groups(tensors),
         ),
         totals=Totals(
             bytes_in=files.nbytes,

@@ -4,13 +4,16 @@ Each quantized linear ``M`` is stored as three tensors: ``M.weight_packed`` (int
 + 128 per little-endian word), ``M.weight_scale`` (one scale per group of input values) and
 ``M.weight_shape`` (int64 ``[out, in]``). ``config.json`` carries a ``quantization_config``: built
 here with compressed-tensors' own pydantic models, and validated here (one set of rules, used by
-`int8 verify` to list every problem and by `int8.load` to refuse a checkpoint it cannot run).
+`int8 verify` to list every problem and by `int8.load` to refuse a checkpoint it cannot run). Its
+config groups each have one group size; which group a layer is in is decided here too
+(`matching_groups`), the way compressed-tensors matches ``targets``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,20 +55,36 @@ def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return (raw ^ 0x80).view(torch.int8)
 
 
-def build_config(group_size: int, ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` for 8-bit symmetric int weights in groups of ``group_size`` input values,
-    every ``Linear`` but ``ignore`` quantized: built and serialized by compressed-tensors itself."""
+LINEAR = "Linear"
+"""The class-name target of every linear layer (compressed-tensors matches it against the module's classes)."""
+
+
+def build_config(groups: Mapping[int, Sequence[str]], ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` for 8-bit symmetric int weights: one config group per group size,
+    ``groups`` mapping each size to the modules quantized with it; built and serialized by compressed-tensors.
+
+    One size: its group targets every ``Linear`` (the unquantized ones are in ``ignore``). Several: each
+    group lists its modules by exact name, and no group targets a class. A class target would put a
+    module in a group other than its own wherever a loader matches class names before module names:
+    vLLM matches a fused ``qkv_proj`` by its class (``QKVParallelLinear`` contains "Linear") before
+    it looks at the names of ``q_proj``, ``k_proj`` and ``v_proj``.
+    """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=group_size,
-                                 dynamic=False),
-        format=FORMAT,
-    )
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, format=FORMAT, quantization_status="compressed",
-                            ignore=ignore)
+    if not groups:
+        raise ValueError("no config group: nothing is quantized")
+    sizes = sorted(groups, reverse=True)
+    schemes = {
+        f"group_{i}": QuantizationScheme(
+            targets=[LINEAR] if len(sizes) == 1 else sorted(groups[size]),
+            weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=size,
+                                     dynamic=False),
+            format=FORMAT,
+        )
+        for i, size in enumerate(sizes)
+    }
+    qc = QuantizationConfig(config_groups=schemes, format=FORMAT, quantization_status="compressed", ignore=ignore)
     return {
         "version": compressed_tensors.__version__,
         "quant_method": QUANT_METHOD,
@@ -76,25 +95,40 @@ def build_config(group_size: int, ignore: list[str]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ConfigGroup:
+    """One well-formed config group: its name, group size and targets."""
+
+    name: str
+    group_size: int
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ConfigCheck:
     """What a ``quantization_config`` says, and what is wrong with it (nothing for a sound one)."""
 
     problems: tuple[str, ...]
-    group_size: int | None  # the one group size of every group; None when absent or inconsistent
+    groups: tuple[ConfigGroup, ...]  # the well-formed groups, in the config's order
     ignore: tuple[str, ...]  # the well-formed entries of ``ignore``
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Every group size, largest first."""
+        return tuple(sorted({g.group_size for g in self.groups}, reverse=True))
 
 
 def check_config(qc: object) -> ConfigCheck:
     """Every problem of a compressed-tensors ``quantization_config`` for int8's layout: 8-bit symmetric int
-    weights, group strategy, weight-only, pack-quantized, compressed; a valid ``ignore`` list."""
+    weights, group strategy, weight-only, pack-quantized, compressed; each group with its own group size
+    and targets (module names, ``re:`` patterns or class names); a valid ``ignore`` list."""
     problems: list[str] = []
     if not isinstance(qc, dict):
-        return ConfigCheck((f"{WHERE} is not an object",), None, ())
+        return ConfigCheck((f"{WHERE} is not an object",), (), ())
     want = {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": "compressed"}
     for key, value in want.items():
         if qc.get(key) != value:
             problems.append(f"{WHERE}.{key} is {_short(qc.get(key))}, not {value!r}")
-    sizes = set()
+    found: list[ConfigGroup] = []
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         problems.append(f"{WHERE}.config_groups is missing or empty")
@@ -113,20 +147,18 @@ def check_config(qc: object) -> ConfigCheck:
             if w.get(key) != value:
                 problems.append(f"{at}.weights.{key} is {_short(w.get(key))}, not {value!r}")
         gs = w.get("group_size")
-        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
+        good_size = isinstance(gs, int) and not isinstance(gs, bool) and gs >= 1
+        if not good_size:
             problems.append(f"{at}.weights.group_size is {_short(gs)}, not a positive integer")
-        else:
-            sizes.add(gs)
         if group.get("input_activations") or group.get("output_activations"):
             problems.append(f"{at} quantizes activations; an int8 checkpoint is weight-only")
         fmt = group.get("format")
         if fmt is not None and fmt != FORMAT:
             problems.append(f"{at}.format is {_short(fmt)}, not {FORMAT!r}")
-        targets = group.get("targets")
-        if not isinstance(targets, list) or "Linear" not in targets:
-            problems.append(f"{at}.targets is {_short(targets)}; it must include 'Linear'")
-    if len(sizes) > 1:
-        problems.append(f"{WHERE} has different group sizes in different groups: {sorted(sizes)}")
+        targets = _targets(group.get("targets"), f"{at}.targets", problems)
+        if good_size and targets:
+            found.append(ConfigGroup(str(gname), gs, targets))
+    problems += _shared_targets(found)
     ignore: list[str] = []
     raw = qc.get("ignore", [])
     if not isinstance(raw, list):
@@ -139,7 +171,66 @@ def check_config(qc: object) -> ConfigCheck:
             problems.append(f"{WHERE}.ignore[{i}] {_short(pat)} is not a valid regular expression ({why})")
         else:
             ignore.append(pat)
-    return ConfigCheck(tuple(problems), next(iter(sizes)) if len(sizes) == 1 else None, tuple(ignore))
+    return ConfigCheck(tuple(problems), tuple(found), tuple(ignore))
+
+
+def _targets(raw: object, at: str, problems: list[str]) -> tuple[str, ...]:
+    """A group's well-formed targets (the problems of the others are added to ``problems``)."""
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{at} is {_short(raw)}, not a non-empty list of module names, re: patterns or class names")
+        return ()
+    good = []
+    for i, target in enumerate(raw):
+        if not isinstance(target, str) or not target or target == "re:":
+            problems.append(f"{at}[{i}] is {_short(target)}, not a module name, re: pattern or class name")
+        elif target.startswith("re:") and (why := bad_regex(target[3:])):
+            problems.append(f"{at}[{i}] {_short(target)} is not a valid regular expression ({why})")
+        else:
+            good.append(target)
+    return tuple(good)
+
+
+def _shared_targets(groups: list[ConfigGroup]) -> list[str]:
+    """A target that two groups of different group sizes both name (which size it gets depends on the loader)."""
+    first: dict[str, ConfigGroup] = {}
+    problems = []
+    for g in groups:
+        for target in g.targets:
+            other = first.setdefault(target, g)
+            if other is not g and other.group_size != g.group_size:
+                problems.append(
+                    f"{WHERE}: target {_short(target)} is in {_short(other.name)} (group size {other.group_size}) "
+                    f"and in {_short(g.name)} (group size {g.group_size})"
+                )
+    return problems
+
+
+def _priority(module: str, classes: Sequence[str], target: str) -> int | None:
+    """How a target matches a module, as compressed-tensors ranks it: 0 its exact name, 1 a ``re:`` pattern
+    (matched at the start of the name), 2 one of its class names; None: it does not."""
+    if target.startswith("re:"):
+        return 1 if not bad_regex(target[3:]) and re.match(target[3:], module) else None
+    if target == module:
+        return 0
+    return 2 if target in classes else None
+
+
+def class_names(module: object) -> tuple[str, ...]:
+    """The names of a module's classes (its MRO), which class-name targets match."""
+    return tuple(c.__name__ for c in type(module).__mro__)
+
+
+def matching_groups(module: str, classes: Sequence[str], groups: Sequence[ConfigGroup]) -> list[ConfigGroup]:
+    """The groups whose targets match ``module`` (of the classes ``classes``, its MRO's names), the one
+    compressed-tensors applies first: exact names before ``re:`` patterns before class names (ties:
+    the target that sorts first; a target named by several groups belongs to the last)."""
+    owner = {t: g for g in groups for t in g.targets}
+    ranked = sorted((p, t) for t in owner if (p := _priority(module, classes, t)) is not None)
+    ordered: list[ConfigGroup] = []
+    for _, t in ranked:
+        if owner[t] not in ordered:
+            ordered.append(owner[t])
+    return ordered
 
 
 def is_ignored(module: str, class_name: str, ignore: tuple[str, ...] | list[str]) -> bool:

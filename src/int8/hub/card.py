@@ -16,9 +16,10 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from ..blocks import block_candidates
 from ..files import CARD_NAME
 from ..presets import CardInfo, Preset
-from ..report import ConversionReport
+from ..report import BlockGroup, ConversionReport
 
 TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 """The card's body: ``string.Template`` text whose ``${...}`` fields `card_values` fills (shipped in the wheel)."""
@@ -179,6 +180,7 @@ def card_values(folder: Path, report: ConversionReport, preset: Preset | None = 
     """What the template's ``${...}`` fields are filled with (every one of them, as text)."""
     base = base_model_id(report)
     q = report.quantization
+    groups = q.block_groups or [BlockGroup(q.block_size, 0)]
     totals = report.totals
     causal = report.model.task == "causal-lm"
     prompt = (preset.card.sample_prompt if preset and preset.card.sample_prompt else None) or (
@@ -188,7 +190,9 @@ def card_values(folder: Path, report: ConversionReport, preset: Preset | None = 
         "name": (base or Path(report.source.id).name).split("/")[-1],
         "origin": f"[{base}](https://huggingface.co/{base})" if base else f"a local checkpoint ({Path(report.source.id).name})",
         "about": preset.description if preset and preset.description else f"a {report.model.architecture} model",
-        "block_size": str(q.block_size),
+        "block_size": _or(str(g.block_size) for g in groups),
+        "block_note": _block_note(report),
+        "group_note": ", one config group per size" if len(groups) > 1 else "",
         "dtype": q.dtype,
         "scale_dtype": q.scale_dtype,
         "scale_note": _scale_note(q.scale_dtype),
@@ -207,6 +211,24 @@ def card_values(folder: Path, report: ConversionReport, preset: Preset | None = 
         "prompt": json.dumps(prompt),
         "fidelity": _fidelity_section(folder, report),
     }
+
+
+def _or(items) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _block_note(report: ConversionReport) -> str:
+    """Which layers got which block size, when they did not all get one."""
+    groups = report.quantization.block_groups
+    if len(groups) < 2:
+        return ""
+    sizes = ", ".join(map(str, block_candidates(report.quantization.block_size)))
+    each = "; ".join(
+        f"{g.block_size} for {g.layers} layer(s) of input width {_or([str(w) for w in g.input_widths])}" for g in groups
+    )
+    return f" (the largest of {sizes} that divides the layer's input width: {each})"
 
 
 def _scale_note(scale_dtype: str) -> str:

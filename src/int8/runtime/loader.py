@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
-from ..formats.compressed_tensors import check_config
+from ..formats.compressed_tensors import LINEAR, ConfigGroup, check_config, matching_groups
 from ..hf import FROM_TORCH_NAME, NameMap, out_in, parse_dtype, resolve_device, torch_dtype, weight_layout
 from ..hf import model_class as model_class_for
 from .layer import Int8Linear, Kernel, triton_ready, triton_unavailable_reason
@@ -71,23 +71,25 @@ def _headers(folder: Path) -> dict[str, dict]:
     return {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for p in paths for t in read_safetensors_header(p)}
 
 
-def check_quantization_config(qc: Any, folder: Path) -> int:
-    """The group size (block size) of an int8 checkpoint's ``quantization_config``; `UnsupportedModel` when
-    it is not one int8.load runs (the rules are `int8.formats.compressed_tensors.check_config`'s)."""
+def check_quantization_config(qc: Any, folder: Path) -> tuple[ConfigGroup, ...]:
+    """The config groups (each with its group size, the block size of its layers) of an int8 checkpoint's
+    ``quantization_config``; `UnsupportedModel` when it is not one int8.load runs (the rules are
+    `int8.formats.compressed_tensors.check_config`'s)."""
     if not qc:
         raise UnsupportedModel(f"{folder.name} is not an int8 checkpoint: its config.json has no quantization_config",
                                "Convert it first with `int8 convert`, or load it with plain transformers.")
     found = check_config(qc if isinstance(qc, dict) else qc.to_dict())
-    if found.problems or found.group_size is None:
+    if found.problems or not found.groups:
         raise UnsupportedModel(
-            f"{folder.name} is not an int8 weight-only checkpoint: " + "; ".join(found.problems[:3] or ["no group size"]),
+            f"{folder.name} is not an int8 weight-only checkpoint: " + "; ".join(found.problems[:3] or ["no config group"]),
             "int8.load reads checkpoints written by `int8 convert` (compressed-tensors pack-quantized, 8-bit int weights).",
         )
-    return found.group_size
+    return found.groups
 
 
-def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerSpec]:
-    """Every ``M`` with ``M.weight_packed`` in the checkpoint -> its shapes and scale dtype."""
+def quantized_layers(folder: Path, groups: tuple[ConfigGroup, ...]) -> dict[str, QuantizedLayerSpec]:
+    """Every ``M`` with ``M.weight_packed`` in the checkpoint -> its shapes, block size (its config group's
+    group size; every layer stored packed is a linear, a Conv1D included) and scale dtype."""
     header = _headers(folder)
     specs: dict[str, QuantizedLayerSpec] = {}
     for key, entry in header.items():
@@ -105,16 +107,16 @@ def quantized_layers(folder: Path, group_size: int) -> dict[str, QuantizedLayerS
         if entry["shape"][0] != out_features:
             raise CorruptCheckpoint(f"{folder}: {key} and its weight_scale disagree on the number of rows")
         packed_cols = entry["shape"][1]
-        if nblocks == 1 and not group_size:
-            in_features = packed_cols * 4  # channel strategy; weight_shape says the truth (checked at load)
-            block = in_features
-        else:
-            block = group_size or math.ceil(packed_cols * 4 / nblocks)
-            in_features = nblocks * block
-            if math.ceil(in_features / 4) != packed_cols:
-                raise CorruptCheckpoint(
-                    f"{folder}: {key} has {packed_cols} packed columns but {nblocks} blocks of {block} values"
-                )
+        found = matching_groups(name, (LINEAR,), groups)
+        if not found:
+            raise CorruptCheckpoint(f"{folder}: {key} is stored packed, but no config group of its "
+                                    "quantization_config targets it")
+        block = found[0].group_size
+        in_features = nblocks * block
+        if math.ceil(in_features / 4) != packed_cols:
+            raise CorruptCheckpoint(
+                f"{folder}: {key} has {packed_cols} packed columns but {nblocks} blocks of {block} values"
+            )
         specs[name] = QuantizedLayerSpec(name, out_features, in_features, block, torch_dtype(scale["dtype"]))
     if not specs:
         raise UnsupportedModel(f"{folder} holds no int8 weights (no *.weight_packed tensors)",
@@ -315,8 +317,8 @@ def load(
     except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
         raise UnsupportedModel(f"transformers cannot read {folder / 'config.json'}: {e}") from None
     qc = getattr(config, "quantization_config", None)
-    group_size = check_quantization_config(qc, folder)
-    specs = quantized_layers(folder, group_size)
+    groups = check_quantization_config(qc, folder)
+    specs = quantized_layers(folder, groups)
     dev = resolve_device(device)
     check_kernel(kernel, dev)
     compute = resolve_dtype(dtype, dev, config)

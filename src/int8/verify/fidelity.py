@@ -120,7 +120,7 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
                     f"[{q.out_features}, {q.in_features}]" + (" (Conv1D: [in, out])" if q.layout == WeightLayout.CONV1D else "")
                 )
                 continue
-            err, loaded, rel, found = _layer(q, src, orig_reader, conv_reader, stored, layout.block_size or 1, thresholds,
+            err, loaded, rel, found = _layer(q, src, orig_reader, conv_reader, stored, q.group, thresholds,
                                              own=layout.origin.own)
             worst, worst_loaded, worst_scale = max(worst, err), max(worst_loaded, loaded), max(worst_scale, rel)
             problems += found

@@ -13,6 +13,7 @@ rebuilds the model's structure.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,6 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..formats.compressed_tensors import ConfigGroup
 from ..formats.safetensors import itemsize
 from ..hf import NameMap, WeightLayout
 from ..report import ConversionReport
@@ -61,6 +63,12 @@ class QuantLayer:
     packed: StoredTensor
     scale: StoredTensor
     shape: StoredTensor | None
+    block_size: int | None = None  # its config group's group size (None: the config gives none, a fault reported)
+
+    @property
+    def group(self) -> int:
+        """The block size to decode it with (1 when the config gives none: every value its own block)."""
+        return self.block_size or 1
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ class Layout:
     model_class: str | None = None  # the class transformers builds from config.json (None: it cannot)
     model_type: str | None = None
     seq2seq: bool = False
-    block_size: int | None = None  # quantization_config's group size, when it gives one
+    groups: tuple[ConfigGroup, ...] = ()  # quantization_config's well-formed config groups
     dtype: str | None = None  # config.json's dtype (of everything not quantized) as a safetensors name (F16...)
     scale_dtype: str | None = None  # the scales' dtype: as int8_report.json records it, else as the layers store it
     tensors: Mapping[str, StoredTensor] = field(default_factory=dict)  # every tensor of the shards, by name
@@ -92,6 +100,12 @@ class Layout:
     def model_name(self, name: str) -> str:
         """A checkpoint's tensor name as the model names it (`int8.hf.NameMap`)."""
         return self.names.model_name(name)
+
+    @property
+    def block_sizes(self) -> dict[int, int]:
+        """Block size (largest first) -> how many quantized layers have it."""
+        counts = Counter(q.block_size for q in self.quantized.values() if q.block_size)
+        return dict(sorted(counts.items(), reverse=True))
 
     @property
     def conv1d(self) -> bool:
@@ -152,7 +166,7 @@ def read_layout(folder: Path, origin: Origin | None = None) -> tuple[Layout, Rea
         model_class=type(meta).__name__ if meta is not None else None,
         model_type=meta.config.model_type if meta is not None else None,
         seq2seq=bool(getattr(meta.config, "is_encoder_decoder", False)) if meta is not None else False,
-        block_size=cfg.block_size,
+        groups=cfg.groups,
         dtype=cfg.dtype,
         scale_dtype=cfg.scale_dtype or _stored_scale_dtype(quantized),
         tensors=idx.tensors,

@@ -173,7 +173,7 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
             state[name] = reader.read(stored[name])
         for q in layout.quantized.values():
             codes = unpack_codes(reader.read(stored[q.packed.name]), q.in_features)
-            w = dequantize(codes, reader.read(stored[q.scale.name]), layout.block_size, torch.float32)
+            w = dequantize(codes, reader.read(stored[q.scale.name]), q.group, torch.float32)
             state[f"{q.module}.weight"] = w.t().contiguous() if q.layout == WeightLayout.CONV1D else w
     result = model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
@@ -226,7 +226,6 @@ def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
     device = next(iter(params.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
     scale_dtype = torch_dtype(layout.scale_dtype or "F32")
-    g = layout.block_size or 1
     with torch.no_grad():
         for name, t in layout.kept.items():
             p = params.get(name)
@@ -241,7 +240,7 @@ def to_reference(model, layout: Layout, seed: int = NOISE_SEED) -> list[str]:
             if p is None or tuple(p.shape) != want:
                 unmatched.append(f"{q.module}.weight")
                 continue
-            step = _rows_per_step(q.in_features)
+            step, g = _rows_per_step(q.in_features), q.group
             for r0 in range(0, q.out_features, step):
                 r1 = min(q.out_features, r0 + step)
                 w = (p[:, r0:r1].t() if q.layout == WeightLayout.CONV1D else p[r0:r1]).float()

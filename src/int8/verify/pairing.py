@@ -1,8 +1,9 @@
 """Each quantized layer's stored tensors paired with the weight the model built from config.json expects.
 
 `pair_layers` finds, for every ``weight_packed``, its ``weight_scale`` and
-``weight_shape``, and checks every stored tensor's shape and dtype against the
-meta model: what the ``tensors`` check reports.
+``weight_shape`` and the config group (hence the block size) compressed-tensors
+puts it in, and checks every stored tensor's shape and dtype against the meta
+model: what the ``tensors`` check reports.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import math
 import re
 from collections.abc import Mapping
 
-from ..formats.compressed_tensors import is_ignored, packed_columns
+from ..formats.compressed_tensors import LINEAR, class_names, is_ignored, matching_groups, packed_columns
 from ..formats.safetensors import FLOAT_DTYPES
-from ..hf import out_in, weight_layout
+from ..hf import WeightLayout, out_in, weight_layout
 from .layout import QuantLayer, StoredTensor
 from .read import REPORT_NAME, ConfigRead
 
@@ -36,13 +37,16 @@ def pair_layers(tensors: Mapping[str, StoredTensor], cfg: ConfigRead, meta) -> t
     def ignored(module: str) -> bool:
         return is_ignored(module, type(modules.get(module)).__name__, cfg.ignore)
 
+    def targeted(module: str) -> bool:  # compressed-tensors would expect it stored packed
+        return bool(matching_groups(module, _classes(modules.get(module)), cfg.groups)) and not ignored(module)
+
     quantized: dict[str, QuantLayer] = {}
     for name, t in sorted(tensors.items()):
         if name.endswith(PACKED):
             layer = _pair(name[: -len(PACKED)], t, tensors, cfg, params, modules, cls, ignored, problems)
             if layer is not None:
                 quantized[layer.module] = layer
-    _check_others(tensors, quantized, cfg, meta, params, modules, cls, ignored, problems)
+    _check_others(tensors, quantized, cfg, meta, params, modules, cls, targeted, problems)
     if cfg.scale_dtype is None:  # no report records it (one that does is checked layer by layer above)
         problems += _mixed_scales(quantized)
     return quantized, problems
@@ -63,8 +67,36 @@ def _mixed_scales(quantized: Mapping[str, QuantLayer]) -> list[str]:
     ]
 
 
+def _classes(module) -> tuple[str, ...]:
+    """The class names a module's targets may match; a Conv1D counts as a ``Linear``, as `int8.load` reads it
+    (compressed-tensors itself handles nn.Linear only: such checkpoints load with int8.load)."""
+    extra = (LINEAR,) if weight_layout(module) == WeightLayout.CONV1D else ()
+    return class_names(module) + extra
+
+
+def _group_size(mod: str, module, t: StoredTensor, cfg: ConfigRead, problems: list[str]) -> int | None:
+    """The group size of the config group compressed-tensors puts ``mod`` in (None: no group, or loaders may disagree)."""
+    if not cfg.groups:
+        return None  # the config check reports a config without sound groups
+    found = matching_groups(mod, _classes(module), cfg.groups)
+    if not found:
+        problems.append(f"{_where(t)}: no config group of quantization_config targets {mod} (compressed-tensors "
+                        "would not expect it packed)")
+        return None
+    sizes = sorted({g.group_size for g in found}, reverse=True)
+    if len(sizes) > 1:
+        problems.append(f"{_where(t)}: {mod} is targeted by config groups of group sizes {sizes} "
+                        f"({', '.join(g.name for g in found)}); loaders may pick either")
+        return None
+    gs = found[0].group_size
+    recorded = cfg.report_blocks.get(mod)
+    if recorded is not None and recorded != gs:
+        problems.append(f"{_where(t)}: config.json puts {mod} in a group of group size {gs}, but {REPORT_NAME} "
+                        f"records block size {recorded} for it")
+    return gs
+
+
 def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, problems: list[str]) -> QuantLayer | None:
-    gs = cfg.block_size
     scale = tensors.get(f"{mod}{SCALE}")
     shape_t = tensors.get(f"{mod}{SHAPE}")
     if scale is None:
@@ -79,6 +111,7 @@ def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, probl
         return None
     if ignored(mod):
         problems.append(f"{_where(t)}: {mod} is quantized but quantization_config.ignore lists it")
+    gs = _group_size(mod, modules.get(mod), t, cfg, problems)
     expected = params.get(f"{mod}.weight")
     if expected is None or len(expected) != 2:
         problems.append(f"{_where(t)}: {cls} has no 2-D weight for {mod}")
@@ -102,27 +135,28 @@ def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, probl
                 problems.append(f"{_where(t)}: {in_f} input features are not a multiple of the group size {gs}")
             if scale.shape != want:
                 problems.append(
-                    f"{_where(scale)} has shape {list(scale.shape)}, but group size {gs} (config.json) over "
-                    f"[{out_f}, {in_f}] needs {list(want)}"
+                    f"{_where(scale)} has shape {list(scale.shape)}, but group size {gs} (config.json's group "
+                    f"for {mod}) over [{out_f}, {in_f}] needs {list(want)}"
                 )
     if shape_t is not None and (shape_t.dtype != "I64" or shape_t.shape != (2,)):
         problems.append(f"{_where(shape_t)} is {shape_t.dtype} {list(shape_t.shape)}, not I64 [2]")
     if scale is None:
         return None
-    return QuantLayer(mod, out_f, in_f, kind, t, scale, shape_t)
+    return QuantLayer(mod, out_f, in_f, kind, t, scale, shape_t, gs)
 
 
-def _check_others(tensors, quantized, cfg: ConfigRead, meta, params, modules, cls, ignored, problems: list[str]) -> None:
+def _check_others(tensors, quantized, cfg: ConfigRead, meta, params, modules, cls, targeted, problems: list[str]) -> None:
     """The tensors stored as they are: each one the model needs, none it does not, as config.json implies."""
     tied = dict(getattr(meta, "all_tied_weights_keys", None) or {})
     skip_missing = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])]
     quantized_weights = {f"{m}.weight" for m in quantized} | {f"{n[: -len(PACKED)]}.weight" for n in tensors if n.endswith(PACKED)}
     for mod_name, module in modules.items():
         if weight_layout(module) and f"{mod_name}.weight" in params and f"{mod_name}.weight" not in quantized_weights:
-            if not ignored(mod_name) and f"{mod_name}.weight" in tensors:
+            if targeted(mod_name) and f"{mod_name}.weight" in tensors:
                 problems.append(
-                    f"{tensors[f'{mod_name}.weight'].file.name}: {mod_name}.weight is stored unquantized but "
-                    "quantization_config.ignore does not list it (compressed-tensors would expect it packed)"
+                    f"{tensors[f'{mod_name}.weight'].file.name}: {mod_name}.weight is stored unquantized but a config "
+                    "group targets it and quantization_config.ignore does not list it (compressed-tensors would "
+                    "expect it packed)"
                 )
     for name, shape in params.items():
         if name in quantized_weights:

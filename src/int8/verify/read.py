@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..blocks import block_candidates
 from ..errors import CorruptCheckpoint, UnsafePath, first_line
-from ..formats.compressed_tensors import check_config
+from ..formats.compressed_tensors import ConfigGroup, check_config
 from ..formats.safetensors import SAFE_INDEX, SAFE_SINGLE, scan_safetensors_header
 from ..formats.safetensors import read_index as read_weight_map
 from ..hf import FROM_TORCH_NAME
@@ -47,10 +48,11 @@ class ConfigRead:
 
     reading: Reading
     config: dict[str, Any] | None = None
-    block_size: int | None = None
+    groups: tuple[ConfigGroup, ...] = ()  # quantization_config's well-formed config groups
     dtype: str | None = None  # config.json's dtype (of everything not quantized) as a safetensors name (F16...)
     scale_dtype: str | None = None  # the scales' dtype int8_report.json records (None: no report says)
     ignore: tuple[str, ...] = ()  # quantization_config.ignore's well-formed entries
+    report_blocks: dict[str, int] = field(default_factory=dict)  # module -> block size int8_report.json records
     meta: Any = field(default=None, compare=False)  # the model on the meta device (None: it cannot be built)
 
 
@@ -67,19 +69,22 @@ def read_config(folder: Path, report: ConversionReport | None) -> ConfigRead:
     problems: list[str] = []
     qc = config.get("quantization_config")
     ignore: tuple[str, ...] = ()
+    groups: tuple[ConfigGroup, ...] = ()
     if not isinstance(qc, dict):
         problems.append("config.json has no quantization_config: this is not a quantized checkpoint")
-        group_size = None
     else:
         qcheck = check_config(qc)
         problems += qcheck.problems
-        group_size = qcheck.group_size
-        ignore = qcheck.ignore  # the well-formed entries (the config check reports the rest)
-    if report is not None and group_size is not None and group_size != report.quantization.block_size:
-        problems.append(
-            f"config.json: quantization_config group_size {group_size} disagrees with the block size "
-            f"{report.quantization.block_size} in {REPORT_NAME}"
-        )
+        groups, ignore = qcheck.groups, qcheck.ignore  # the well-formed ones (the config check reports the rest)
+    if report is not None:
+        allowed = block_candidates(report.quantization.block_size)
+        for g in groups:
+            if g.group_size not in allowed:
+                problems.append(
+                    f"config.json: quantization_config group {show(g.name)} has group_size {g.group_size}, not one of "
+                    f"the block sizes of block size {report.quantization.block_size} in {REPORT_NAME} "
+                    f"({', '.join(map(str, allowed))})"
+                )
     dtype = config.get("dtype") or config.get("torch_dtype")
     model_dtype = FROM_TORCH_NAME.get(str(dtype))
     if dtype is not None and model_dtype is None:
@@ -92,7 +97,10 @@ def read_config(folder: Path, report: ConversionReport | None) -> ConfigRead:
         meta = _meta_model(folder)
     except Exception as e:  # transformers' own errors: the config is what is wrong
         problems.append(f"transformers cannot build a model from config.json: {first_line(e)}")
-    return ConfigRead(Reading(tuple(problems)), config, group_size, model_dtype, scale_dtype, ignore, meta)
+    report_blocks = (
+        {t.name.rpartition(".")[0]: t.block_size for t in report.quantized if t.block_size} if report is not None else {}
+    )
+    return ConfigRead(Reading(tuple(problems)), config, groups, model_dtype, scale_dtype, ignore, report_blocks, meta)
 
 
 def _meta_model(folder: Path):

@@ -11,17 +11,26 @@ from ..scan import ShardScan
 
 def check_config(layout: Layout, reading: Reading) -> Check:
     """config.json and its quantization_config; transformers can build the model from it."""
-    threshold = "pack-quantized, 8-bit symmetric int, one group size; transformers builds it"
+    threshold = "pack-quantized, 8-bit symmetric int, one group size per config group; transformers builds it"
     problems = list(reading.problems)
     if reading.state is not ReadState.READ or layout.config is None:
         return outcome("config", problems, figure=reading.state.value, threshold=threshold)
     dtype = layout.config.get("dtype") or layout.config.get("torch_dtype")
     figure = (
-        f"{layout.model_class or '?'}, group size {layout.block_size}, dtype {dtype}, scales in {_torch_name(layout.scale_dtype)}"
+        f"{layout.model_class or '?'}, {_groups(layout)}, dtype {dtype}, scales in {_torch_name(layout.scale_dtype)}"
         if not problems
         else f"{len(problems)} problem(s)"
     )
     return outcome("config", problems, figure=figure, threshold=threshold)
+
+
+def _groups(layout: Layout) -> str:
+    """The group sizes and how many layers each has: 'group size 128', or 'group sizes 128 (30 layers), 64 (180 layers)'."""
+    counts = layout.block_sizes
+    if len(counts) <= 1:
+        sizes = list(counts) or [g.group_size for g in layout.groups]
+        return f"group size {', '.join(map(str, sorted(set(sizes), reverse=True))) or '?'}"
+    return "group sizes " + ", ".join(f"{size} ({n} layers)" for size, n in counts.items())
 
 
 def _torch_name(dtype: str | None) -> str:
