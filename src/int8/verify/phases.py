@@ -66,7 +66,7 @@ class OriginalPhase:
     checks: tuple[Check, ...]  # original, and when there is one: reconstruction, same_tokenizer, same_config
     why: str  # why the model-level fidelity checks cannot run ("": they can)
     logprobs: tuple[Any, ...]  # the original's log-probabilities, window by window
-    reference: Agreement
+    references: tuple[Agreement, ...]  # one per noise draw of the reference
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -123,11 +123,13 @@ def _windows(layout: Layout, tokenizer, text: str, max_tokens: int) -> list:
     with models.quiet():
         config = load_config(layout.folder)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    ids = tokenize(tokenizer, text, min(max_tokens, models.token_cap(vocab))) if tokenizer is not None else []
+    if tokenizer is None:
+        return []
+    tokens = tokenize(tokenizer, text, min(max_tokens, models.token_cap(vocab)), seq2seq=layout.seq2seq)
     span = models.max_positions(config) or 1024
     window = min(span, 512 if layout.seq2seq else 1024)
     start = getattr(config, "decoder_start_token_id", None)
-    return windows(ids, seq2seq=layout.seq2seq, window=window, decoder_start=start) if len(ids) >= 4 else []
+    return windows(tokens, seq2seq=layout.seq2seq, window=window, decoder_start=start)
 
 
 def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers, text: str, wins: list, run: Run) -> OriginalPhase:
@@ -141,7 +143,7 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     checks: list[Check] = []
     why = ""
     logprobs: list = []
-    reference = Agreement()
+    references: list[Agreement] = []
     metrics: dict[str, float] = {}
     if not unusable:
         run.say(f"Comparing tensors with the original ({original.id})")
@@ -167,12 +169,17 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
             try:
                 for lg in models.logits(model, wins, run.device):
                     logprobs.append(torch.log_softmax(lg, dim=-1))
-                run.say("Running the reference (the original with ideal int8 rounding noise)")
-                unmatched = models.to_reference(model, layout)
-                if unmatched:
-                    metrics["reference_unmatched"] = len(unmatched)
-                for w, lp, lg in zip(wins, logprobs, models.logits(model, wins, run.device), strict=True):
-                    reference.update(lp, lg, w.targets)
+                ref = models.Reference(model, layout)
+                if ref.unmatched:
+                    metrics["reference_unmatched"] = len(ref.unmatched)
+                for i, seed in enumerate(models.NOISE_SEEDS):
+                    run.say(f"Running the reference (the original with ideal int8 rounding noise, draw {i + 1} of "
+                            f"{len(models.NOISE_SEEDS)})")
+                    ref.draw(seed)
+                    draw = Agreement()
+                    for w, lp, lg in zip(wins, logprobs, models.logits(model, wins, run.device), strict=True):
+                        draw.update(lp, lg, w.targets)
+                    references.append(draw)
             except models.NotALanguageModel as e:
                 logprobs.clear()
                 why = f"{e}: only its tensors are compared"
@@ -180,8 +187,8 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
                 models.free(model)
                 model = None
     if unusable:
-        return OriginalPhase((_original_check(original, unusable),), "no original to compare with", (), reference, metrics)
-    return OriginalPhase((_original_check(original, ""), *checks), why, tuple(logprobs), reference, metrics)
+        return OriginalPhase((_original_check(original, unusable),), "no original to compare with", (), (), metrics)
+    return OriginalPhase((_original_check(original, ""), *checks), why, tuple(logprobs), tuple(references), metrics)
 
 
 def _loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) -> LoadingPhase:
@@ -236,7 +243,7 @@ def _fidelity_phase(original: OriginalPhase, loading: LoadingPhase, thresholds: 
     elif not converted.tokens and not converted.vocab_mismatch:
         fidelity += [skipped(n, "the converted model did not run", group=Group.FIDELITY) for n in MODEL_LEVEL]
     else:
-        more, found = metric_checks(converted, original.reference, thresholds)
+        more, found = metric_checks(converted, original.references, thresholds)
         fidelity += more
         metrics.update(found)
     rec = next((c for c in fidelity if c.name == "reconstruction" and c.status is not SKIP), None)

@@ -28,8 +28,11 @@ folder) has the schema ``int8.verify/1``::
         "max_error_scales": 0.5,                  #   worst |w - q*scale| / scale
         "max_error_scales_as_loaded": 0.5,        #   the same, q*scale in the scales' dtype (stock loaders)
         "tokens": 480,                            #   positions scored
-        "top1_agreement": 0.99, "top1_reference": 0.99,
-        "mean_kl": 1e-4, "mean_kl_reference": 1e-4,   # nats/token, vs the original
+        "top1_agreement": 0.99,                   #   vs the original; the reference's noise draws:
+        "top1_reference": 0.98, "top1_reference_best": 0.99,  # lowest and highest draw
+        "mean_kl": 1e-4,                          #   nats/token, vs the original; the reference's draws:
+        "mean_kl_reference": 1.1e-4, "mean_kl_reference_least": 0.9e-4,  # largest and smallest draw
+        "reference_draws": 3,                     #   noise draws of the reference
         "ppl_original": 12.0, "ppl_converted": 12.01, "ppl_ratio": 1.001
       },
       "checks": [
@@ -138,23 +141,45 @@ class Thresholds:
     predictions are (tiny random models predict almost uniformly: absolute
     thresholds cannot tell a broken checkpoint from a good one there).
 
+    One noise draw is itself a random figure: a single draw's KL varies by
+    2-15% (one standard deviation, relative) from seed to seed on the tiny test
+    models and on SmolLM2-135M, so a good checkpoint could fall on the wrong
+    side of a bar made from one lucky draw. The reference is therefore three
+    deterministic draws (`int8.verify.models.NOISE_SEEDS`), and each bar is
+    made from the least favourable of them (the largest KL, the lowest top-1)
+    and then widened by a margin (``kl_factor``, ``top1_slack``).
+
+    Calibration (how the figures below were measured, and how to measure them
+    again: ``bench/fidelity`` prints them for SmolLM2, and the spread of 12
+    draws per checkpoint was measured with `int8.verify.models.Reference`): a
+    clean conversion's KL is 0.65-1.14x the largest of three draws on the tiny
+    random models of every architecture (three model seeds each, block 64, 256
+    tokens) and 0.90-1.02x on SmolLM2-135M-Instruct (block 128 and 64; fp32,
+    fp16 and bf16 scales; 475 and 1566 tokens of text, BOS first). Each bar is
+    far from both sides: clean conversions need less than half of ``kl_factor``,
+    and the damage the tests make (doubled scales, a block of codes with flipped
+    signs, a different original) measures tens to thousands of times the
+    reference.
+
     * ``kl_factor`` 3: mean KL(original || converted) may be at most 3x the
-      reference's. Clean conversions of the tiny random test models (five
-      architectures, four seeds) measure 0.80x-1.48x on 256 tokens and
-      0.8x-1.25x on the whole sample; doubling every scale measures
-      400x-22000x, a different original of the same architecture over 1000x.
+      largest KL of the reference's draws. Doubling every scale measures
+      400x-22000x on the tiny models, a different original of the same
+      architecture over 1000x (see tests/test_smollm2.py for SmolLM2's).
     * ``kl_max`` 0.05 nats/token: an absolute ceiling, whatever the reference.
-      Correct 8-bit conversions of real models sit around 1e-4-1e-3 (llama.cpp's
-      Q8_0 on 7B models: about 5e-4); a broken upload whose perplexity doubled
-      sits near 0.5 and above.
+      Correct 8-bit conversions of real models sit around 1e-4-2e-3
+      (SmolLM2-135M: 5e-4 at block 128, 1.3e-3 at block 64; llama.cpp's Q8_0 on
+      7B models: about 5e-4); a broken upload whose perplexity doubled sits
+      near 0.5 and above.
     * ``top1_min`` 0.9 and ``top1_slack`` 0.05: the converted model's top-1
       next token must agree with the original's on at least
-      min(0.9, reference agreement - 0.05) of the positions. Real models agree
-      0.97-0.99 at 8 bits; near-uniform random models flip more near-ties, and
+      min(0.9, lowest agreement of the reference's draws - 0.05) of the
+      positions. Real models agree 0.96-0.99 at 8 bits (SmolLM2: 0.96-0.98, and
+      its draws 0.97-0.99); near-uniform random models flip more near-ties, and
       the reference's own agreement says how many.
     * ``ppl_ratio_max`` 1.05: converted perplexity within 5% of the original's,
       either way (a conversion that "improves" perplexity by 5% is not the same
-      model). 8-bit block-wise quantization moves it by well under 1%.
+      model). 8-bit block-wise quantization moves it by well under 1%
+      (SmolLM2: 0.05% at block 128, 0.6% at block 64).
     * ``scale_rtol`` 0.01: each stored scale within 1% of absmax/127 of the
       original's block (bf16 rounding moves it by at most 0.4%), so a
       checkpoint cannot pass the error bound with inflated scales.

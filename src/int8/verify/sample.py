@@ -6,11 +6,22 @@ little dialogue, so that a model's next-token predictions are exercised on
 more than one register. ``--text FILE`` replaces it (UTF-8 text; more text
 means steadier figures).
 
-Causal models read the tokens in windows of at most ``window`` tokens and are
-scored on every next-token prediction inside each window (teacher forcing).
-Encoder-decoder models (T5, mT5) get each window split in two: the first half
-is the encoder input, the second half the decoder target, fed teacher-forced
+The sample is tokenized as the model is used. A causal model gets its
+tokenizer's own special tokens (``add_special_tokens=True``) and every window
+starts with the tokenizer's BOS token, as a document does when it is generated
+from or scored by an evaluation harness: many tokenizers (GPT-2's, BLOOM's,
+SmolLM2's) do not add one themselves, and a model that never sees it scores
+its first positions as degenerately as if the text started mid-sentence
+(SmolLM2 without BOS: a perplexity several times higher, and KL figures that
+say more about that than about the weights). A model without a BOS token
+(``bos_token_id`` None) reads the bare text. Encoder-decoder models (T5, mT5)
+keep the bare text (no EOS after it): each window is split in two, the first
+half the encoder input, the second half the decoder target, fed teacher-forced
 behind the decoder start token; they are scored on the target tokens.
+
+Causal windows hold at most ``window`` positions, BOS included, and are scored
+on every next-token prediction inside them (teacher forcing): with a BOS, on
+every text token.
 """
 
 from __future__ import annotations
@@ -68,20 +79,38 @@ class Window:
         return int(self.targets.numel())
 
 
-def tokenize(tokenizer, text: str, max_tokens: int = MAX_TOKENS) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(ids[:max_tokens])
+@dataclass(frozen=True)
+class Tokens:
+    """The sample as the model reads it."""
+
+    ids: list[int]  # the text's tokens, with the special tokens its tokenizer adds (a leading BOS apart)
+    bos: int | None = None  # the token every causal window starts with (None: none)
 
 
-def windows(ids: list[int], *, seq2seq: bool, window: int, decoder_start: int | None = None) -> list[Window]:
-    """Cut ``ids`` into teacher-forced windows (see the module docstring)."""
+def tokenize(tokenizer, text: str, max_tokens: int = MAX_TOKENS, *, seq2seq: bool = False) -> Tokens:
+    """``text`` tokenized as the model is used (see the module docstring); at most ``max_tokens`` ids are kept."""
+    if seq2seq:
+        return Tokens(list(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]))
+    ids = list(tokenizer(text)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = bos if isinstance(bos, int) else None
+    if bos is not None and ids[:1] == [bos]:  # the tokenizer adds it itself: one per window, not two
+        ids = ids[1:]
+    return Tokens(ids[:max_tokens], bos)
+
+
+def windows(tokens: Tokens, *, seq2seq: bool, window: int, decoder_start: int | None = None) -> list[Window]:
+    """Cut the sample into teacher-forced windows (see the module docstring)."""
     import torch
 
     if window < 4:
         raise ValueError(f"window of {window} tokens is too short")
+    prefix = [] if seq2seq or tokens.bos is None else [tokens.bos]
+    step = window - len(prefix)
+    ids = tokens.ids
     out = []
-    for start in range(0, len(ids), window):
-        chunk = ids[start : start + window]
+    for start in range(0, len(ids), step):
+        chunk = prefix + ids[start : start + step]
         if len(chunk) < 4:
             break
         t = torch.tensor([chunk], dtype=torch.long)
