@@ -222,7 +222,7 @@ def test_cli_exit_code_and_json_of_an_unsupported_scheme(foreign, tmp_path):
 def test_schemes_in_words():
     from int8.formats.compressed_tensors import build_config
 
-    own = {"quantization_config": build_config(128, ["lm_head"])}
+    own = {"quantization_config": build_config({128: ["transformer.h.0.attn.q_proj"]}, ["lm_head"])}
     assert unsupported_scheme(own) == ""
     assert unsupported_scheme({}) == f"{NOT_W8}: config.json has no quantization_config (the weights are not quantized)"
     assert unsupported_scheme({"quantization_config": {"quant_method": "gptq", "bits": 4}}).startswith(
