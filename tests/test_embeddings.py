@@ -189,6 +189,28 @@ def test_int8_load_differs_from_the_original(converted):
     assert not torch.allclose(got, original, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["bloom", "t5"])
+def test_int8_load_saves_back_and_trains_lora(arch, converted, tmp_path):
+    """save_pretrained writes the embedding once, in the checkpoint layout (loaded again: the same logits);
+    LoRA adapters on the linears get gradients through the int8 embedding and the tied head."""
+    from peft import LoraConfig
+
+    from int8.runtime import get_peft_model
+
+    _, out, _ = converted(arch)
+    model = int8.load(out, device="cpu")
+    before = _logits(model, arch)
+    model.save_pretrained(tmp_path / "resaved")
+    assert torch.equal(_logits(int8.load(tmp_path / "resaved", device="cpu"), arch), before)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft.train()
+    kwargs = {"decoder_input_ids": IDS[:, :6], "labels": IDS[:, :6]} if arch in ("t5", "mt5") else {"labels": IDS}
+    peft(input_ids=IDS, **kwargs).loss.backward()
+    grads = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert grads and all(peft.get_parameter(n).grad is not None for n in grads)
+    assert all("lora_" in n for n in grads)
+
+
 def test_stock_transformers_dequantized_loads_one_block_size(converted):
     """transformers + compressed-tensors reads it de-quantized at load (one block size here), with the decoded
     logits; run-compressed it cannot (compressed-tensors 0.20 fails on the nn.Embedding)."""
