@@ -158,6 +158,16 @@ def test_large_vocabulary_shrinks_about_four_times(tmp_path):
     assert quant.totals.ratio > 3.5, quant.totals.ratio
 
 
+def test_skip_keeps_the_embedding_with_a_warning(converted, tmp_path):
+    """--skip still wins: the embedding it names stays unquantized (said in a warning), the head is quantized."""
+    src, _, _ = converted("gptj")
+    report = int8.convert(src, tmp_path / "o", dtype="fp32", device="cpu", embeddings="int8", skip=["wte"])
+    assert report.quantized_embeddings == []
+    assert any("transformer.wte.weight kept unquantized: it matches skip pattern 'wte'" in w for w in report.warnings)
+    assert "lm_head.weight" in {t.name for t in report.quantized}
+    assert "transformer.wte" not in json.dumps(json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"])
+
+
 # --------------------------------------------------------------------------- int8.load runs it
 
 
