@@ -53,3 +53,95 @@ def test_quantization_config_is_compressed_tensors_serialization(groups, ignore)
     assert QuantizationConfig.model_validate(body).model_dump(mode="json") == QuantizationConfig.model_validate(
         {k: v for k, v in ref.items() if k not in ("version", "sparsity_config", "transform_config")}
     ).model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- the architecture table
+
+from models import ARCHS, tiny_config  # noqa: E402
+
+from int8 import architectures  # noqa: E402
+from int8.architectures import ARCHITECTURES, from_model, from_table  # noqa: E402
+
+TABLE_ARCHS = (*ARCHS, "llama")
+VARIANTS = {  # per architecture: config overrides that change the structure
+    "gptj": [{}, {"tie_word_embeddings": True}, {"n_inner": 384}],
+    "gpt2": [{}, {"tie_word_embeddings": False}, {"n_inner": 256}],
+    "bloom": [{}, {"tie_word_embeddings": False}],
+    "llama": [{}, {"tie_word_embeddings": False}, {"attention_bias": True, "mlp_bias": True}, {"num_key_value_heads": None}],
+    "t5": [{}, {"tie_word_embeddings": False}, {"feed_forward_proj": "relu"}, {"num_decoder_layers": 3}],
+    "mt5": [{}, {"tie_word_embeddings": True}, {"feed_forward_proj": "relu"}],
+}
+
+
+def _meta_facts(cfg):
+    from int8.hf import build_meta_model
+
+    return from_model(build_meta_model(cfg))
+
+
+def test_the_table_covers_every_architecture_of_the_tests():
+    assert set(TABLE_ARCHS) == {a.model_type for a in ARCHITECTURES.values()}
+
+
+@pytest.mark.parametrize("arch", TABLE_ARCHS)
+def test_table_defaults_are_transformers_config_defaults(arch):
+    import transformers as tf
+
+    entry = ARCHITECTURES[tiny_config(arch).model_type]
+    cls = tf.AutoConfig.for_model(entry.model_type).__class__
+    defaults = cls().to_dict()
+    for name, value in entry.defaults.items():
+        if value is not None:  # None: derived from other fields (as transformers does), see the structure test
+            assert defaults[name] == value, (arch, name)
+    assert entry.model_class in {c.__name__ for c in _auto_classes(cls)}
+
+
+def _auto_classes(config_cls):
+    import transformers as tf
+
+    out = []
+    for auto in (tf.AutoModelForCausalLM, tf.AutoModelForSeq2SeqLM):
+        try:
+            out.append(auto._model_mapping[config_cls])
+        except (KeyError, ValueError):
+            pass
+    return out[:1]
+
+
+@pytest.mark.parametrize("arch, overrides", [(a, o) for a in TABLE_ARCHS for o in VARIANTS[a]])
+def test_table_facts_equal_the_meta_model_facts(arch, overrides, tmp_path):
+    from int8.hf import load_config
+
+    # what a saved config.json holds: only the fields that differ from the defaults
+    data = {**json.loads(tiny_config(arch).to_json_string(use_diff=True)), **overrides}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    ours = from_table(data)
+    assert ours is not None
+    ref = _meta_facts(load_config(tmp_path))  # the model transformers builds from that config.json
+    assert dict(ours.params) == dict(ref.params)
+    assert list(ours.params) == list(ref.params)  # same order: the plan's entries follow the checkpoint, ties the keys
+    assert {k: v for k, v in ref.modules.items() if k in ours.modules or v != architectures.ModuleKind.OTHER} == dict(
+        ours.modules
+    )
+    assert dict(ours.tied) == dict(ref.tied)
+    assert ours.fp32_modules == ref.fp32_modules
+    assert ours.output_embeddings == ref.output_embeddings
+    assert ours.ignore_missing == ref.ignore_missing
+    assert ours.buffers == ref.buffers
+    assert (ours.model_class, ours.prefix) == (ref.model_class, ref.prefix)
+
+
+def test_the_table_passes_over_what_it_does_not_model():
+    data = json.loads(tiny_config("gpt2").to_json_string(use_diff=True))
+    assert from_table({**data, "add_cross_attention": True}) is None
+    assert from_table({**data, "architectures": ["GPT2ForSequenceClassification"]}) is None
+    assert from_table({**data, "model_type": "opt"}) is None
+    assert from_table({k: v for k, v in data.items() if k != "architectures"}) is not None
+
+
+def test_a_bad_field_is_a_corrupt_checkpoint():
+    from int8.errors import CorruptCheckpoint
+
+    data = json.loads(tiny_config("gptj").to_json_string(use_diff=True))
+    with pytest.raises(CorruptCheckpoint, match="n_embd"):
+        from_table({**data, "n_embd": "128"})
