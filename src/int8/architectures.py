@@ -35,6 +35,7 @@ class ModuleKind(str, Enum):
     LINEAR = "linear"  # a plain nn.Linear
     CONV1D = "conv1d"  # transformers' GPT-2 style Conv1D
     EMBEDDING = "embedding"  # nn.Embedding
+    LINEAR_SUBCLASS = "linear-subclass"  # an nn.Linear subclass with its own forward: a Linear, never quantized
     OTHER = "other"
 
 
@@ -63,7 +64,8 @@ class ModelFacts:
 
     @property
     def linear_modules(self) -> list[str]:
-        return sorted(n for n, k in self.modules.items() if k == ModuleKind.LINEAR)
+        """Every nn.Linear (subclasses included): those not quantized are compressed-tensors' ``ignore``."""
+        return sorted(n for n, k in self.modules.items() if k in (ModuleKind.LINEAR, ModuleKind.LINEAR_SUBCLASS))
 
 
 # --------------------------------------------------------------------------- from the model class
@@ -83,8 +85,8 @@ def from_model(model) -> ModelFacts:
             modules[name] = ModuleKind(layout.value)
         elif isinstance(m, torch.nn.Embedding):
             modules[name] = ModuleKind.EMBEDDING
-        elif isinstance(m, torch.nn.Linear):  # a Linear subclass with its own forward: not quantized, but a Linear
-            modules[name] = ModuleKind.OTHER
+        elif isinstance(m, torch.nn.Linear):
+            modules[name] = ModuleKind.LINEAR_SUBCLASS
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return ModelFacts(
         model_class=type(model).__name__,
