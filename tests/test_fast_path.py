@@ -4,6 +4,7 @@ transformers must equal what those libraries say."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,61 @@ def test_a_bad_field_is_a_corrupt_checkpoint():
     data = json.loads(tiny_config("gptj").to_json_string(use_diff=True))
     with pytest.raises(CorruptCheckpoint, match="n_embd"):
         from_table({**data, "n_embd": "128"})
+
+
+# --------------------------------------------------------------------------- the plan from either source
+
+
+def _plan_summary(plan):
+    return (
+        plan.model_class, plan.model_type, plan.is_encoder_decoder, plan.ignore, plan.warnings,
+        [(e.source.name, e.name, str(e.action), e.reason, e.out_dtype, e.layout, e.block_size, e.tied_to,
+          [(o.name, o.dtype, tuple(o.shape)) for o in e.outputs]) for e in plan.entries],
+        [(s.filename, [e.name for e in s.entries]) for s in plan.shards],
+    )
+
+
+@pytest.mark.parametrize("arch", TABLE_ARCHS)
+@pytest.mark.parametrize("form", ["safetensors", "safetensors-legacy"])
+def test_the_plan_from_the_table_equals_the_plan_from_the_meta_model(arch, form, tmp_path):
+    from models import make_tiny
+
+    from int8.architectures import Config
+    from int8.checkpoint import CheckpointReader, find_checkpoint
+    from int8.conversion.plan import make_plan
+    from int8.hf import load_config
+
+    if form == "safetensors-legacy" and arch not in ("bloom", "t5"):
+        pytest.skip("legacy key layouts exist for BLOOM and T5")
+    src = make_tiny(arch, tmp_path / arch, form=form, tokenizer=False)
+    data = json.loads((src / "config.json").read_text())
+    with CheckpointReader(find_checkpoint(src)) as reader:
+        kw = dict(block_size=128, dtype="BF16", skip=["re:.*\\.1\\..*"], max_shard_size=400_000, same_data=lambda a, b: True)
+        fast = make_plan(Config(data, src), reader.tensors, **kw)
+        slow = make_plan(load_config(src), reader.tensors, **kw)
+    assert _plan_summary(fast) == _plan_summary(slow)
+
+
+def test_converting_a_table_architecture_imports_neither_transformers_nor_compressed_tensors(tmp_path):
+    import subprocess
+    import sys
+
+    from models import make_tiny
+
+    src = make_tiny("gptj", tmp_path / "src", tokenizer=False)
+    code = (
+        "import sys, int8\n"
+        f"int8.convert({str(src)!r}, {str(tmp_path / 'out')!r}, device='cpu')\n"
+        "print(sorted(m for m in ('transformers', 'compressed_tensors') if m in sys.modules))\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(int8_src()).parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def int8_src() -> str:
+    import int8
+
+    return int8.__file__.rsplit("/", 1)[0]
