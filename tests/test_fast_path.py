@@ -11,7 +11,7 @@ import pytest
 from int8.formats.compressed_tensors import build_config
 
 
-def _reference_config(groups: dict[int, list[str]], ignore: list[str]) -> dict:
+def _reference_config(groups: dict[int, list[str]], ignore: list[str], named: tuple[str, ...] = ()) -> dict:
     """compressed-tensors' own serialization of the same quantization config."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -19,7 +19,7 @@ def _reference_config(groups: dict[int, list[str]], ignore: list[str]) -> dict:
     sizes = sorted(groups, reverse=True)
     schemes = {
         f"group_{i}": QuantizationScheme(
-            targets=["Linear"] if len(sizes) == 1 else sorted(groups[size]),
+            targets=["Linear", *sorted(set(named) & set(groups[size]))] if len(sizes) == 1 else sorted(groups[size]),
             weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=size, dynamic=False),
             format="pack-quantized",
         )
@@ -36,16 +36,18 @@ def _reference_config(groups: dict[int, list[str]], ignore: list[str]) -> dict:
 
 
 @pytest.mark.parametrize(
-    "groups, ignore",
+    "groups, ignore, named",
     [
-        ({128: ["model.layers.0.mlp.up_proj"]}, ["lm_head"]),
-        ({128: ["b.o_proj", "a.o_proj"], 64: ["a.down_proj"], 32: ["a.q_proj", "a.k_proj"]}, []),
-        ({32: ["x"]}, ["lm_head", "encoder.block.0.layer.0.SelfAttention.q"]),
+        ({128: ["model.layers.0.mlp.up_proj"]}, ["lm_head"], ()),
+        ({128: ["b.o_proj", "a.o_proj"], 64: ["a.down_proj"], 32: ["a.q_proj", "a.k_proj"]}, [], ()),
+        ({32: ["x"]}, ["lm_head", "encoder.block.0.layer.0.SelfAttention.q"], ()),
+        ({128: ["transformer.wte", "transformer.h.0.attn.q_proj"]}, [], ("transformer.wte",)),
+        ({128: ["shared", "a.o"], 64: ["a.wo"]}, [], ("shared",)),
     ],
 )
-def test_quantization_config_is_compressed_tensors_serialization(groups, ignore):
-    ours = build_config(groups, ignore)
-    ref = _reference_config(groups, ignore)
+def test_quantization_config_is_compressed_tensors_serialization(groups, ignore, named):
+    ours = build_config(groups, ignore, named)
+    ref = _reference_config(groups, ignore, named)
     assert json.dumps(ours) == json.dumps(ref)  # same keys, same values, same order
     # and compressed-tensors parses it back to the same config
     from compressed_tensors.quantization import QuantizationConfig
@@ -62,6 +64,7 @@ from models import ARCHS, tiny_config  # noqa: E402
 
 from int8 import architectures  # noqa: E402
 from int8.architectures import ARCHITECTURES, from_model, from_table  # noqa: E402
+from int8.hf import TokenEmbeddings  # noqa: E402
 
 TABLE_ARCHS = (*ARCHS, "llama")
 VARIANTS = {  # per architecture: config overrides that change the structure
@@ -74,10 +77,14 @@ VARIANTS = {  # per architecture: config overrides that change the structure
 }
 
 
-def _meta_facts(cfg):
+def _meta_model(cfg):
     from int8.hf import build_meta_model
 
-    return from_model(build_meta_model(cfg))
+    return build_meta_model(cfg)
+
+
+def _meta_facts(cfg):
+    return from_model(_meta_model(cfg))
 
 
 def test_the_table_covers_every_architecture_of_the_tests():
@@ -129,7 +136,8 @@ def test_table_facts_equal_the_meta_model_facts(arch, overrides, tmp_path):
     assert ours.output_embeddings == ref.output_embeddings
     assert ours.ignore_missing == ref.ignore_missing
     assert ours.buffers == ref.buffers
-    assert (ours.model_class, ours.prefix) == (ref.model_class, ref.prefix)
+    assert (ours.model_class, ours.prefix, ours.input_embedding) == (ref.model_class, ref.prefix, ref.input_embedding)
+    assert ours.vocab == ref.vocab == TokenEmbeddings.of(_meta_model(load_config(tmp_path)))
 
 
 def test_the_table_passes_over_what_it_does_not_model():
@@ -176,9 +184,10 @@ def test_the_plan_from_the_table_equals_the_plan_from_the_meta_model(arch, form,
     data = json.loads((src / "config.json").read_text())
     with CheckpointReader(find_checkpoint(src)) as reader:
         kw = dict(block_size=128, dtype="BF16", skip=["re:.*\\.1\\..*"], max_shard_size=400_000, same_data=lambda a, b: True)
-        fast = make_plan(Config(data, src), reader.tensors, **kw)
-        slow = make_plan(load_config(src), reader.tensors, **kw)
-    assert _plan_summary(fast) == _plan_summary(slow)
+        for embeddings in ("keep", "int8"):
+            fast = make_plan(Config(data, src), reader.tensors, embeddings=embeddings, **kw)
+            slow = make_plan(load_config(src), reader.tensors, embeddings=embeddings, **kw)
+            assert _plan_summary(fast) == _plan_summary(slow), embeddings
 
 
 def test_converting_a_table_architecture_imports_neither_transformers_nor_compressed_tensors(tmp_path):

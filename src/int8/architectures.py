@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpoint
-from .hf import NameMap, WeightLayout
+from .hf import NameMap, TokenEmbeddings, WeightLayout
 
 
 class ModuleKind(str, Enum):
@@ -50,6 +50,7 @@ class ModelFacts:
     output_embeddings: frozenset[str] = frozenset()  # module names of the output head
     ignore_missing: tuple[str, ...] = ()  # _keys_to_ignore_on_load_missing (regular expressions)
     buffers: frozenset[str] = frozenset()  # state-dict keys that are buffers, not parameters
+    input_embedding: str | None = None  # the module get_input_embeddings returns, by name
 
     @property
     def names(self) -> NameMap:
@@ -61,6 +62,16 @@ class ModelFacts:
     def layout(self, module: str) -> WeightLayout | None:
         """`WeightLayout` of a module whose weight int8 quantizes (`int8.hf.weight_layout`), else None."""
         return {ModuleKind.LINEAR: WeightLayout.LINEAR, ModuleKind.CONV1D: WeightLayout.CONV1D}.get(self.kind(module))
+
+    @property
+    def vocab(self) -> TokenEmbeddings:
+        """`int8.hf.TokenEmbeddings` (as ``TokenEmbeddings.of`` finds it on the model)."""
+        inp, head = self.input_embedding, min(self.output_embeddings, default=None)
+        if inp is None or self.kind(inp) != ModuleKind.EMBEDDING:
+            return TokenEmbeddings(head=head)
+        onto = {t.rpartition(".")[0] for t, s in self.tied.items() if s == f"{inp}.weight" and t.endswith(".weight")}
+        copies = frozenset(n for n in onto if n != head and self.kind(n) == ModuleKind.EMBEDDING)
+        return TokenEmbeddings(inp, head, copies, head is not None and head in onto)
 
     @property
     def linear_modules(self) -> list[str]:
@@ -88,6 +99,7 @@ def from_model(model) -> ModelFacts:
         elif isinstance(m, torch.nn.Linear):
             modules[name] = ModuleKind.LINEAR_SUBCLASS
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return ModelFacts(
         model_class=type(model).__name__,
         prefix=getattr(model, "base_model_prefix", "") or "",
@@ -99,6 +111,7 @@ def from_model(model) -> ModelFacts:
         output_embeddings=frozenset(n for n, m in model.named_modules() if out is not None and m is out),
         ignore_missing=tuple(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
         buffers=frozenset(k for k, v in state.items() if not isinstance(v, torch.nn.Parameter)),
+        input_embedding=next((n for n, m in model.named_modules() if inp is not None and m is inp), None),
     )
 
 
@@ -162,6 +175,7 @@ class Architecture:
     model_type: str
     model_class: str  # what transformers' Auto mapping gives for the model type
     prefix: str
+    input_embedding: str  # the module get_input_embeddings returns
     defaults: Mapping[str, Any]  # transformers' config defaults of every field `build` reads
     build: Callable[[_Fields], tuple[dict, dict, dict]]  # -> (params, modules, tied)
     aliases: Mapping[str, str] = field(default_factory=dict)  # the config class's attribute_map
@@ -326,38 +340,38 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture(
-            "gptj", "GPTJForCausalLM", "transformer",
+            "gptj", "GPTJForCausalLM", "transformer", "transformer.wte",
             {"vocab_size": 50400, "n_embd": 4096, "n_layer": 28, "n_inner": None, "tie_word_embeddings": False},
             _gptj, aliases={"hidden_size": "n_embd", "num_hidden_layers": "n_layer"},
         ),
         Architecture(
-            "gpt2", "GPT2LMHeadModel", "transformer",
+            "gpt2", "GPT2LMHeadModel", "transformer", "transformer.wte",
             {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_inner": None,
              "tie_word_embeddings": True, "add_cross_attention": False},
             _gpt2, aliases={"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "max_position_embeddings": "n_positions"},
             unsupported=lambda f: f.get("add_cross_attention") is not False,
         ),
         Architecture(
-            "bloom", "BloomForCausalLM", "transformer",
+            "bloom", "BloomForCausalLM", "transformer", "transformer.word_embeddings",
             {"vocab_size": 250880, "hidden_size": 64, "n_layer": 2, "tie_word_embeddings": True},
             _bloom, aliases={"num_hidden_layers": "n_layer", "n_embed": "hidden_size"},
         ),
         Architecture(
-            "llama", "LlamaForCausalLM", "model",
+            "llama", "LlamaForCausalLM", "model", "model.embed_tokens",
             {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "attention_bias": False,
              "mlp_bias": False, "tie_word_embeddings": False},
             _llama,
         ),
         Architecture(
-            "t5", "T5ForConditionalGeneration", "transformer",
+            "t5", "T5ForConditionalGeneration", "transformer", "shared",
             {**_T5_DEFAULTS, "vocab_size": 32128, "d_model": 512, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
              "feed_forward_proj": "relu"},
             _t5, aliases={"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"},
             fp32_modules=frozenset({"wo"}), encoder_decoder=True,
         ),
         Architecture(
-            "mt5", "MT5ForConditionalGeneration", "transformer",
+            "mt5", "MT5ForConditionalGeneration", "transformer", "shared",
             {**_T5_DEFAULTS, "vocab_size": 250112, "d_model": 512, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
              "feed_forward_proj": "gated-gelu"},
             _t5, aliases={"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"},
@@ -389,6 +403,7 @@ def from_table(data: Mapping[str, Any]) -> ModelFacts | None:
         tied=tied,
         fp32_modules=arch.fp32_modules,
         output_embeddings=frozenset({"lm_head"}),
+        input_embedding=arch.input_embedding,
     )
 
 

@@ -164,6 +164,7 @@ class WeightLayout(str, Enum):
 
     LINEAR = "linear"  # nn.Linear: (out_features, in_features)
     CONV1D = "conv1d"  # transformers' GPT-2 style Conv1D: (in_features, out_features)
+    EMBEDDING = "embedding"  # nn.Embedding (`int8 convert --embeddings int8`): (num_embeddings, embedding_dim), as LINEAR
 
 
 def weight_layout(module) -> WeightLayout | None:
@@ -177,6 +178,46 @@ def weight_layout(module) -> WeightLayout | None:
     if isinstance(module, Conv1D):
         return WeightLayout.CONV1D
     return None
+
+
+def stored_layout(module) -> WeightLayout | None:
+    """`weight_layout`, and `WeightLayout.EMBEDDING` for an ``nn.Embedding`` (whose weight int8 quantizes only
+    with ``--embeddings int8``): how a module that a checkpoint may store packed holds its weight."""
+    import torch
+
+    layout = weight_layout(module)
+    if layout is None and isinstance(module, torch.nn.Embedding):
+        return WeightLayout.EMBEDDING
+    return layout
+
+
+@dataclass(frozen=True)
+class TokenEmbeddings:
+    """Where a model keeps its vocabulary matrices: the input token embedding, the output head, and which
+    modules transformers ties to the input embedding's weight (T5's ``encoder.embed_tokens``; BLOOM's,
+    SmolLM2's, T5's ``lm_head`` when the head is tied)."""
+
+    input: str | None = None  # the module `get_input_embeddings` returns (an nn.Embedding), by name
+    head: str | None = None  # the module `get_output_embeddings` returns, by name
+    copies: frozenset[str] = frozenset()  # embedding modules whose weight is tied to the input embedding's
+    head_tied: bool = False  # the head's weight is tied to the input embedding's (stored once, as the embedding)
+
+    @classmethod
+    def of(cls, model) -> TokenEmbeddings:
+        import torch
+
+        def name_of(get: str) -> str | None:
+            module = getattr(model, get)() if hasattr(model, get) else None
+            return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+        inp, head = name_of("get_input_embeddings"), name_of("get_output_embeddings")
+        if inp is None or not isinstance(model.get_submodule(inp), torch.nn.Embedding):
+            return cls(head=head)
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        onto = {t.rpartition(".")[0] for t, s in tied.items() if s == f"{inp}.weight" and t.endswith(".weight")}
+        modules = dict(model.named_modules())
+        copies = frozenset(n for n in onto if n != head and isinstance(modules.get(n), torch.nn.Embedding))
+        return cls(inp, head, copies, head is not None and head in onto)
 
 
 def out_in(shape: tuple[int, ...], layout: WeightLayout | str) -> tuple[int, int]:

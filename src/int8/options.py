@@ -71,6 +71,19 @@ def top_p(value: float) -> float:
     return finite("--top-p", value, low=0.0, high=1.0, low_open=True)
 
 
+def embeddings(value: str | None):
+    """--embeddings: keep (the default) or int8, as an `int8.conversion.plan.Embeddings`."""
+    from .conversion.plan import Embeddings
+
+    if value is None:
+        return Embeddings.KEEP
+    try:
+        return Embeddings(str(getattr(value, "value", value)).strip().lower())
+    except ValueError:
+        raise UsageError(f"--embeddings {value!r} is not keep or int8",
+                         "Use --embeddings keep (the default) or --embeddings int8.") from None
+
+
 def skip_patterns(patterns: Sequence[str] | None) -> list[str]:
     """--skip: every pattern well formed (a ``re:`` one a valid regular expression)."""
     from .conversion.plan import check_pattern

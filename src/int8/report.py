@@ -91,6 +91,7 @@ class QuantizationInfo:
     format: str = "compressed-tensors pack-quantized"
     scale_dtype: str = ""  # dtype of the scales; "" (a report written before the field existed): ``dtype``
     block_groups: list[BlockGroup] = field(default_factory=list)  # by block size, largest first
+    embeddings: str = "keep"  # `int8 convert --embeddings`: "int8" when the token embeddings and head are quantized
 
     def __post_init__(self) -> None:
         if not self.scale_dtype:
@@ -128,7 +129,7 @@ class TensorReport:
     source_dtype: str
     dtype: str | None = None  # kept: stored dtype; quantized: scale dtype
     reason: str = ""
-    layout: str | None = None  # quantized: "linear" or "conv1d"
+    layout: str | None = None  # quantized: "linear", "conv1d" or "embedding" (--embeddings int8)
     block_size: int | None = None  # quantized: values per scale (a report written before the field: the report's)
     blocks: int | None = None
     max_abs_error: float | None = None
@@ -208,6 +209,11 @@ class ConversionReport:
     @property
     def quantized(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.action == "quantized"]
+
+    @property
+    def quantized_embeddings(self) -> list[str]:
+        """The token embeddings stored quantized (``--embeddings int8``), by tensor name."""
+        return [t.name for t in self.quantized if t.layout == "embedding"]
 
 
 def in_width(t: TensorReport) -> int:

@@ -11,7 +11,7 @@ from rich.table import Table
 from .. import options
 from ..errors import Int8Error
 from .display import RichProgress, console, size
-from .option_types import device_option, dtype_option, quiet_option, revision_option
+from .option_types import device_option, dtype_option, embeddings_option, quiet_option, revision_option
 from .push import publish
 
 if TYPE_CHECKING:
@@ -26,6 +26,13 @@ ScaleDtype = dtype_option(
     "Stock loaders (transformers with compressed-tensors, vLLM) compute each weight as code x scale in the "
     "scale's dtype: with bf16 scales that product is rounded a second time (errors up to ~1 scale instead of "
     "0.5), which measurably raises the KL divergence of real models; fp32 scales cost about 1.5% more bytes.",
+)
+
+Embeddings = embeddings_option(
+    "keep (default): token embeddings and the output head stay unquantized, in --dtype. int8: quantize them too, "
+    "in blocks along the embedding dimension (a tied head shares the embedding's codes): much smaller for large "
+    "vocabularies, but only int8.load runs it as is; stock transformers loads it only with "
+    "CompressedTensorsConfig(dequantize=True) and one block size; vLLM cannot.",
 )
 
 
@@ -85,6 +92,7 @@ def convert(
             callback=options.skip_patterns,
         ),
     ] = None,
+    embeddings: Embeddings = "keep",
     revision: Revision = None,
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.", callback=_checked_size)
@@ -139,6 +147,7 @@ def convert(
         scale_dtype=scale_dtype,
         device=device,
         skip=skip or (),
+        embeddings=embeddings,
         revision=revision,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
@@ -168,6 +177,11 @@ def summary(report: ConversionReport, folder: Path) -> Table:
     table.add_row("ratio", f"{t.ratio:.2f}x")
     table.add_row("tensors", f"{t.tensors_quantized} quantized, {t.tensors_kept} kept, {t.tensors_dropped} dropped")
     table.add_row("blocks", ", ".join(f"{g.block_size} ({g.layers} layers)" for g in report.quantization.block_groups))
+    if report.quantized_embeddings:
+        from ..formats.compressed_tensors import EMBEDDING_LOADERS
+
+        table.add_row("embeddings", f"int8 ({', '.join(report.quantized_embeddings)}); loaders: "
+                      + "; ".join(f"{k} {v}" for k, v in EMBEDDING_LOADERS.items()))
     table.add_row("time", f"{t.seconds:.1f} s on {t.device} ({t.stream_seconds:.1f} s streaming tensors)")
     table.add_row("throughput", f"{t.throughput_gb_s:.2f} GB/s of input while streaming")
     table.add_row("output", str(folder))

@@ -61,3 +61,13 @@ def dtype_option(flag: str, help: str) -> Any:
     return Annotated[
         Optional[str], typer.Option(flag, help=help, metavar="fp32|fp16|bf16", show_default=False, callback=_checked_dtype)
     ]
+
+
+def _checked_embeddings(value: str) -> str:
+    """--embeddings as typed, once `options.embeddings` accepts it (keep or int8; a UsageError, exit 2, otherwise)."""
+    return options.embeddings(value).value
+
+
+def embeddings_option(help: str) -> Any:
+    """--embeddings keep|int8: whether the token embeddings and the output head are quantized too."""
+    return Annotated[str, typer.Option("--embeddings", help=help, metavar="keep|int8", callback=_checked_embeddings)]

@@ -93,6 +93,7 @@ def convert(
     scale_dtype: str | None = None,
     device: str = "auto",
     skip: Sequence[str] = (),
+    embeddings: str = "keep",
     revision: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
@@ -113,6 +114,9 @@ def convert(
     ``dtype`` (fp16, bf16, fp32) is the dtype of everything not quantized; ``scale_dtype`` that of
     the weight scales. Each defaults to the preset's, else bf16 and fp32: stock loaders decode
     ``code * scale`` in the scale's dtype, so bf16 scales would round every weight a second time.
+
+    ``embeddings``: ``"keep"`` (default) or ``"int8"``, which quantizes the token embeddings and the output
+    head too (`int8.conversion.plan.Embeddings`; loaders: `int8.formats.compressed_tensors.EMBEDDING_LOADERS`).
     """
     progress = progress or _NoProgress()
     # Everything the user typed is checked before anything is downloaded.
@@ -125,6 +129,7 @@ def convert(
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
     shard_bytes = options.shard_size(max_shard_size)
     user_skip = options.skip_patterns(skip)
+    embeddings_mode = options.embeddings(embeddings)
     options.local_revision(source, revision)
     out_dir = options.output_folder(out if out is not None else default_output(source))
     check_replaceable(out_dir, overwrite)
@@ -163,6 +168,7 @@ def convert(
             skip=skip,
             max_shard_size=shard_bytes,
             same_data=lambda a, b: _same_data(reader, a, b),
+            embeddings=embeddings_mode,
         )
         unmatched = unmatched_patterns(plan, user_skip)
         if unmatched:
@@ -286,7 +292,7 @@ def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None
     out["dtype"] = TORCH_NAMES[plan.dtype]
     if "torch_dtype" in out:
         out["torch_dtype"] = TORCH_NAMES[plan.dtype]
-    out["quantization_config"] = build_config(plan.groups, plan.ignore)
+    out["quantization_config"] = build_config(plan.groups, plan.ignore, plan.quantized_embeddings)
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -21,7 +21,7 @@ from ..blocks import block_candidates, choose_block
 from ..errors import UnsupportedModel
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
-from ..hf import WeightLayout, out_in
+from ..hf import TokenEmbeddings, WeightLayout, out_in
 from ..quantize import num_blocks
 
 
@@ -34,6 +34,14 @@ class Action(str, Enum):
 
 
 QUANTIZE, KEEP, DROP = Action.QUANTIZE, Action.KEEP, Action.DROP
+
+
+class Embeddings(str, Enum):
+    """What `int8 convert --embeddings` does with the token embeddings and the output head (the value is the flag's)."""
+
+    KEEP = "keep"  # the default: both stay unquantized in --dtype (every stock loader reads the output)
+    INT8 = "int8"  # both quantized like a linear, in blocks along the embedding dimension (int8.load reads it; see
+    # `int8.formats.compressed_tensors.EMBEDDING_LOADERS`)
 
 
 @dataclass
@@ -89,6 +97,12 @@ class ConversionPlan:
     ignore: list[str]  # Linear modules left unquantized (compressed-tensors `ignore`)
     warnings: list[str] = field(default_factory=list)
     scale_dtype: str = "F32"  # of the weight scales (each QUANTIZE entry's out_dtype)
+    embeddings: Embeddings = Embeddings.KEEP
+
+    @property
+    def quantized_embeddings(self) -> list[str]:
+        """The nn.Embedding modules quantized (`Embeddings.INT8`): config groups must name them, no class target does."""
+        return [e.module for e in self.quantized if e.layout == WeightLayout.EMBEDDING]
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -170,6 +184,7 @@ def make_plan(
     skip: Iterable[str] = (),
     max_shard_size: int = 5_000_000_000,
     same_data: Callable[[SourceTensor, SourceTensor], bool] | None = None,
+    embeddings: Embeddings = Embeddings.KEEP,
 ) -> ConversionPlan:
     """Plan the conversion of ``tensors`` (a checkpoint's tensors) for ``config``.
 
@@ -185,7 +200,12 @@ def make_plan(
     holds the tensor it is tied to, as ``save_pretrained`` does: only if
     ``same_data(copy, original)`` says they are equal, when given — transformers
     itself refuses to tie copies that differ.
+
+    ``embeddings`` (`Embeddings.INT8`) quantizes the input token embedding (`int8.hf.TokenEmbeddings`), in
+    blocks along its embedding dimension, and the output head like any linear; a tied head is stored once,
+    as the embedding's codes. By default both are kept.
     """
+    embeddings = Embeddings(embeddings)
     if block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
     sizes = ", ".join(map(str, block_candidates(block_size)))
@@ -199,6 +219,9 @@ def make_plan(
     fp32_modules = facts.fp32_modules
     out_emb_names = facts.output_embeddings
     model_class = facts.model_class
+    vocab = facts.vocab if embeddings == Embeddings.INT8 else TokenEmbeddings()
+    if embeddings == Embeddings.INT8:
+        out_emb_names = set()  # the head is quantized like any linear
     entries: list[TensorPlan] = []
     warnings: list[str] = []
     by_model_name = {names.model_name(t.name): t for t in tensors}
@@ -233,6 +256,8 @@ def make_plan(
             hit = next((p for p in skip if matches(module_name, p)), None)
             if module_name in out_emb_names:
                 reason = "output head: kept unquantized for accuracy"
+            elif module_name == vocab.head and vocab.head_tied and f"{vocab.input}.weight" not in by_model_name:
+                reason = "output head stored in place of the embedding it is tied to: kept (transformers ties it back)"
             elif hit is not None:
                 reason = f"matches skip pattern {hit!r}"
             elif fp32:
@@ -245,6 +270,16 @@ def make_plan(
                 continue
             entries.append(TensorPlan(t, name, KEEP, reason, _keep_dtype(t.dtype, dtype, fp32), layout=layout))
             continue
+        if module_name == vocab.input and pname == "weight" and len(t.shape) == 2 and t.dtype in FLOAT_DTYPES:
+            block = choose_block(t.shape[1], block_size)
+            hit = next((p for p in skip if matches(module_name, p)), None)
+            if hit is None and block is not None:
+                entries.append(TensorPlan(t, name, QUANTIZE, out_dtype=scale_dtype, layout=WeightLayout.EMBEDDING,
+                                          block_size=block))
+                continue
+            warnings.append(f"--embeddings int8: {name} kept unquantized: " + (
+                f"it matches skip pattern {hit!r}" if hit is not None
+                else f"its embedding dimension {t.shape[1]} is not a multiple of any block size ({sizes})"))
         kind = "embedding" if facts.kind(module_name) == ModuleKind.EMBEDDING else (
             "bias" if pname == "bias" else ("buffer" if name in facts.buffers else "parameter")
         )
@@ -299,6 +334,7 @@ def make_plan(
         ignore=ignore,
         warnings=warnings,
         scale_dtype=scale_dtype,
+        embeddings=embeddings,
     )
 
 

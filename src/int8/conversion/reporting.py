@@ -91,6 +91,7 @@ def build_report(
         quantization=QuantizationInfo(
             block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore,
             scale_dtype=TORCH_NAMES[plan.scale_dtype], block_groups=block_groups(tensors),
+            embeddings=plan.embeddings.value,
         ),
         totals=Totals(
             bytes_in=files.nbytes,

@@ -59,9 +59,22 @@ LINEAR = "Linear"
 """The class-name target of every linear layer (compressed-tensors matches it against the module's classes)."""
 
 
-def build_config(groups: Mapping[int, Sequence[str]], ignore: list[str]) -> dict[str, Any]:
+EMBEDDING_LOADERS = {
+    "int8.load": "yes (int8's Int8Embedding; a tied head shares the embedding's codes)",
+    "transformers": "only de-quantized at load, CompressedTensorsConfig(dequantize=True), and only when every layer "
+                    "has one block size (run-compressed, compressed-tensors 0.20 fails on an nn.Embedding)",
+    "vLLM": "no (its compressed-tensors integration has no quantization method for embeddings)",
+}
+"""Which loaders read a checkpoint whose token embeddings are quantized (``int8 convert --embeddings int8``),
+as found with transformers 5.24 and compressed-tensors 0.20.1 (vLLM: from its source)."""
+
+
+def build_config(groups: Mapping[int, Sequence[str]], ignore: list[str], named: Sequence[str] = ()) -> dict[str, Any]:
     """The ``quantization_config`` for 8-bit symmetric int weights: one config group per group size,
     ``groups`` mapping each size to the modules quantized with it.
+
+    ``named``: the quantized modules that are not linears (embeddings, ``--embeddings int8``), which a group
+    always targets by exact name.
 
     One size: its group targets every ``Linear`` (the unquantized ones are in ``ignore``). Several: each
     group lists its modules by exact name, and no group targets a class. A class target would put a
@@ -79,7 +92,7 @@ def build_config(groups: Mapping[int, Sequence[str]], ignore: list[str]) -> dict
     sizes = sorted(groups, reverse=True)
     schemes = {
         f"group_{i}": {
-            "targets": [LINEAR] if len(sizes) == 1 else sorted(groups[size]),
+            "targets": [LINEAR, *sorted(set(named) & set(groups[size]))] if len(sizes) == 1 else sorted(groups[size]),
             "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": size, "strategy": "group",
                         "dynamic": False},
             "input_activations": None,

@@ -210,6 +210,36 @@ def card_values(folder: Path, report: ConversionReport, preset: Preset | None = 
         "repo": repo_id or placeholder_repo(report),
         "prompt": json.dumps(prompt),
         "fidelity": _fidelity_section(folder, report),
+        **_embedding_values(report, repo_id or placeholder_repo(report)),
+    }
+
+
+def _embedding_values(report: ConversionReport, repo: str) -> dict[str, str]:
+    """The card's words on loaders: every stock loader reads the checkpoint, unless its token embeddings are
+    quantized (``--embeddings int8``; `int8.formats.compressed_tensors.EMBEDDING_LOADERS`)."""
+    from ..formats.compressed_tensors import EMBEDDING_LOADERS
+
+    embeddings = report.quantized_embeddings
+    if not embeddings:
+        return {"loaders": "plain transformers loads it and vLLM serves it", "embeddings_note": "", "ct_import": "",
+                "ct_kwargs": "", "vllm_section": f"Serve it with vLLM:\n\n```bash\nvllm serve {repo}\n```\n"}
+    sharing = [t.name for t in report.tensors if t.action == "dropped" and t.tied_to in embeddings]
+    one_size = len(report.quantization.block_groups) <= 1
+    note = (
+        f"\n- The token embeddings ({', '.join(f'`{e}`' for e in embeddings)}) and the output head are quantized too "
+        "(`int8 convert --embeddings int8`), in blocks along the embedding dimension"
+        + (f"; {', '.join(f'`{n}`' for n in sharing)} share the embedding's codes (tied)" if sharing else "")
+        + ". Which loaders read it: "
+        + "; ".join(f"**{k}**: {v}" for k, v in EMBEDDING_LOADERS.items())
+        + ("." if one_size else ". This checkpoint has several block sizes, so stock transformers cannot load it: use int8.load.")
+    )
+    return {
+        "loaders": "with its token embeddings quantized, only int8.load runs it as stored (see the next line)",
+        "embeddings_note": note,
+        "ct_import": ", CompressedTensorsConfig",
+        "ct_kwargs": ", quantization_config=CompressedTensorsConfig(dequantize=True)",
+        "vllm_section": f"vLLM cannot serve it ({EMBEDDING_LOADERS['vLLM'].removeprefix('no (').removesuffix(')')}): "
+                        "convert without `--embeddings int8` for vLLM.\n",
     }
 
 
@@ -264,14 +294,17 @@ def _provenance(report: ConversionReport) -> str:
 
 
 _SERVE_LINE = re.compile(r"^vllm serve (?P<repo>[\w.-]+(?:/[\w.-]+)?)\s*$", re.MULTILINE)
+_LOAD_LINE = re.compile(r'^model = int8\.load\("(?P<repo>[\w.-]+(?:/[\w.-]+)?)"\)\s*$', re.MULTILINE)
 
 
 def recorded_repo_id(card_path: Path) -> str | None:
-    """The repo id a card written by int8 was rendered for (its `vllm serve` snippet), if any."""
+    """The repo id a card written by int8 was rendered for (its `vllm serve` snippet, else its `int8.load` one:
+    a card of quantized embeddings has no vLLM snippet), if any."""
     try:
-        m = _SERVE_LINE.search(Path(card_path).read_text(encoding="utf-8"))
+        text = Path(card_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
+    m = _SERVE_LINE.search(text) or _LOAD_LINE.search(text)
     return m["repo"] if m and "/" in m["repo"] else None
 
 

@@ -26,8 +26,19 @@ import torch
 
 from ..errors import CorruptCheckpoint, Int8Error, NoWeightsFound, SourceNotFound, UnsupportedModel
 from ..formats.compressed_tensors import LINEAR, ConfigGroup, check_config, matching_groups
-from ..hf import FROM_TORCH_NAME, NameMap, out_in, parse_dtype, resolve_device, torch_dtype, weight_layout
+from ..hf import (
+    FROM_TORCH_NAME,
+    NameMap,
+    TokenEmbeddings,
+    WeightLayout,
+    out_in,
+    parse_dtype,
+    resolve_device,
+    stored_layout,
+    torch_dtype,
+)
 from ..hf import model_class as model_class_for
+from .embedding import Int8Embedding, TiedInt8Embedding, TiedInt8Head
 from .layer import Int8Linear, Kernel, triton_ready, triton_unavailable_reason
 
 log = logging.getLogger("int8.runtime")
@@ -151,6 +162,7 @@ def _register() -> None:
             self.quant_method = QUANT_METHOD
             self.checkpoint_config = copy.deepcopy(checkpoint_config or {})
             self.layers: dict[str, QuantizedLayerSpec] = kwargs.pop("layers", {})
+            self.stored: frozenset[str] = kwargs.pop("stored", frozenset())  # every tensor name of the checkpoint
 
         def to_dict(self) -> dict[str, Any]:
             return copy.deepcopy(self.checkpoint_config)
@@ -166,11 +178,13 @@ def _register() -> None:
         requires_calibration = False
 
         def _process_model_before_weight_loading(self, model, **kwargs):
+            vocab = TokenEmbeddings.of(model)  # before the swap: it looks for an nn.Embedding
             replace_linears(model, self.quantization_config.layers)
+            share_embedding(model, vocab, self.quantization_config.stored)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             for module in model.modules():
-                if isinstance(module, Int8Linear):
+                if isinstance(module, (Int8Linear, Int8Embedding, TiedInt8Head, TiedInt8Embedding)):
                     module.finalize()
             return model
 
@@ -202,15 +216,27 @@ def _model_names(model, specs: dict[str, QuantizedLayerSpec]) -> dict[str, Quant
 
 
 def replace_linears(model: torch.nn.Module, specs: dict[str, QuantizedLayerSpec]) -> list[str]:
-    """Swap the named ``nn.Linear`` / ``Conv1D`` modules of ``model`` for empty `Int8Linear` (checkpoint layout)."""
+    """Swap the named ``nn.Linear`` / ``Conv1D`` modules of ``model`` for empty `Int8Linear`, and a quantized
+    ``nn.Embedding`` (``--embeddings int8``) for an empty `Int8Embedding` (checkpoint layout)."""
     replaced = []
     for name, spec in _model_names(model, specs).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        layout = weight_layout(old)
+        layout = stored_layout(old)
         if layout is None:
-            raise UnsupportedModel(f"{name} is a {type(old).__name__}; int8.load de-quantizes only nn.Linear and Conv1D layers")
+            raise UnsupportedModel(f"{name} is a {type(old).__name__}; int8.load de-quantizes only nn.Linear, Conv1D "
+                                   "and nn.Embedding layers")
+        if layout == WeightLayout.EMBEDDING:
+            if (old.num_embeddings, old.embedding_dim) != (spec.out_features, spec.in_features):
+                raise CorruptCheckpoint(
+                    f"{name}: the checkpoint's int8 embedding is {spec.out_features}x{spec.in_features} but the model "
+                    f"expects {old.num_embeddings}x{old.embedding_dim}", "The weights and config.json do not belong together.")
+            setattr(parent, child, Int8Embedding(
+                old.num_embeddings, old.embedding_dim, old.padding_idx, block_size=spec.block_size,
+                scale_dtype=spec.scale_dtype, device=torch.device("meta"), dtype=old.weight.dtype))
+            replaced.append(name)
+            continue
         out_f, in_f = out_in(tuple(old.weight.shape), layout)
         if out_f != spec.out_features or math.ceil(in_f / 4) != math.ceil(spec.in_features / 4) or in_f > spec.in_features:
             raise CorruptCheckpoint(
@@ -226,6 +252,38 @@ def replace_linears(model: torch.nn.Module, specs: dict[str, QuantizedLayerSpec]
         setattr(parent, child, new)
         replaced.append(name)
     return replaced
+
+
+def share_embedding(model: torch.nn.Module, vocab: TokenEmbeddings, stored: frozenset[str]) -> list[str]:
+    """Make the modules that transformers ties to a quantized input embedding share its codes.
+
+    transformers ties by parameter (``lm_head.weight = embed.weight``), which an `Int8Embedding` has not:
+    those ties are taken out of the model's ``all_tied_weights_keys``, and each tied module the
+    checkpoint does not store on its own becomes a `TiedInt8Head` (the output head) or a
+    `TiedInt8Embedding` (T5's ``encoder.embed_tokens``). Returns the modules so replaced."""
+    if vocab.input is None or not isinstance(model.get_submodule(vocab.input), Int8Embedding):
+        return []
+    source = model.get_submodule(vocab.input)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    names = NameMap(frozenset(k for k, _ in model.named_modules()), getattr(model, "base_model_prefix", "") or "")
+    stored_modules = {names.model_name(n.rpartition(".")[0]) for n in stored}
+    shared = []
+    for target in [t for t, s in tied.items() if s == f"{vocab.input}.weight"]:
+        del tied[target]
+        module = target.rpartition(".")[0]
+        if module in stored_modules:  # stored on its own (an untied head): loaded as it is
+            continue
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if module == vocab.head:
+            bias = getattr(old, "bias", None)
+            new = TiedInt8Head(source, None if bias is None else torch.zeros_like(bias, device="cpu"), dtype=source._compute_dtype)
+        else:
+            new = TiedInt8Embedding(source, dtype=source._compute_dtype)
+        setattr(parent, child, new)
+        shared.append(module)
+    return shared
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +385,8 @@ def load(
     _register()
     qc_dict = qc if isinstance(qc, dict) else qc.to_dict()
     # transformers builds the quantizer from this dict (see `_register`).
-    config.quantization_config = {"quant_method": QUANT_METHOD, "checkpoint_config": qc_dict, "layers": specs}
+    config.quantization_config = {"quant_method": QUANT_METHOD, "checkpoint_config": qc_dict, "layers": specs,
+                                  "stored": frozenset(_headers(folder))}
     kwargs: dict[str, Any] = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -339,7 +398,7 @@ def load(
         raise
     except (ValueError, OSError, RuntimeError) as e:
         raise CorruptCheckpoint(f"transformers could not load {folder}: {e}") from None
-    int8_names = {n for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    int8_names = {n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))}
     missing = sorted(k for k in info.get("missing_keys", ()) if k.rpartition(".")[0] in int8_names)
     if missing:
         raise CorruptCheckpoint(f"{folder} lacks int8 tensors the model needs, e.g. {', '.join(missing[:3])}",
@@ -370,7 +429,7 @@ def check_kernel(kernel: Kernel, device: torch.device) -> None:
 def use_kernel(model: torch.nn.Module, kernel: Kernel, device: torch.device) -> str:
     """Set ``kernel`` on every `Int8Linear` of ``model``; record and log the path that runs."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    for m in layers:
+    for m in [*layers, *(e for e in model.modules() if isinstance(e, Int8Embedding))]:
         m.kernel = kernel
     path = "triton" if triton_ready(device.type, kernel) else "dequantize"
     model.int8_kernel = path

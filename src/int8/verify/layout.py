@@ -111,6 +111,11 @@ class Layout:
     def conv1d(self) -> bool:
         return any(q.layout == WeightLayout.CONV1D for q in self.quantized.values())
 
+    @property
+    def embeddings(self) -> list[str]:
+        """The embedding modules stored quantized (``int8 convert --embeddings int8``)."""
+        return [q.module for q in self.quantized.values() if q.layout == WeightLayout.EMBEDDING]
+
 
 class ReadState(Enum):
     """How far reading a file got."""

@@ -108,10 +108,13 @@ class LoadMode(Enum):
     COMPRESSED = "run-compressed"  # stock transformers + compressed-tensors, int8 codes in the layers
     DEQUANTIZED = "de-quantized at load"  # stock transformers + compressed-tensors, weights de-quantized
     INT8 = "int8's de-quantized build"  # compressed-tensors cannot load it (Conv1D): int8 builds the model
+    INT8_LOAD = "int8.load"  # quantized embeddings: stock run-compressed loading fails on them; int8.load runs them
 
 
 def load_mode(layout: Layout) -> LoadMode:
     """How stock transformers loads this checkpoint (`LoadMode.INT8`: not at all)."""
+    if layout.embeddings:
+        return LoadMode.INT8_LOAD
     if layout.conv1d:
         return LoadMode.INT8
     if (layout.model_type or "") in T5_FAMILY:
@@ -152,6 +155,14 @@ def load_converted(folder: Path, mode: LoadMode, dtype: torch.dtype, device: tor
             cls, folder, quantization_config=qc, dtype=dtype, output_loading_info=True, **_placement(device)
         )
     return model.eval(), info
+
+
+def load_int8(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The converted model as `int8.load` runs it (int8 codes kept, de-quantized per multiplication)."""
+    from ..runtime.loader import load
+
+    with quiet():
+        return load(folder, device=device, dtype=dtype, kernel="dequantize")
 
 
 def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):

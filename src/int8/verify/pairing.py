@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..formats.compressed_tensors import LINEAR, class_names, is_ignored, matching_groups, packed_columns
 from ..formats.safetensors import FLOAT_DTYPES
-from ..hf import WeightLayout, out_in, weight_layout
+from ..hf import WeightLayout, out_in, stored_layout, weight_layout
 from .layout import QuantLayer, StoredTensor
 from .read import REPORT_NAME, ConfigRead
 
@@ -105,9 +105,9 @@ def _pair(mod, t, tensors, cfg: ConfigRead, params, modules, cls, ignored, probl
         problems.append(f"{_where(t)} has no {mod}{SHAPE} beside it in any shard")
     if f"{mod}.weight" in tensors:
         problems.append(f"{mod} is stored both quantized and as a plain {mod}.weight")
-    kind = weight_layout(modules.get(mod))
+    kind = stored_layout(modules.get(mod))  # a linear, or an embedding (int8 convert --embeddings int8)
     if kind is None:
-        problems.append(f"{_where(t)}: {mod} is not a linear layer of {cls} built from config.json")
+        problems.append(f"{_where(t)}: {mod} is not a linear or embedding layer of {cls} built from config.json")
         return None
     if ignored(mod):
         problems.append(f"{_where(t)}: {mod} is quantized but quantization_config.ignore lists it")

@@ -298,6 +298,8 @@ def _load(layout: Layout, mode: LoadMode, dtype, device) -> tuple[Check, object 
             check = outcome("load", [f"the checkpoint does not fill {', '.join(missing[:5])}"],
                             figure="incomplete", threshold=threshold, group=Group.LOADING)
         return check, model
+    if mode is models.LoadMode.INT8_LOAD:
+        return _load_int8(layout, dtype, device)
     try:
         model, info = models.load_converted(layout.folder, mode, dtype, device)
     except Exception as e:  # transformers refusing the checkpoint is the finding
@@ -317,6 +319,23 @@ def _load(layout: Layout, mode: LoadMode, dtype, device) -> tuple[Check, object 
     else:
         figure = f"{cls}, de-quantized at load (transformers cannot run {layout.model_type} run-compressed)"
     return outcome("load", problems, figure=figure, threshold=threshold, group=Group.LOADING), model
+
+
+def _load_int8(layout: Layout, dtype, device) -> tuple[Check, object | None]:
+    """The loading check of a checkpoint with quantized embeddings, which `int8.load` runs (stock transformers
+    only de-quantized at load, with one block size; vLLM not at all: `EMBEDDING_LOADERS`)."""
+    from ..formats.compressed_tensors import EMBEDDING_LOADERS
+    from . import models
+
+    threshold = "int8.load (quantized embeddings: stock transformers runs them only de-quantized), every int8 layer filled"
+    try:
+        model = models.load_int8(layout.folder, dtype, device)
+    except Exception as e:  # int8.load refusing the checkpoint is the finding
+        return outcome("load", [f"int8.load cannot load it: {type(e).__name__}: {first_line(e, 300)}"],
+                       figure="does not load", threshold=threshold, group=Group.LOADING), None
+    figure = (f"{layout.model_class}, int8.load: {len(layout.quantized)} int8 layers, embeddings "
+              f"{', '.join(layout.embeddings)}; transformers: {EMBEDDING_LOADERS['transformers']}; vLLM: {EMBEDDING_LOADERS['vLLM']}")
+    return outcome("load", [], figure=figure, threshold=threshold, group=Group.LOADING), model
 
 
 def _is_quantized(folder: Path | None) -> bool:
