@@ -93,3 +93,50 @@ def nbytes(n_layer: int) -> int:
 
 def largest_tensor(n_layer: int) -> int:
     return max(t.nbytes for t in gptj_tensors(n_layer))
+
+
+# --------------------------------------------------------------------------- any architecture of int8's table
+
+T5_SMALL = {  # t5-small's config.json (the structural fields)
+    "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": 32128, "d_model": 512,
+    "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8, "feed_forward_proj": "relu", "is_encoder_decoder": True,
+    "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+}
+BLOOM_560M = {  # bigscience/bloom-560m's config.json (the structural fields)
+    "model_type": "bloom", "architectures": ["BloomForCausalLM"], "vocab_size": 250880, "hidden_size": 1024,
+    "n_layer": 24, "n_head": 16, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+}
+
+
+def build_from_config(folder: Path, config: dict, seed: int = 0) -> Path:
+    """Write config.json + model.safetensors holding every tensor `int8.architectures` lists for ``config``
+    (tied copies left out, as save_pretrained does), random N(0, 0.02), norms around 1."""
+    from int8.architectures import from_table
+
+    folder = Path(folder)
+    marker = folder / "synthetic.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("config") == config:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in folder.iterdir():
+        p.unlink()
+    facts = from_table(config)
+    tensors = [OutputTensor(k, "F32", s) for k, s in facts.params.items() if k not in facts.tied]
+    gen = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(folder / "model.safetensors", tensors, metadata={"format": "pt"})
+    for t in tensors:
+        rows = t.shape[0]
+        step = max(1, (64 << 20) // max(1, t.nbytes // rows))
+        for r0 in range(0, rows, step):
+            chunk = torch.randn((min(step, rows - r0), *t.shape[1:]), generator=gen) * 0.02
+            if len(t.shape) == 1 and "norm" in t.name and t.name.endswith("weight"):
+                chunk += 1
+            writer.write(chunk.numpy())
+    writer.close()
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    marker.write_text(json.dumps({"config": config, "bytes": sum(t.nbytes for t in tensors), "tensors": len(tensors)}))
+    return folder
+
+
+def nbytes_of(folder: Path) -> int:
+    return json.loads((Path(folder) / "synthetic.json").read_text())["bytes"]

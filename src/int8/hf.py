@@ -57,6 +57,13 @@ def known_model_types() -> frozenset[str]:
     return frozenset(CONFIG_MAPPING_NAMES)
 
 
+def _known_model_type(model_type: str) -> bool:
+    """In int8's architecture table (no import of transformers' config registry, which imports torch) or transformers'."""
+    from .architectures import ARCHITECTURES
+
+    return model_type in ARCHITECTURES or model_type in known_model_types()
+
+
 def remote_code_problem(folder: Path) -> str | None:
     """Why loading ``folder`` would need code from a model repo (None: it would not)."""
     folder = Path(folder)
@@ -74,7 +81,7 @@ def remote_code_problem(folder: Path) -> str | None:
             return f"{name} has an auto_map: loading it needs custom code from the model repo"
         if name == CONFIG_NAME:
             model_type = data.get("model_type")
-            if model_type is not None and (not isinstance(model_type, str) or model_type not in known_model_types()):
+            if model_type is not None and (not isinstance(model_type, str) or not _known_model_type(model_type)):
                 return f"{name}: model_type {model_type!r} is not an architecture transformers knows"
     return None
 

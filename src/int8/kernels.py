@@ -47,7 +47,11 @@ def available() -> bool:
 if _HAVE_NUMBA:
     # `reassoc` lets LLVM vectorize the error sum; it cannot change a division, a rint or a
     # conversion, so the codes and scales are exact. No `arcp` (reciprocals) and no `nnan`.
-    _jit_reassoc = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"})
+    # error_model="numpy": no ZeroDivisionError check on each division (the divisor is never 0);
+    # Python's check, inside the inner loop, kept it scalar (3x slower with data in cache).
+    _jit_reassoc = numba.njit(
+        nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"}, error_model="numpy"
+    )
 
     @numba.njit(inline="always", cache=True)
     def _pow2(e):

@@ -200,7 +200,7 @@ def _check_not_overlapping(out: Path, source: Path) -> None:
 
 
 def _load_config(folder: Path):
-    from ..hf import load_config, read_json_object
+    from ..hf import load_config, read_json_object, refuse_remote_code
 
     path = folder / "config.json"
     if not path.is_file():
@@ -215,6 +215,11 @@ def _load_config(folder: Path):
             f"{folder} is already quantized ({qc.get('quant_method', '?')}: config.json has a quantization_config)",
             "Convert the original full-precision checkpoint instead.",
         )
+    from ..architectures import Config, from_table
+
+    if from_table(config_dict) is not None:  # an architecture of int8's table: no transformers needed to plan
+        refuse_remote_code(folder)
+        return Config(config_dict, folder), config_dict
     try:
         config = load_config(folder)
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:

@@ -1,7 +1,7 @@
 """Decide, before any data moves, what becomes of every tensor of a checkpoint.
 
-The model class is built on the ``meta`` device from the checkpoint's config
-(no memory, no weights): that tells which tensors are ``nn.Linear`` weights,
+The model's structure (`int8.architectures.ModelFacts`: from a table for the architectures int8
+knows, else from the model class built on the ``meta`` device) tells which tensors are ``nn.Linear`` weights,
 which are tied to which, what the model class keeps in fp32, and the names
 transformers expects. The result is a `ConversionPlan`: one `TensorPlan` per
 source tensor (quantize, keep, or drop, with the reason) and the exact layout
@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
+from ..architectures import ModelFacts, ModuleKind, model_facts
 from ..blocks import block_candidates, choose_block
 from ..errors import UnsupportedModel
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
-from ..hf import NameMap, TokenEmbeddings, WeightLayout, build_meta_model, out_in, weight_layout
+from ..hf import TokenEmbeddings, WeightLayout, out_in
 from ..quantize import num_blocks
 
 
@@ -213,17 +212,14 @@ def make_plan(
     skip = list(skip)
     for pattern in skip:
         check_pattern(pattern)
-    model = build_meta_model(config)
-    names = NameMap.of(model)
-    modules = dict(model.named_modules())
-    params = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    fp32_modules = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
-        getattr(model, "_keep_in_fp32_modules_strict", None) or ()
-    )
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    out_emb_names = {n for n, m in modules.items() if output_embeddings is not None and m is output_embeddings}
-    vocab = TokenEmbeddings.of(model) if embeddings == Embeddings.INT8 else TokenEmbeddings()
+    facts = model_facts(config)  # `int8.architectures`: from its table, or from the model class built on meta
+    names = facts.names
+    params = facts.params
+    tied = dict(facts.tied)
+    fp32_modules = facts.fp32_modules
+    out_emb_names = facts.output_embeddings
+    model_class = facts.model_class
+    vocab = facts.vocab if embeddings == Embeddings.INT8 else TokenEmbeddings()
     if embeddings == Embeddings.INT8:
         out_emb_names = set()  # the head is quantized like any linear
     entries: list[TensorPlan] = []
@@ -234,13 +230,13 @@ def make_plan(
     for t in tensors:
         name = names.model_name(t.name)
         if name not in params:
-            entries.append(TensorPlan(t, name, DROP, "not a parameter or buffer of " + type(model).__name__))
+            entries.append(TensorPlan(t, name, DROP, "not a parameter or buffer of " + model_class))
             dropped_unknown.append(t.name)
             continue
-        expected = tuple(params[name].shape)
+        expected = tuple(params[name])
         if expected != t.shape:
             raise UnsupportedModel(
-                f"tensor {t.name!r} has shape {list(t.shape)} but {type(model).__name__} built from config.json "
+                f"tensor {t.name!r} has shape {list(t.shape)} but {model_class} built from config.json "
                 f"expects {list(expected)}",
                 "The weights and config.json do not belong together.",
             )
@@ -251,9 +247,8 @@ def make_plan(
                 continue
             # Different values (T5 v1.1's lm_head, say): transformers will not tie them; keep both.
         module_name, _, pname = name.rpartition(".")
-        module = modules.get(module_name)
         fp32 = any(matches(module_name, m) for m in fp32_modules)
-        layout = weight_layout(module)
+        layout = facts.layout(module_name)
         if pname == "weight" and len(t.shape) == 2 and layout is not None and t.dtype in FLOAT_DTYPES:
             in_features = out_in(t.shape, layout)[1]
             block = choose_block(in_features, block_size)
@@ -266,7 +261,7 @@ def make_plan(
             elif hit is not None:
                 reason = f"matches skip pattern {hit!r}"
             elif fp32:
-                reason = f"{type(model).__name__} keeps it in fp32 (_keep_in_fp32_modules)"
+                reason = f"{model_class} keeps it in fp32 (_keep_in_fp32_modules)"
             elif block is None:
                 reason = f"input dimension {in_features} is not a multiple of any block size ({sizes})"
                 ragged.append(name)
@@ -285,21 +280,21 @@ def make_plan(
             warnings.append(f"--embeddings int8: {name} kept unquantized: " + (
                 f"it matches skip pattern {hit!r}" if hit is not None
                 else f"its embedding dimension {t.shape[1]} is not a multiple of any block size ({sizes})"))
-        kind = "embedding" if isinstance(module, torch.nn.Embedding) else (
-            "bias" if pname == "bias" else ("buffer" if not isinstance(params[name], torch.nn.Parameter) else "parameter")
+        kind = "embedding" if facts.kind(module_name) == ModuleKind.EMBEDDING else (
+            "bias" if pname == "bias" else ("buffer" if name in facts.buffers else "parameter")
         )
         entries.append(TensorPlan(t, name, KEEP, kind, _keep_dtype(t.dtype, dtype, fp32)))
 
-    missing = _missing_keys(model, params, tied, {e.name for e in entries if e.action != DROP or e.tied_to})
+    missing = _missing_keys(facts, params, tied, {e.name for e in entries if e.action != DROP or e.tied_to})
     if missing:
         raise UnsupportedModel(
-            f"the checkpoint lacks {len(missing)} tensor(s) that {type(model).__name__} needs, e.g. "
+            f"the checkpoint lacks {len(missing)} tensor(s) that {model_class} needs, e.g. "
             + ", ".join(sorted(missing)[:4]),
             "The weights and config.json do not belong together, or the download is incomplete.",
         )
     if dropped_unknown:
         warnings.append(
-            f"dropped {len(dropped_unknown)} tensor(s) that {type(model).__name__} does not use: "
+            f"dropped {len(dropped_unknown)} tensor(s) that {model_class} does not use: "
             + ", ".join(dropped_unknown[:4]) + (" ..." if len(dropped_unknown) > 4 else "")
         )
     quantized = [e for e in entries if e.action == QUANTIZE]
@@ -311,7 +306,7 @@ def make_plan(
                 "Choose a --block-size that divides them.",
             )
         raise UnsupportedModel(
-            f"{type(model).__name__} has no nn.Linear weights that int8 would quantize",
+            f"{model_class} has no nn.Linear weights that int8 would quantize",
             "int8 converts models whose big weights are nn.Linear layers.",
         )
     if ragged:
@@ -326,12 +321,10 @@ def make_plan(
         )
     for e in entries:
         e.outputs = _outputs(e)
-    ignore = sorted(
-        n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in {e.module for e in quantized}
-    )
+    ignore = sorted(n for n in facts.linear_modules if n not in {e.module for e in quantized})
     shards = _shard(entries, max_shard_size)
     return ConversionPlan(
-        model_class=type(model).__name__,
+        model_class=model_class,
         model_type=config.model_type,
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         block_size=block_size,
@@ -345,9 +338,9 @@ def make_plan(
     )
 
 
-def _missing_keys(model, params: dict, tied: dict[str, str], provided: set[str]) -> set[str]:
+def _missing_keys(facts: ModelFacts, params, tied: dict[str, str], provided: set[str]) -> set[str]:
     """Model tensors that neither the checkpoint nor weight tying will fill."""
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    ignore = [re.compile(p) for p in facts.ignore_missing]
     tied_group: dict[str, set[str]] = {}
     for target, source in tied.items():
         group = tied_group.setdefault(source, {source}) | tied_group.get(target, {target}) | {target}

@@ -71,7 +71,7 @@ as found with transformers 5.24 and compressed-tensors 0.20.1 (vLLM: from its so
 
 def build_config(groups: Mapping[int, Sequence[str]], ignore: list[str], named: Sequence[str] = ()) -> dict[str, Any]:
     """The ``quantization_config`` for 8-bit symmetric int weights: one config group per group size,
-    ``groups`` mapping each size to the modules quantized with it; built and serialized by compressed-tensors.
+    ``groups`` mapping each size to the modules quantized with it.
 
     ``named``: the quantized modules that are not linears (embeddings, ``--embeddings int8``), which a group
     always targets by exact name.
@@ -81,30 +81,46 @@ def build_config(groups: Mapping[int, Sequence[str]], ignore: list[str], named: 
     module in a group other than its own wherever a loader matches class names before module names:
     vLLM matches a fused ``qkv_proj`` by its class (``QKVParallelLinear`` contains "Linear") before
     it looks at the names of ``q_proj``, ``k_proj`` and ``v_proj``.
-    """
-    import compressed_tensors
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
+    Written as compressed-tensors serializes its ``QuantizationConfig`` (``model_dump(mode="json")``; the
+    test suite checks that the two are equal, key order included) without importing it: importing
+    ``compressed_tensors.quantization`` imports transformers' modeling code, seconds of a conversion's
+    fixed cost.
+    """
     if not groups:
         raise ValueError("no config group: nothing is quantized")
     sizes = sorted(groups, reverse=True)
     schemes = {
-        f"group_{i}": QuantizationScheme(
-            targets=[LINEAR, *sorted(set(named) & set(groups[size]))] if len(sizes) == 1 else sorted(groups[size]),
-            weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=size,
-                                     dynamic=False),
-            format=FORMAT,
-        )
+        f"group_{i}": {
+            "targets": [LINEAR, *sorted(set(named) & set(groups[size]))] if len(sizes) == 1 else sorted(groups[size]),
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": size, "strategy": "group",
+                        "dynamic": False},
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
         for i, size in enumerate(sizes)
     }
-    qc = QuantizationConfig(config_groups=schemes, format=FORMAT, quantization_status="compressed", ignore=ignore)
     return {
-        "version": compressed_tensors.__version__,
+        "version": compressed_tensors_version(),
         "quant_method": QUANT_METHOD,
         "sparsity_config": {},
         "transform_config": {},
-        **qc.model_dump(exclude={"quant_method"}, mode="json"),
+        "config_groups": schemes,
+        "kv_cache_scheme": None,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "moe_sparsity_config": None,
     }
+
+
+def compressed_tensors_version() -> str:
+    """The installed compressed-tensors' version (from its package metadata: no import)."""
+    from importlib.metadata import version
+
+    return version("compressed-tensors")
 
 
 @dataclass(frozen=True)
