@@ -43,10 +43,26 @@ class Plan:
     budget: int  # bytes of CPU memory allowed
     needed: int  # the estimated peak of the chosen mode
     gpu_budget: int | None = None
+    whole: int = 0  # the estimated peak of the whole-model run
+    streamed: int | None = None  # the estimated peak of the layer-by-layer run (None: the model does not split)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The figures a verify result records about memory."""
+        out = {"memory_budget_bytes": self.budget, "memory_whole_bytes": self.whole,
+               "layer_by_layer": float(self.mode is Mode.STREAMED)}
+        if self.streamed is not None:
+            out["memory_layer_by_layer_bytes"] = self.streamed
+        return out
 
 
-def size_text(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+def size_text(n: float, up: bool = False) -> str:
+    """Bytes as people write a budget: 8.00 GB, 512 MB (``up``: rounded up, so that the text still suffices)."""
+    unit, scale, digits = ("GB", 1e9, 2) if n >= 1e8 else ("MB", 1e6, 0)
+    value = n / scale
+    if up:
+        value = math.ceil(value * 10**digits) / 10**digits
+    return f"{value:.{digits}f} {unit}"
 
 
 def machine_memory() -> tuple[int, int]:
@@ -132,23 +148,23 @@ def plan(budget: int, whole: int, streamed: int | None, gpu_budget: int | None =
 
     ``whole`` and ``streamed`` are the estimates of `whole_bytes` and `streamed_bytes` (None: it does not split)."""
     if whole <= budget and (gpu_budget is None or whole - BASE_BYTES <= gpu_budget):
-        return Plan(Mode.WHOLE, budget, whole, gpu_budget)
+        return Plan(Mode.WHOLE, budget, whole, gpu_budget, whole, streamed)
     if streamed is None:
         raise BudgetTooSmall(
             f"--max-memory {size_text(budget)} cannot hold this model, which runs only whole "
-            f"(about {size_text(whole)} needed)",
-            f"Give --max-memory {size_text(whole)} or more, or --quick for structure and integrity only.",
+            f"(about {size_text(whole, up=True)} needed)",
+            f"Give --max-memory {size_text(whole, up=True)} or more, or --quick for structure and integrity only.",
         )
     if streamed > budget:
         raise BudgetTooSmall(
             f"--max-memory {size_text(budget)} is too small for one layer of this model "
-            f"(the smallest budget that works is {size_text(streamed)})",
-            f"Give --max-memory {size_text(streamed)} or more, or fewer --tokens.",
+            f"(the smallest budget that works is {size_text(streamed, up=True)})",
+            f"Give --max-memory {size_text(streamed, up=True)} or more, or fewer --tokens.",
         )
     if gpu_budget is not None and streamed - BASE_BYTES > gpu_budget:
         raise BudgetTooSmall(
             f"--max-gpu-memory {size_text(gpu_budget)} is too small for one layer of this model "
-            f"(the smallest that works is {size_text(streamed - BASE_BYTES)})",
+            f"(the smallest that works is {size_text(streamed - BASE_BYTES, up=True)})",
             "Give more, or --device cpu.",
         )
-    return Plan(Mode.STREAMED, budget, streamed, gpu_budget)
+    return Plan(Mode.STREAMED, budget, streamed, gpu_budget, whole, streamed)

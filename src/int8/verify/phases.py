@@ -97,24 +97,25 @@ def model_checks(
     converted_tok = _tokenizer(layout.folder)
     original_tok = None if unusable else _tokenizer(against.original.folder)
     wins = _windows(layout, original_tok or converted_tok, text, max_tokens)
+    memory: dict[str, float] = {}
     if budget is not None:
         from .budget import Mode
 
         chosen, skeleton, split = _plan(layout, wins, budget)
+        memory = chosen.metrics
         if chosen.mode is Mode.STREAMED:
             say(f"Running layer by layer within {_gb(chosen.budget)} (about {_gb(chosen.needed)} needed)")
             original, loading = _streamed(layout, against, unusable, (original_tok, converted_tok), text, wins, run,
                                           skeleton, split, mode)
             fidelity, found = _fidelity_phase(original, loading, thresholds)
-            metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found,
-                       "memory_budget_bytes": chosen.budget, "memory_estimate_bytes": chosen.needed, "layer_by_layer": 1}
+            metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found, **memory}
             return [*loading.checks, *fidelity], metrics
         models.free(skeleton)
     original = _original_phase(layout, against, unusable, (original_tok, converted_tok), text, wins, run)
     say(f"Loading the converted model ({mode.value})")
     loading = _loading_phase(layout, mode, wins, original.logprobs, run)
     fidelity, found = _fidelity_phase(original, loading, thresholds)
-    metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found}
+    metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found, **memory}
     return [*loading.checks, *fidelity], metrics
 
 

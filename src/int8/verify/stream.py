@@ -299,20 +299,14 @@ def run(layout: Layout, split: Split, model, original_folder, windows: list[Wind
         if p is original:
             pending[(i, r0)] = torch.log_softmax(logits, dim=-1)
             return
-        lp = pending[(i, r0)]
-        if p is conv and original_folder is None:
-            n_bad = int((~torch.isfinite(logits)).sum())
-            if n_bad:
-                bad[i] = bad.get(i, 0) + n_bad
-            return
         if p is conv:
             n_bad = int((~torch.isfinite(logits)).sum())
             if n_bad:
                 bad[i] = bad.get(i, 0) + n_bad
-            converted.update(lp, logits, targets)
-            del pending[(i, r0)]
-        else:
-            drawn[refs.index(p)].update(lp, logits, targets)
+            if original_folder is not None:
+                converted.update(pending.pop((i, r0)), logits, targets)
+            return
+        drawn[refs.index(p)].update(pending[(i, r0)], logits, targets)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet())
