@@ -7,8 +7,10 @@
    (``load``), and run (``forward``), its predictions compared with the original's;
 3. the fidelity phase: ``top1``, ``kl`` and ``perplexity`` from those comparisons.
 
-Only one model is in memory at a time. Whether an unusable original is an
-error or a finding is decided once, in `Against`.
+Only one model is in memory at a time. Within a memory budget that cannot hold
+a model whole (`int8.verify.budget`), phases 1 and 2 run layer by layer instead
+(`_streamed`, `int8.verify.stream`), with the same checks and figures. Whether an
+unusable original is an error or a finding is decided once, in `Against`.
 """
 
 from __future__ import annotations

@@ -286,6 +286,8 @@ def run(layout: Layout, split: Split, model, original_folder, windows: list[Wind
 
     Without an original (``original_folder`` None) the converted model runs alone, for the forward check."""
     windows = [Window({k: v.to(device) for k, v in w.inputs.items()}, w.targets, w.scored) for w in windows]
+    if device.type != "cpu":  # the skeleton's buffers (rotary tables...) are real, on the CPU
+        _install(model, {n: b.to(device) for n, b in model.named_buffers() if b.device.type != "meta"})
     original = Pass("original")
     refs = [Pass(f"reference {i + 1}") for i in range(len(NOISE_SEEDS))]
     conv = Pass("converted")
