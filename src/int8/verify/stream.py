@@ -337,7 +337,7 @@ def run(layout: Layout, split: Split, model, original_folder, windows: list[Wind
                 for weights, ref in zip(src.draws(rounded), refs, strict=True):
                     _install(model, weights)
                     stage.run(ref)
-                del rounded
+                del rounded, weights  # the noisy copy goes before the converted weights come
                 _release(model, names)
                 _install(model, src.converted(names))
                 stage.run(conv)
