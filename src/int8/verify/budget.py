@@ -66,11 +66,12 @@ def size_text(n: float, up: bool = False) -> str:
 
 
 def machine_memory() -> tuple[int, int]:
-    """(total, available) bytes of this machine's memory."""
+    """(total, available) bytes of this machine's memory; available counts what this process holds already
+    (the budget is a peak of this process, which has imported torch by then)."""
     import psutil
 
     vm = psutil.virtual_memory()
-    return int(vm.total), int(vm.available)
+    return int(vm.total), min(int(vm.total), int(vm.available) + int(psutil.Process().memory_info().rss))
 
 
 def gpu_memory(device) -> tuple[int, int]:
