@@ -25,8 +25,8 @@ N_INNER = 16384
 VOCAB = 8192
 
 
-def gptj_tensors(n_layer: int) -> list[OutputTensor]:
-    t = [OutputTensor("transformer.wte.weight", "F32", (VOCAB, N_EMBD))]
+def gptj_tensors(n_layer: int, vocab: int = VOCAB) -> list[OutputTensor]:
+    t = [OutputTensor("transformer.wte.weight", "F32", (vocab, N_EMBD))]
     for i in range(n_layer):
         p = f"transformer.h.{i}"
         t += [
@@ -44,33 +44,36 @@ def gptj_tensors(n_layer: int) -> list[OutputTensor]:
     t += [
         OutputTensor("transformer.ln_f.weight", "F32", (N_EMBD,)),
         OutputTensor("transformer.ln_f.bias", "F32", (N_EMBD,)),
-        OutputTensor("lm_head.weight", "F32", (VOCAB, N_EMBD)),
-        OutputTensor("lm_head.bias", "F32", (VOCAB,)),
+        OutputTensor("lm_head.weight", "F32", (vocab, N_EMBD)),
+        OutputTensor("lm_head.bias", "F32", (vocab,)),
     ]
     return t
 
 
-def gptj_config(n_layer: int) -> dict:
+def gptj_config(n_layer: int, vocab: int = VOCAB) -> dict:
     from transformers import GPTJConfig
 
     cfg = GPTJConfig(
-        vocab_size=VOCAB, n_embd=N_EMBD, n_layer=n_layer, n_head=16, rotary_dim=64, n_positions=2048,
+        vocab_size=vocab, n_embd=N_EMBD, n_layer=n_layer, n_head=16, rotary_dim=64, n_positions=2048,
         bos_token_id=0, eos_token_id=0,
     )
     cfg.architectures = ["GPTJForCausalLM"]
     return cfg.to_dict()
 
 
-def build(folder: Path, n_layer: int, seed: int = 0) -> Path:
-    """Write config.json + model.safetensors (unless already there with the same layer count)."""
+def build(folder: Path, n_layer: int, seed: int = 0, vocab: int = VOCAB) -> Path:
+    """Write config.json + model.safetensors (unless already there with the same layer count and vocabulary).
+
+    ``vocab=50400, n_layer=28`` is GPT-J-6B's size (24 GB of FP32), written a tensor chunk at a time."""
     folder = Path(folder)
     marker = folder / "synthetic.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("n_layer") == n_layer:
+    if marker.is_file() and json.loads(marker.read_text()).get("n_layer") == n_layer and \
+            json.loads(marker.read_text()).get("vocab", VOCAB) == vocab:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for p in folder.iterdir():
         p.unlink()
-    tensors = gptj_tensors(n_layer)
+    tensors = gptj_tensors(n_layer, vocab)
     gen = torch.Generator().manual_seed(seed)
     writer = ShardWriter(folder / "model.safetensors", tensors, metadata={"format": "pt"})
     for t in tensors:
@@ -82,13 +85,13 @@ def build(folder: Path, n_layer: int, seed: int = 0) -> Path:
                 chunk += 1
             writer.write(chunk.numpy())
     writer.close()
-    (folder / "config.json").write_text(json.dumps(gptj_config(n_layer), indent=2))
-    marker.write_text(json.dumps({"n_layer": n_layer, "bytes": sum(t.nbytes for t in tensors)}))
+    (folder / "config.json").write_text(json.dumps(gptj_config(n_layer, vocab), indent=2))
+    marker.write_text(json.dumps({"n_layer": n_layer, "vocab": vocab, "bytes": sum(t.nbytes for t in tensors)}))
     return folder
 
 
-def nbytes(n_layer: int) -> int:
-    return sum(t.nbytes for t in gptj_tensors(n_layer))
+def nbytes(n_layer: int, vocab: int = VOCAB) -> int:
+    return sum(t.nbytes for t in gptj_tensors(n_layer, vocab))
 
 
 def largest_tensor(n_layer: int) -> int:

@@ -307,3 +307,52 @@ def resolve_device(device) -> torch.device:
     elif dev.type != "cpu":
         raise UsageError(f"device {device}: int8 runs on cpu or cuda")
     return dev
+
+
+# --------------------------------------------------------------------------- running a model layer by layer
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A stack of identical blocks that one hidden state runs through, and the norm after it."""
+
+    blocks: str  # the ModuleList of blocks ("transformer.h")
+    norm: str  # the final norm of the stack ("transformer.ln_f")
+    carries: tuple[tuple[int, int], ...] = ()  # (output index, argument index): what a block hands the next (T5's biases)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a model runs as stages: the stacks in order (encoder then decoder), then the head."""
+
+    stacks: tuple[Stack, ...]
+    head: str = "lm_head"
+
+    @property
+    def seq2seq(self) -> bool:
+        return len(self.stacks) == 2
+
+
+_CAUSAL_MODEL = Split((Stack("model.layers", "model.norm"),))
+_T5 = Split((
+    Stack("encoder.block", "encoder.final_layer_norm", carries=((1, 2),)),
+    Stack("decoder.block", "decoder.final_layer_norm", carries=((1, 2), (2, 5))),
+))
+SPLITS: dict[str, Split] = {
+    "gptj": Split((Stack("transformer.h", "transformer.ln_f"),)),
+    "bloom": Split((Stack("transformer.h", "transformer.ln_f"),)),
+    **{t: _CAUSAL_MODEL for t in ("llama", "mistral", "qwen2", "qwen3", "olmo2")},
+    **{t: _T5 for t in ("t5", "mt5")},
+}
+"""Model types that `int8.verify.stream` runs a block at a time: the blocks see only their hidden states and
+what the first block was given (masks, positions), so each block can run on its own."""
+
+
+def split_of(config) -> Split | None:
+    """How a model of this config runs layer by layer (None: it runs whole only).
+
+    A model whose layers differ in kind (``layer_types``: sliding-window and full attention mixed) is not
+    split: each kind of layer is handed its own mask."""
+    if len(set(getattr(config, "layer_types", None) or ())) > 1:
+        return None
+    return SPLITS.get(getattr(config, "model_type", None) or "")

@@ -10,13 +10,25 @@ import typer
 
 from .. import options
 from ..errors import Int8Error, UsageError
-from .display import console, out, say
+from .display import StageProgress, console, out, say
 from .option_types import device_option, json_option, quiet_option, revision_option
 
 Device = device_option("Where models run: auto (GPU if any), cpu, cuda, cuda:N.")
 Revision = revision_option("Hub branch, tag or commit of TARGET (not for a local folder).")
 JsonFile = json_option("Also write the result to FILE as JSON (schema int8.verify/1), whole or not at all.")
 Quiet = quiet_option("No progress or table: failures and the verdict only.")
+
+
+def budget_size(flag: str, value: str | None) -> str | None:
+    """--max-memory / --max-gpu-memory: checked while parsing (a size, and within the machine's memory)."""
+    if value is None:
+        return None
+    from ..verify.budget import check_budget, parse_budget
+
+    size = parse_budget(value, flag)
+    if flag == "--max-memory":
+        check_budget(size)
+    return value
 
 
 def verify(
@@ -64,7 +76,19 @@ def verify(
                                       "original's, either way [default: 1.05].", show_default=False,
                                       callback=options.callback(options.finite, "--max-ppl-ratio", low=1.0))
     ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=8, help="Tokens of the text to score, at most.")] = 2048,
+    max_tokens: Annotated[int, typer.Option("--tokens", "--max-tokens", min=8,
+                                            help="Tokens of the text to score, at most (fewer: faster on big models).")] = 2048,
+    max_memory: Annotated[
+        Optional[str], typer.Option("--max-memory", metavar="SIZE", show_default=False,
+                                    help="Memory the checks may use, e.g. 8GB or 1.5GB [default: what is available]. "
+                                    "A model that does not fit whole is run layer by layer, with the same figures.",
+                                    callback=options.callback(budget_size, "--max-memory"))
+    ] = None,
+    max_gpu_memory: Annotated[
+        Optional[str], typer.Option("--max-gpu-memory", metavar="SIZE", show_default=False,
+                                    help="GPU memory the checks may use on CUDA [default: what is free].",
+                                    callback=options.callback(budget_size, "--max-gpu-memory"))
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Check that a converted checkpoint is whole and faithful: exit 0 when every check passes, 1 when one fails.
@@ -108,6 +132,9 @@ def verify(
         max_tokens=max_tokens,
         save=True if update_card else None,
         progress=None if quiet else say,
+        max_memory=max_memory,
+        max_gpu_memory=max_gpu_memory,
+        bar=None if quiet else lambda _what: StageProgress("layer by layer: original, 3 reference draws, converted"),
     )
     if json_file is not None:
         try:

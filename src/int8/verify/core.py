@@ -31,6 +31,9 @@ def verify_checkpoint(
     max_tokens: int = MAX_TOKENS,
     save: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    max_memory: int | str | None = None,
+    max_gpu_memory: int | str | None = None,
+    bar: Callable[[str], object] | None = None,
 ) -> VerifyResult:
     """Check that a converted checkpoint is whole and faithful; return every check's outcome.
 
@@ -53,6 +56,13 @@ def verify_checkpoint(
     fix: a target or ``against`` that does not exist or cannot be
     downloaded, an unreadable ``text`` file, an unusable ``device``.
 
+    ``max_memory`` (bytes, or a size such as ``"8GB"``; default: the memory available) bounds the model-level
+    checks: a model that does not fit whole runs a block at a time (`int8.verify.stream`), with the same
+    figures; a budget too small for one layer, or larger than the machine's memory, raises
+    `int8.errors.UsageError`. ``max_gpu_memory`` is the same for a CUDA device (default: what is free).
+    ``bar(what)`` makes the progress bar of the layer-by-layer run (``start(stages, tokens)``,
+    ``advance(stage)``, ``finish()``).
+
     ``save`` writes the result to ``int8_verify.json`` in the verified folder
     (default: when the target is a local folder and the run is not quick, so
     a quick run never replaces the figures of a full one).
@@ -61,6 +71,11 @@ def verify_checkpoint(
     say = progress or (lambda _msg: None)
     thresholds = thresholds or Thresholds()
     sample = _sample_text(text)
+
+    from .budget import check_budget, check_gpu_budget, parse_budget
+
+    cpu_budget = check_budget(parse_budget(max_memory))  # before any download
+    gpu_wanted = parse_budget(max_gpu_memory, "--max-gpu-memory")
     tgt = resolve_target(target, revision, token)
 
     from ..hf import resolve_device
@@ -68,6 +83,8 @@ def verify_checkpoint(
     from .structure import check_structure
 
     dev = resolve_device(device)
+    budget = None if quick else (cpu_budget, check_gpu_budget(gpu_wanted, dev))
+
     if not any((tgt.folder / n).exists() for n in ("config.json", "int8_report.json", "model.safetensors.index.json")):
         raise SourceNotFound(
             f"{tgt.id} is not a converted checkpoint: it has no config.json, int8_report.json or shard index",
@@ -90,7 +107,7 @@ def verify_checkpoint(
             original = resolve_original(tgt.folder, against, token, local=tgt.kind == "local")
             against_id = original.id if original.folder is not None else None
             more, found = model_checks(layout, Against(original, named=against is not None), sample, dev, thresholds,
-                                       max_tokens, say)
+                                       max_tokens, say, budget=budget, bar=bar)
             checks += more
             metrics.update(found)
 

@@ -198,6 +198,25 @@ def build_dequantized(layout: Layout, dtype: torch.dtype, device: torch.device):
     return model.eval(), missing
 
 
+def build_skeleton(layout: Layout):
+    """The converted checkpoint's model class built from its config.json with every parameter on ``meta``
+    (buffers real: rotary tables and the like are computed, not stored), in float32: what
+    `int8.verify.stream` fills a stage at a time."""
+    from accelerate import init_empty_weights
+
+    from ..hf import load_config
+    from ..hf import model_class as model_class_for
+
+    with quiet():
+        config = load_config(layout.folder)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        cls = model_class_for(config)
+        with init_empty_weights():
+            model = cls._from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
 def outputs(model, windows: list[Window], device: torch.device) -> Iterator[tuple[torch.Tensor, bool]]:
     """(float32 CPU output of the scored positions, whether it is logits) of each window, one at a time.
 
@@ -246,7 +265,7 @@ class Reference:
         self.unmatched: list[str] = []  # names that found no parameter of the original (a wrong original)
         self._device = next(iter(params.values())).device
         self._seed: int | None = None
-        self._layers: list[tuple[torch.Tensor, bool, int, list[tuple[int, int, torch.Tensor]]]] = []
+        self._layers: list[tuple[torch.Tensor, bool, int, list[tuple[int, int, torch.Tensor]], int]] = []
         scale_dtype = torch_dtype(layout.scale_dtype or "F32")
         with torch.no_grad():
             for name, t in layout.kept.items():
@@ -256,41 +275,54 @@ class Reference:
                     continue
                 if p.is_floating_point() and t.dtype in DTYPES:
                     p.copy_(p.to(torch_dtype(t.dtype)).to(p.dtype))  # rounded as the checkpoint stores it
-            for q in layout.quantized.values():
+            for index, q in enumerate(layout.quantized.values()):
                 p = params.get(f"{q.module}.weight")
                 conv1d = q.layout == WeightLayout.CONV1D
                 want = (q.in_features, q.out_features) if conv1d else (q.out_features, q.in_features)
                 if p is None or tuple(p.shape) != want:
                     self.unmatched.append(f"{q.module}.weight")
                     continue
-                chunks = []
-                g = q.group  # its own block size (`int8.blocks`)
-                step = _rows_per_step(q.in_features)
-                for r0 in range(0, q.out_features, step):
-                    r1 = min(q.out_features, r0 + step)
-                    w = (p[:, r0:r1].t() if conv1d else p[r0:r1]).float()
-                    blocks = torch.nn.functional.pad(w, (0, (-q.in_features) % g)).view(r1 - r0, -1, g)
-                    chunks.append((r0, r1, (blocks.abs().amax(-1) / 127).to(scale_dtype).float()))  # ideal scales
-                self._layers.append((p, conv1d, g, chunks))
+                w = p.t() if conv1d else p
+                self._layers.append((p, conv1d, q.group, ideal_scales(w, q.group, scale_dtype), index))
 
     def draw(self, seed: int) -> None:
         """Make the model the original plus the noise drawn with ``seed`` (in place of the previous draw's)."""
-        new = torch.Generator(device=self._device).manual_seed(seed)
-        old = None if self._seed is None else torch.Generator(device=self._device).manual_seed(self._seed)
         with torch.no_grad():
-            for p, conv1d, g, chunks in self._layers:
+            for p, conv1d, g, chunks, index in self._layers:
                 in_features = p.shape[0] if conv1d else p.shape[1]
-                for r0, r1, scale in chunks:
-                    half = scale.repeat_interleave(g, dim=1)[:, :in_features] / 2
-                    unit = _uniform(half.shape, new)
+                new = layer_noise(chunks, in_features, g, seed, index, self._device)
+                old = None if self._seed is None else layer_noise(chunks, in_features, g, self._seed, index, self._device)
+                for r0, r1, noise in new:
                     if old is not None:
-                        unit -= _uniform(half.shape, old)
-                    noise = unit * half
+                        noise = noise - next(old)[2]
                     if conv1d:
                         p[:, r0:r1].add_(noise.t().to(p.dtype))
                     else:
                         p[r0:r1].add_(noise.to(p.dtype))
         self._seed = seed
+
+
+def ideal_scales(w: torch.Tensor, g: int, scale_dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
+    """absmax/127 of each block of ``w`` (out, in), rounded to ``scale_dtype``, by row chunks (r0, r1, scales)."""
+    out_features, in_features = w.shape
+    chunks = []
+    step = _rows_per_step(in_features)
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        blocks = torch.nn.functional.pad(w[r0:r1].float(), (0, (-in_features) % g)).view(r1 - r0, -1, g)
+        chunks.append((r0, r1, (blocks.abs().amax(-1) / 127).to(scale_dtype).float()))
+    return chunks
+
+
+def layer_noise(chunks, in_features: int, g: int, seed: int, index: int, device) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The reference noise of quantized layer number ``index`` for draw ``seed``: uniform in +-scale/2, by row chunks.
+
+    Each layer draws from a generator of its own (``seed`` and ``index``), so the noise of a layer is the
+    same whether the whole model is in memory or its layers come one at a time (`int8.verify.stream`)."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+    for r0, r1, scale in chunks:
+        half = scale.to(device).repeat_interleave(g, dim=1)[:, :in_features] / 2
+        yield r0, r1, _uniform(half.shape, gen) * half
 
 
 def _uniform(shape, gen: torch.Generator) -> torch.Tensor:

@@ -7,8 +7,10 @@
    (``load``), and run (``forward``), its predictions compared with the original's;
 3. the fidelity phase: ``top1``, ``kl`` and ``perplexity`` from those comparisons.
 
-Only one model is in memory at a time. Whether an unusable original is an
-error or a finding is decided once, in `Against`.
+Only one model is in memory at a time. Within a memory budget that cannot hold
+a model whole (`int8.verify.budget`), phases 1 and 2 run layer by layer instead
+(`_streamed`, `int8.verify.stream`), with the same checks and figures. Whether an
+unusable original is an error or a finding is decided once, in `Against`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Run:
     dtype: Any
     thresholds: Thresholds
     say: Callable[[str], None]
+    bar: Callable[[str], Any] | None = None  # a progress bar for the layer-by-layer run (`int8.verify.stream`)
 
 
 @dataclass(frozen=True)
@@ -80,24 +83,156 @@ class LoadingPhase:
 
 
 def model_checks(
-    layout: Layout, against: Against, text: str, device, thresholds: Thresholds, max_tokens: int, say: Callable[[str], None]
+    layout: Layout, against: Against, text: str, device, thresholds: Thresholds, max_tokens: int, say: Callable[[str], None],
+    budget: tuple[int, int | None] | None = None, bar: Callable[[str], Any] | None = None,
 ) -> tuple[list[Check], dict]:
-    """Loading, forward pass and fidelity; the original first, then the converted model, never both at once."""
+    """Loading, forward pass and fidelity; the original first, then the converted model, never both at once.
+
+    ``budget`` is (CPU bytes, GPU bytes or None) as `int8.verify.budget.check_budget` gives them (None: unbounded,
+    the whole-model run); a model that does not fit whole runs layer by layer (`int8.verify.stream`)."""
     from . import models
 
-    run = Run(device, models.compute_dtype(device, layout), thresholds, say)
+    run = Run(device, models.compute_dtype(device, layout), thresholds, say, bar)
     mode = models.load_mode(layout)
     unusable = _unusable(against)
     # The sample is tokenized with the original's tokenizer: the converted one is what is checked.
     converted_tok = _tokenizer(layout.folder)
     original_tok = None if unusable else _tokenizer(against.original.folder)
     wins = _windows(layout, original_tok or converted_tok, text, max_tokens)
+    memory: dict[str, float] = {}
+    if budget is not None:
+        from .budget import Mode
+
+        chosen, skeleton, split = _plan(layout, wins, budget)
+        memory = chosen.metrics
+        if chosen.mode is Mode.STREAMED:
+            say(f"Running layer by layer within {_gb(chosen.budget)} (about {_gb(chosen.needed)} needed)")
+            original, loading = _streamed(layout, against, unusable, (original_tok, converted_tok), text, wins, run,
+                                          skeleton, split, mode)
+            fidelity, found = _fidelity_phase(original, loading, thresholds)
+            metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found, **memory}
+            return [*loading.checks, *fidelity], metrics
+        models.free(skeleton)
     original = _original_phase(layout, against, unusable, (original_tok, converted_tok), text, wins, run)
     say(f"Loading the converted model ({mode.value})")
     loading = _loading_phase(layout, mode, wins, original.logprobs, run)
     fidelity, found = _fidelity_phase(original, loading, thresholds)
-    metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found}
+    metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found, **memory}
     return [*loading.checks, *fidelity], metrics
+
+
+def _gb(n: int) -> str:
+    from .budget import size_text
+
+    return size_text(n)
+
+
+def _plan(layout: Layout, wins: list, budget: tuple[int, int | None]):
+    """(plan, the meta skeleton, its split or None) for the model-level run within ``budget``."""
+    from ..hf import split_of
+    from . import budget as b
+    from . import models
+    from .stream import stage_bytes
+
+    skeleton = models.build_skeleton(layout)
+    config = skeleton.config
+    fp32 = sum(p.numel() for p in skeleton.parameters()) * 4
+    split = split_of(config)
+    tokens = sum(w.tokens for w in wins) or 1
+    window = max((max(v.shape[-1] for v in w.inputs.values()) for w in wins), default=1)
+    acts = b.activation_bytes(tokens, window, int(getattr(config, "hidden_size", 0) or 0),
+                              int(getattr(config, "num_attention_heads", 0) or 0), int(getattr(config, "vocab_size", 0) or 0))
+    streamed = None if split is None else b.streamed_bytes(stage_bytes(skeleton, split), acts)
+    return b.plan(budget[0], b.whole_bytes(fp32, acts), streamed, budget[1]), skeleton, split
+
+
+def _tensor_checks(layout: Layout, against: Against, unusable: str, tokenizers, text: str, wins: list, run: Run):
+    """(checks, unusable, why, metrics): the tensors against the original's, its tokenizer and config."""
+    from .fidelity import check_same_config, check_same_tokenizer, reconstruction
+
+    original = against.original
+    checks: list[Check] = []
+    why = ""
+    metrics: dict[str, float] = {}
+    if not unusable:
+        run.say(f"Comparing tensors with the original ({original.id})")
+        try:
+            rec = reconstruction(layout, original.folder, run.thresholds)
+            checks.append(rec.check)
+            metrics["max_error_scales_as_loaded"] = rec.max_error_as_loaded
+        except Int8Error as e:
+            unusable = against.unusable(e, f"the original {original.id} cannot be read ({e.message})")
+    if not unusable:
+        checks.append(check_same_tokenizer(*tokenizers, text))
+        checks.append(check_same_config(original.folder, layout.folder))
+        if not wins:
+            why = "no tokenizer loads, so there is no text to run"
+    return checks, unusable, why, metrics
+
+
+def _streamed(layout: Layout, against: Against, unusable: str, tokenizers, text: str, wins: list, run: Run, skeleton,
+              split, mode) -> tuple[OriginalPhase, LoadingPhase]:
+    """The original and loading phases layer by layer: the same checks and figures, in memory flat in model size.
+
+    The loading check builds the model on the meta device (keys only, no weight read); the fidelity run is
+    `int8.verify.stream`'s."""
+    import torch
+
+    from . import models, stream
+    from .fidelity import Agreement
+
+    original = against.original
+    checks, unusable, why, metrics = _tensor_checks(layout, against, unusable, tokenizers, text, wins, run)
+    load_check, loaded = _load(layout, mode, run.dtype, torch.device("meta"))
+    if loaded is not None:
+        models.free(loaded)
+        load_check = _keys_only(load_check)
+    converted = Agreement()
+    references: tuple = ()
+    failed = ""
+    if loaded is None:
+        forward = skipped("forward", "the model did not load", group=Group.LOADING)
+    elif not wins:
+        forward = skipped("forward", "no tokenizer loads, so there is no text to run", group=Group.LOADING)
+    else:
+        folder = None if unusable or why else original.folder
+        shown = wins if folder is not None else wins[:1]
+        run.say("Running the original, the reference and the converted model layer by layer" if folder is not None
+                else "Running the converted model layer by layer")
+        figures = None
+        try:
+            figures = stream.run(layout, split, skeleton, folder, shown, run.dtype, run.device,
+                                 run.bar("layers") if run.bar else None)
+        except stream.OriginalMismatch as e:
+            error = Int8Error(f"--against {original.id}: it is not this model's original ({e})")
+            unusable = against.unusable(error, f"the original {original.id} does not fit this model ({e})")
+            try:
+                figures = stream.run(layout, split, skeleton, None, wins[:1], run.dtype, run.device, None)
+            except Exception as e2:  # a model that cannot run is the finding
+                failed = f"the forward pass raised {type(e2).__name__}: {first_line(e2, 300)}"
+        except Exception as e:  # a model that cannot run is the finding
+            failed = f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"
+        finally:
+            models.free(skeleton)
+        if figures is not None:
+            forward = outcome("forward", list(figures.bad_windows), threshold="finite outputs", group=Group.LOADING,
+                              figure=f"{sum(w.tokens for w in shown)} tokens in {len(shown)} window(s), layer by layer")
+            if folder is not None and not unusable:
+                converted, references = figures.converted, figures.references
+        else:
+            forward = outcome("forward", [failed], figure="raised", threshold="finite outputs", group=Group.LOADING)
+    if unusable:
+        phase = OriginalPhase((_original_check(original, unusable),), "no original to compare with", (), (), metrics)
+    else:
+        phase = OriginalPhase((_original_check(original, ""), *checks), why, (), references, metrics)
+    return phase, LoadingPhase((load_check, forward), converted, "the converted model does not run" if failed else "")
+
+
+def _keys_only(check: Check) -> Check:
+    """The loading check as made on the meta device: the same verdict, the figure says no weight was read."""
+    from dataclasses import replace
+
+    return replace(check, figure=f"{check.figure}; keys on the meta device (layer-by-layer run)")
 
 
 def _unusable(against: Against) -> str:
