@@ -20,9 +20,11 @@ import torch
 
 from ..blocks import block_candidates, choose_block
 from ..errors import UnsupportedModel
+from ..formats import OutputFormat
+from ..formats import bitsandbytes as bnb_format
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
-from ..hf import NameMap, WeightLayout, build_meta_model, out_in, weight_layout
+from ..hf import NameMap, WeightLayout, bnb_default_skips, build_meta_model, out_in, weight_layout
 from ..quantize import num_blocks
 
 
@@ -90,6 +92,7 @@ class ConversionPlan:
     ignore: list[str]  # Linear modules left unquantized (compressed-tensors `ignore`)
     warnings: list[str] = field(default_factory=list)
     scale_dtype: str = "F32"  # of the weight scales (each QUANTIZE entry's out_dtype)
+    format: OutputFormat = OutputFormat.COMPRESSED_TENSORS
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -171,6 +174,7 @@ def make_plan(
     skip: Iterable[str] = (),
     max_shard_size: int = 5_000_000_000,
     same_data: Callable[[SourceTensor, SourceTensor], bool] | None = None,
+    format: OutputFormat = OutputFormat.COMPRESSED_TENSORS,
 ) -> ConversionPlan:
     """Plan the conversion of ``tensors`` (a checkpoint's tensors) for ``config``.
 
@@ -186,7 +190,14 @@ def make_plan(
     holds the tensor it is tied to, as ``save_pretrained`` does: only if
     ``same_data(copy, original)`` says they are equal, when given — transformers
     itself refuses to tie copies that differ.
+
+    With ``format=OutputFormat.BNB`` (bitsandbytes' layout) a block is a whole row: ``block_size`` does not
+    apply, the scales are float32, and the linears kept are those transformers' ``load_in_8bit`` keeps
+    (`int8.hf.bnb_default_skips`) plus ``skip``.
     """
+    bnb = format == OutputFormat.BNB
+    if bnb:
+        scale_dtype = "F32"
     if block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
     sizes = ", ".join(map(str, block_candidates(block_size)))
@@ -201,6 +212,7 @@ def make_plan(
     fp32_modules = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ()
     )
+    bnb_skips = bnb_default_skips(model) if bnb else []
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out_emb_names = {n for n, m in modules.items() if output_embeddings is not None and m is output_embeddings}
     entries: list[TensorPlan] = []
@@ -233,7 +245,7 @@ def make_plan(
         layout = weight_layout(module)
         if pname == "weight" and len(t.shape) == 2 and layout is not None and t.dtype in FLOAT_DTYPES:
             in_features = out_in(t.shape, layout)[1]
-            block = choose_block(in_features, block_size)
+            block = in_features if bnb else choose_block(in_features, block_size)
             reason = None
             hit = next((p for p in skip if matches(module_name, p)), None)
             if module_name in out_emb_names:
@@ -242,6 +254,8 @@ def make_plan(
                 reason = f"matches skip pattern {hit!r}"
             elif fp32:
                 reason = f"{type(model).__name__} keeps it in fp32 (_keep_in_fp32_modules)"
+            elif bnb and bnb_format.is_skipped(module_name, bnb_skips):
+                reason = "transformers' load_in_8bit keeps it unquantized (a tied weight or the model's last module)"
             elif block is None:
                 reason = f"input dimension {in_features} is not a multiple of any block size ({sizes})"
                 ragged.append(name)
@@ -284,16 +298,17 @@ def make_plan(
             f"{len(ragged)} linear weight(s) kept unquantized because their input dimension is not a multiple "
             f"of any block size ({sizes}; compressed-tensors groups must divide the row), e.g. {ragged[0]}"
         )
-    if any(e.layout == WeightLayout.CONV1D for e in quantized):
+    if not bnb and any(e.layout == WeightLayout.CONV1D for e in quantized):
         warnings.append(
             "GPT-2 style Conv1D layers were quantized; compressed-tensors only loads nn.Linear, "
             "so load this checkpoint with int8.load rather than plain transformers"
         )
     for e in entries:
-        e.outputs = _outputs(e)
-    ignore = sorted(
-        n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in {e.module for e in quantized}
-    )
+        e.outputs = _outputs(e, format)
+    # The linears left unquantized: compressed-tensors' ``ignore``, or bitsandbytes' ``llm_int8_skip_modules``
+    # (every layer transformers would otherwise convert, Conv1D included, by its exact name).
+    convertible = (lambda m: weight_layout(m) is not None) if bnb else (lambda m: isinstance(m, torch.nn.Linear))
+    ignore = sorted(n for n, m in modules.items() if convertible(m) and n not in {e.module for e in quantized})
     shards = _shard(entries, max_shard_size)
     return ConversionPlan(
         model_class=type(model).__name__,
@@ -306,6 +321,7 @@ def make_plan(
         ignore=ignore,
         warnings=warnings,
         scale_dtype=scale_dtype,
+        format=format,
     )
 
 
@@ -324,12 +340,14 @@ def _missing_keys(model, params: dict, tied: dict[str, str], provided: set[str])
     }
 
 
-def _outputs(e: TensorPlan) -> list[OutputTensor]:
+def _outputs(e: TensorPlan, format: OutputFormat = OutputFormat.COMPRESSED_TENSORS) -> list[OutputTensor]:
     if e.action == DROP:
         return []
     if e.action == KEEP:
         return [OutputTensor(e.name, e.out_dtype or e.source.dtype, e.source.shape)]
     out, inp = e.out_features, e.in_features
+    if format == OutputFormat.BNB:
+        return bnb_format.outputs(e.module, out, inp)
     return [
         OutputTensor(f"{e.module}.weight_packed", "I32", (out, packed_columns(inp))),
         OutputTensor(f"{e.module}.weight_scale", e.out_dtype, (out, num_blocks(inp, e.block_size))),
