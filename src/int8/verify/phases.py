@@ -93,7 +93,7 @@ def model_checks(
     original_tok = None if unusable else _tokenizer(against.original.folder)
     wins = _windows(layout, original_tok or converted_tok, text, max_tokens)
     original = _original_phase(layout, against, unusable, (original_tok, converted_tok), text, wins, run)
-    say(f"Loading the converted model ({mode.value})")
+    say(f"Loading the converted model ({'bitsandbytes Linear8bitLt' if layout.bnb else mode.value})")
     loading = _loading_phase(layout, mode, wins, original.logprobs, run)
     fidelity, found = _fidelity_phase(original, loading, thresholds)
     metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found}
@@ -137,7 +137,7 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     import torch
 
     from . import models
-    from .fidelity import Agreement, check_same_config, check_same_tokenizer, reconstruction
+    from .fidelity import Agreement, check_same_config, check_same_tokenizer
 
     original = against.original
     checks: list[Check] = []
@@ -148,7 +148,7 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     if not unusable:
         run.say(f"Comparing tensors with the original ({original.id})")
         try:
-            rec = reconstruction(layout, original.folder, run.thresholds)
+            rec = _reconstruction(layout)(layout, original.folder, run.thresholds)
             checks.append(rec.check)
             metrics["max_error_scales_as_loaded"] = rec.max_error_as_loaded
         except Int8Error as e:
@@ -199,7 +199,7 @@ def _loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) 
     from .fidelity import Agreement
 
     converted = Agreement()
-    load_check, model = _load(layout, mode, run.dtype, run.device)
+    load_check, model = _load_bnb(layout, run.dtype, run.device) if layout.bnb else _load(layout, mode, run.dtype, run.device)
     if model is None:
         return LoadingPhase((load_check, skipped("forward", "the model did not load", group=Group.LOADING)), converted)
     why = ""
@@ -317,6 +317,20 @@ def _load(layout: Layout, mode: LoadMode, dtype, device) -> tuple[Check, object 
     else:
         figure = f"{cls}, de-quantized at load (transformers cannot run {layout.model_type} run-compressed)"
     return outcome("load", problems, figure=figure, threshold=threshold, group=Group.LOADING), model
+
+
+def _reconstruction(layout: Layout):
+    """The reconstruction check of the layout (bitsandbytes' rows: `int8.verify.bnb_fidelity`)."""
+    from .bnb_fidelity import reconstruction as rows
+    from .fidelity import reconstruction as blocks
+
+    return rows if layout.bnb else blocks
+
+
+def _load_bnb(layout: Layout, dtype, device):
+    from .bnb_fidelity import load
+
+    return load(layout, dtype, device)
 
 
 def _is_quantized(folder: Path | None) -> bool:

@@ -1,0 +1,146 @@
+"""The model-level checks particular to a bitsandbytes 8-bit checkpoint: how it loads, and its tensors
+against the original's. The rest of the model-level phases (`int8.verify.phases`) is shared.
+
+* load: stock ``from_pretrained(folder)`` with no quantization_config (transformers reads config.json's)
+  builds a ``bnb.nn.Linear8bitLt`` holding the int8 weight for every quantized layer, with no missing or
+  unexpected keys.
+* reconstruction: each weight decoded as bitsandbytes decodes it (``q * SCB * (1/127)`` in float32)
+  lies within half a row step (``SCB / 127``) of the original cast to float16 (what bitsandbytes
+  quantizes), every SCB is the absmax of its float16 row, and every other tensor equals the
+  original's rounded to its stored dtype. The figure also gives the error against the float32
+  original (the float16 cast adds up to half a float16 ulp).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointReader, find_checkpoint
+from ..formats.safetensors import SourceTensor
+from ..hf import WeightLayout
+from ..rowwise import dequantize_rows
+from .layout import Layout
+from .result import Check, Group, Thresholds, outcome
+
+TOLERANCE = 1e-3
+"""Slack on half a step for float32 arithmetic (the product by bitsandbytes' rounded reciprocal of 127)."""
+THRESHOLD = "stock transformers + bitsandbytes (config.json's quantization_config): Linear8bitLt layers, no missing or unexpected keys"
+
+
+def load(layout: Layout, dtype, device) -> tuple[Check, object | None]:
+    """The ``load`` check, and the model to run (None when it did not load)."""
+    import bitsandbytes as bnb
+
+    from ..errors import first_line
+    from ..hf import load_config, load_model
+    from ..hf import model_class as model_class_for
+    from .models import quiet
+
+    try:
+        with quiet():
+            cls = model_class_for(load_config(layout.folder))
+            model, info = load_model(cls, layout.folder, dtype=dtype, output_loading_info=True,
+                                     device_map={"": str(device)})
+    except Exception as e:  # transformers refusing the checkpoint is the finding
+        return outcome("load", [f"transformers cannot load it: {type(e).__name__}: {first_line(e, 300)}"],
+                       figure="does not load", threshold=THRESHOLD, group=Group.LOADING), None
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(key) or [])
+        if keys:
+            problems.append(f"{len(keys)} {key.replace('_', ' ')}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else ""))
+    layers = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8}
+    missing = sorted(set(layout.quantized) - layers)
+    if missing:
+        problems.append(f"transformers did not build int8 Linear8bitLt layers for {len(missing)} quantized layer(s): "
+                        + ", ".join(missing[:5]))
+    figure = f"{layout.model_class}, {len(layers)}/{len(layout.quantized)} Linear8bitLt int8 layers (bitsandbytes {bnb.__version__})"
+    return outcome("load", problems, figure=figure, threshold=THRESHOLD, group=Group.LOADING), model.eval()
+
+
+def _where(t) -> str:
+    return f"{t.file.name}: {t.name}"
+
+
+def reconstruction(layout: Layout, original: Path, thresholds: Thresholds):
+    """The ``reconstruction`` check (`int8.verify.fidelity.Reconstruction`, the as-loaded error being the
+    error itself: stock bitsandbytes decodes exactly as this check does)."""
+    from .fidelity import Reconstruction
+
+    problems: list[str] = []
+    worst = worst32 = 0.0
+    kept_ok = 0
+    with CheckpointReader(find_checkpoint(original)) as orig_reader, CheckpointReader(find_checkpoint(layout.folder)) as conv:
+        by_name: dict[str, SourceTensor] = {}
+        for t in orig_reader.tensors:
+            by_name.setdefault(layout.model_name(t.name), t)
+        aliases: dict[str, list[str]] = {}
+        for copy, source in layout.tied.items():
+            aliases.setdefault(source, []).append(copy)
+            aliases.setdefault(copy, []).append(source)
+
+        def find(name: str) -> SourceTensor | None:
+            return next((by_name[c] for c in (name, *aliases.get(name, ())) if c in by_name), None)
+
+        stored = {t.name: t for t in conv.tensors}
+        for q in layout.quantized.values():
+            src = find(f"{q.module}.weight")
+            conv1d = q.layout == WeightLayout.CONV1D
+            want = (q.in_features, q.out_features) if conv1d else (q.out_features, q.in_features)
+            if src is None or tuple(src.shape) != want:
+                problems.append(f"{_where(q.packed)}: the original has no weight {q.module}.weight of shape {list(want)} "
+                                "to compare with")
+                continue
+            w = orig_reader.read(src).float()
+            w = w.t() if conv1d else w
+            w16 = w.to(torch.float16).float()
+            codes, scb = conv.read(stored[q.packed.name]), conv.read(stored[q.scale.name]).float()
+            step = scb / 127
+            safe = torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(1)
+            decoded = dequantize_rows(codes, scb)
+            err = ((w16 - decoded).abs() / safe).amax().item()
+            err32 = ((w - decoded).abs() / safe).amax().item()
+            worst, worst32 = max(worst, err), max(worst32, err32)
+            absmax = w16.abs().amax(dim=1)
+            off = absmax != scb
+            if off.any():
+                r = int(off.nonzero()[0])
+                problems.append(
+                    f"{_where(q.scale)}: {int(off.sum())} row scale(s) not the absmax of the float16 row (first row {r}: "
+                    f"{float(scb[r]):.6g}, the original's absmax {float(absmax[r]):.6g})"
+                )
+            if err > 0.5 + TOLERANCE:
+                e = ((w16 - decoded).abs() / safe)
+                r, c = (int(i) for i in (e > 0.5 + TOLERANCE).nonzero()[0])
+                problems.append(
+                    f"{_where(q.packed)}: {int((e > 0.5 + TOLERANCE).sum())} value(s) beyond half a row step of the "
+                    f"original (worst {err:.3f} steps; first at row {r}, column {c})"
+                )
+        for name, t in layout.kept.items():
+            src = find(name)
+            if src is None:
+                problems.append(f"{_where(t)}: the original has no tensor {name} to compare with")
+                continue
+            if tuple(src.shape) != tuple(t.shape):
+                problems.append(f"{_where(t)} has shape {list(t.shape)}, the original's {src.name} {list(src.shape)}")
+                continue
+            mine = conv.read(stored[name])
+            theirs = orig_reader.read(src).to(mine.dtype)
+            if torch.equal(mine, theirs):
+                kept_ok += 1
+                continue
+            differ = mine != theirs
+            if mine.is_floating_point():
+                differ &= ~(torch.isnan(mine) & torch.isnan(theirs))
+            i = int(differ.reshape(-1).nonzero()[0])
+            problems.append(f"{_where(t)} differs from the original's {src.name} rounded to {t.dtype} at "
+                            f"{int(differ.sum())} value(s) (first at flat index {i})")
+    figure = (
+        f"max |w16 - q*SCB/127| = {worst:.3f} row step over {len(layout.quantized)} layers ({worst32:.3f} from the "
+        f"float32 original, with the float16 cast); SCB the float16 absmax; {kept_ok}/{len(layout.kept)} other tensors identical"
+    )
+    threshold = "<= 0.5 row step (SCB/127) of the float16 original, as bitsandbytes decodes; SCB = absmax; the rest equal"
+    check = outcome("reconstruction", problems, figure=figure, threshold=threshold, group=Group.FIDELITY, value=worst)
+    return Reconstruction(check, worst)
