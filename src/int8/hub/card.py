@@ -23,6 +23,18 @@ from ..report import BlockGroup, ConversionReport
 
 TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 """The card's body: ``string.Template`` text whose ``${...}`` fields `card_values` fills (shipped in the wheel)."""
+BNB_TEMPLATE_PATH = Path(__file__).with_name("card_template_bnb.md")
+"""The body of a bitsandbytes 8-bit checkpoint's card (`int8 convert --format bnb`): the same fields."""
+
+
+def is_bnb(report: ConversionReport) -> bool:
+    from ..formats.bitsandbytes import is_report_format
+
+    return is_report_format(report.quantization.format)
+
+
+def template_path(report: ConversionReport) -> Path:
+    return BNB_TEMPLATE_PATH if is_bnb(report) else TEMPLATE_PATH
 
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}")
 
@@ -67,7 +79,7 @@ def card_metadata(report: ConversionReport, preset: Preset | None, original: dic
         or info.pipeline_tag
         or ("text2text-generation" if report.model.task == "seq2seq-lm" else "text-generation"),
         library_name="transformers",
-        tags=["8-bit", "int8", "compressed-tensors", family],
+        tags=["8-bit", "int8", "bitsandbytes" if is_bnb(report) else "compressed-tensors", family],
     )
     if base:
         data.base_model_relation = "quantized"
@@ -172,7 +184,7 @@ def render_card(
     from huggingface_hub import ModelCard
 
     data = card_metadata(report, preset, _original_metadata(original_card))
-    body = Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
+    body = Template(template_path(report).read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
@@ -263,7 +275,9 @@ def _provenance(report: ConversionReport) -> str:
     return ""
 
 
-_SERVE_LINE = re.compile(r"^vllm serve (?P<repo>[\w.-]+(?:/[\w.-]+)?)\s*$", re.MULTILINE)
+_SERVE_LINE = re.compile(
+    r'^(?:vllm serve (?P<repo>[\w.-]+(?:/[\w.-]+)?)|model_id = "(?P<bnb>[\w.-]+(?:/[\w.-]+)?)")\s*$', re.MULTILINE
+)
 
 
 def recorded_repo_id(card_path: Path) -> str | None:
@@ -272,7 +286,8 @@ def recorded_repo_id(card_path: Path) -> str | None:
         m = _SERVE_LINE.search(Path(card_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return None
-    return m["repo"] if m and "/" in m["repo"] else None
+    repo = m and (m["repo"] or m["bnb"])
+    return repo if repo and "/" in repo else None
 
 
 def write_card(

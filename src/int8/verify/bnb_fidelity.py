@@ -46,6 +46,7 @@ def load(layout: Layout, dtype, device) -> tuple[Check, object | None]:
     except Exception as e:  # transformers refusing the checkpoint is the finding
         return outcome("load", [f"transformers cannot load it: {type(e).__name__}: {first_line(e, 300)}"],
                        figure="does not load", threshold=THRESHOLD, group=Group.LOADING), None
+    _widen(model, dtype)
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(key) or [])
@@ -58,6 +59,18 @@ def load(layout: Layout, dtype, device) -> tuple[Check, object | None]:
                         + ", ".join(missing[:5]))
     figure = f"{layout.model_class}, {len(layers)}/{len(layout.quantized)} Linear8bitLt int8 layers (bitsandbytes {bnb.__version__})"
     return outcome("load", problems, figure=figure, threshold=THRESHOLD, group=Group.LOADING), model.eval()
+
+
+def _widen(model, dtype) -> None:
+    """Every floating parameter and buffer in ``dtype`` (the int8 weights untouched).
+
+    transformers 5.24 loads a pre-quantized bitsandbytes checkpoint with the kept ``*.weight`` tensors in
+    their stored dtype whatever ``dtype`` asks, while biases follow ``dtype``: a bf16 checkpoint loaded with
+    ``dtype=torch.float32`` then fails in its first LayerNorm (mixed dtypes)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
 
 
 def _where(t) -> str:

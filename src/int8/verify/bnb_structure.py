@@ -31,7 +31,7 @@ import torch
 from ..formats import bitsandbytes as bnb_format
 from ..formats.safetensors import DTYPES
 from ..hf import FROM_TORCH_NAME, NameMap, WeightLayout, weight_layout
-from ..paths import plain, show
+from ..paths import plain
 from ..quantize import QMAX
 from .checks.card import check_card
 from .checks.config import check_index
@@ -206,9 +206,9 @@ def _pair(tensors: dict[str, StoredTensor], config: dict, meta) -> tuple[dict[st
         layout = weight_layout(module) if module is not None else None
         weight, fmt = tensors.get(f"{prefix}.{bnb_format.WEIGHT}"), tensors.get(f"{prefix}.{bnb_format.WEIGHT_FORMAT}")
         used.update({name, f"{prefix}.{bnb_format.WEIGHT}", f"{prefix}.{bnb_format.WEIGHT_FORMAT}"})
-        where = f"{t.file.name}: {show(name)}"
+        where = f"{t.file.name}: {plain(name)}"
         if layout is None:
-            problems.append(f"{where}: {show(mod)} is no linear layer of {type(meta).__name__}")
+            problems.append(f"{where}: {plain(mod)} is no linear layer of {type(meta).__name__}")
             continue
         w = params[f"{mod}.weight"]
         out_f, in_f = (w.shape[1], w.shape[0]) if layout == WeightLayout.CONV1D else (w.shape[0], w.shape[1])
@@ -217,16 +217,16 @@ def _pair(tensors: dict[str, StoredTensor], config: dict, meta) -> tuple[dict[st
             problems.append(f"{where} has no {bnb_format.WEIGHT} beside it")
             ok = False
         elif weight.dtype != "I8" or weight.shape != (out_f, in_f):
-            problems.append(f"{weight.file.name}: {show(weight.name)} is {weight.dtype} {list(weight.shape)}, but "
+            problems.append(f"{weight.file.name}: {plain(weight.name)} is {weight.dtype} {list(weight.shape)}, but "
                             f"{type(meta).__name__} built from config.json needs int8 [{out_f}, {in_f}]")
             ok = False
         if t.dtype != "F32" or t.shape != (out_f,):
             problems.append(f"{where} is {t.dtype} {list(t.shape)}, but needs float32 [{out_f}] (one per output row)")
             ok = False
         if fmt is None:
-            problems.append(f"{where}: {show(prefix)} has no {bnb_format.WEIGHT_FORMAT}")
+            problems.append(f"{where}: {plain(prefix)} has no {bnb_format.WEIGHT_FORMAT}")
         elif fmt.dtype != "U8" or fmt.shape != ():
-            problems.append(f"{fmt.file.name}: {show(fmt.name)} is {fmt.dtype} {list(fmt.shape)}, not a uint8 scalar")
+            problems.append(f"{fmt.file.name}: {plain(fmt.name)} is {fmt.dtype} {list(fmt.shape)}, not a uint8 scalar")
             ok = False
         if ok:
             quantized[mod] = QuantLayer(mod, out_f, in_f, layout, weight, t, fmt, block_size=in_f)
@@ -234,7 +234,7 @@ def _pair(tensors: dict[str, StoredTensor], config: dict, meta) -> tuple[dict[st
         if name in used:
             continue
         model_name = names.model_name(name)
-        where = f"{t.file.name}: {show(name)}"
+        where = f"{t.file.name}: {plain(name)}"
         if name.endswith(f".{bnb_format.WEIGHT}") and t.dtype == "I8":
             problems.append(f"{where} holds int8 codes but has no {bnb_format.SCB} beside it")
             continue
@@ -258,7 +258,7 @@ def _pair(tensors: dict[str, StoredTensor], config: dict, meta) -> tuple[dict[st
     missing = [m for m in missing if not any(re.search(p, m) for p in ignore)]
     if missing:
         problems.append(f"the checkpoint lacks {len(missing)} tensor(s) {type(meta).__name__} needs, e.g. "
-                        + ", ".join(show(m) for m in missing[:4]))
+                        + ", ".join(plain(m) for m in missing[:4]))
     return quantized, problems
 
 
