@@ -218,3 +218,46 @@ def test_library_refuses_what_does_not_apply(tmp_path):
         int8.convert(tmp_path / "x", tmp_path / "y", format="bnb", scale_dtype="bf16")
     with pytest.raises(UsageError, match="not a format"):
         int8.convert(tmp_path / "x", tmp_path / "y", format="gguf")
+
+
+# --------------------------------------------------------------------------- the Hub
+
+
+def test_convert_bnb_and_push_round_trip(hub, tmp_path):
+    """`int8 convert alice/tiny --format bnb --push alice/tiny-8bit` against the test Hub: the download is the
+    local output, its card says bitsandbytes, and stock transformers loads it from the Hub into Linear8bitLt."""
+    import subprocess
+
+    import transformers as tf
+    from huggingface_hub import ModelCard, snapshot_download
+    from test_card import ORIGINAL_CARD, python_blocks
+    from test_hub_download import INT8, folder_files
+    from test_push import read_tree
+
+    src = make_tiny("gptj", tmp_path / "fp32")
+    hub.create_repo("alice/tiny", {**folder_files(src), "README.md": ORIGINAL_CARD})
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run([*INT8, "convert", "alice/tiny", "--format", "bnb", "--push", "alice/tiny-8bit"], cwd=work,
+                       env=hub.env(user="alice", PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = work / "tiny-int8"
+    fresh = Path(snapshot_download("alice/tiny-8bit", cache_dir=tmp_path / "fresh-cache"))
+    got = read_tree(fresh)
+    got.pop(".gitattributes")
+    assert got == read_tree(out)
+    card = ModelCard.load(fresh / "README.md")
+    assert "bitsandbytes" in card.data.to_dict()["tags"] and "compressed-tensors" not in card.data.to_dict()["tags"]
+    assert "prepare_model_for_kbit_training" in card.text and "outlier" in card.text
+
+    model = tf.AutoModelForCausalLM.from_pretrained("alice/tiny-8bit", device_map="cpu").eval()
+    assert isinstance(model.transformer.h[0].attn.q_proj, bnb.nn.Linear8bitLt)
+    local = tf.AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    ids = torch.tensor([[5, 17, 99, 200, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, local(ids).logits)
+    snippet = python_blocks(card.text)[0]
+    assert '"alice/tiny-8bit"' in snippet
+    scope: dict = {}
+    exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "card-snippet", "exec"), scope)
+    assert isinstance(scope["model"], tf.GPTJForCausalLM)
