@@ -73,6 +73,7 @@ def test_clean_conversion_passes(arch, damaged):
     assert 0 < m["mean_kl"] <= 3 * m["mean_kl_reference"]
     assert abs(m["ppl_ratio"] - 1) < 0.05
     assert "Linear8bitLt" in result.check("load").figure
+    assert "through Linear8bitLt; LLM.int8 at run time: KL" in result.check("forward").figure
     assert "row scales (SCB)" in result.check("scales").figure
 
 

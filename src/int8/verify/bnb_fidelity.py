@@ -157,3 +157,79 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds):
     threshold = "<= 0.5 row step (SCB/127) of the float16 original, as bitsandbytes decodes; SCB = absmax; the rest equal"
     check = outcome("reconstruction", problems, figure=figure, threshold=threshold, group=Group.FIDELITY, value=worst)
     return Reconstruction(check, worst)
+
+
+def dequantize_layers(model, dtype) -> int:
+    """Replace every int8 ``Linear8bitLt`` of a stock-loaded model by an ``nn.Linear`` holding its weight as
+    bitsandbytes decodes it (``q * SCB * (1/127)``, `int8.rowwise.dequantize_rows`), in ``dtype``; how many."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, bnb.nn.Linear8bitLt) or m.weight.dtype != torch.int8:
+            continue
+        scb = getattr(m.weight, "SCB", None)
+        if scb is None:
+            scb = m.state.SCB
+        dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(dequantize_rows(m.weight.data, scb, dtype))
+            if m.bias is not None:
+                dense.bias.copy_(m.bias.to(dtype))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        n += 1
+    return n
+
+
+def loading_phase(layout: Layout, wins: list, logprobs: tuple, run):
+    """The load and forward checks on the model as stock transformers + bitsandbytes builds it, and the
+    agreement with the original of its weights as stored (de-quantized, `dequantize_layers`).
+
+    The forward check runs ``Linear8bitLt`` itself (LLM.int8: int8 activations per token, outliers beyond
+    the threshold in float16) on the first window, and its figure gives that run's KL from the original:
+    the run-time error of LLM.int8 comes on top of the checkpoint's and is no property of the file. The
+    fidelity checks (top-1, KL, perplexity, against the reference's weight noise) measure the checkpoint:
+    they run its de-quantized weights, as the compressed-tensors path does on CPU."""
+    from ..errors import first_line
+    from . import models
+    from .fidelity import Agreement
+    from .phases import LoadingPhase
+    from .result import skipped
+
+    converted = Agreement()
+    load_check, model = load(layout, run.dtype, run.device)
+    if model is None:
+        return LoadingPhase((load_check, skipped("forward", "the model did not load", group=Group.LOADING)), converted)
+    why = ""
+    try:
+        first = wins[:1]
+        runtime = Agreement()
+        bad = []
+        for w, lp, (lg, is_logits) in zip(first, logprobs[:1] or [None] * len(first), models.outputs(model, first, run.device),
+                                          strict=True):
+            n_bad = int((~torch.isfinite(lg)).sum())
+            if n_bad:
+                bad.append(f"window 0: {n_bad} of {lg.numel()} {'logits' if is_logits else 'outputs'} are NaN or infinite")
+            if lp is not None and is_logits:
+                runtime.update(lp, lg, w.targets)
+        if not first:
+            forward = skipped("forward", "no tokenizer loads, so there is no text to run", group=Group.LOADING)
+        else:
+            kl = f"; LLM.int8 at run time: KL {runtime.mean_kl:.3g} nats/token from the original" if runtime.tokens else ""
+            forward = outcome("forward", bad, figure=f"{sum(w.tokens for w in first)} tokens through Linear8bitLt{kl}",
+                              threshold="finite outputs", group=Group.LOADING)
+        if logprobs and not bad:
+            dequantize_layers(model, run.dtype)
+            for i, (w, (lg, is_logits)) in enumerate(zip(wins, models.outputs(model, wins, run.device), strict=True)):
+                if is_logits:
+                    converted.update(logprobs[i], lg, w.targets)
+    except Exception as e:  # a model that loads but cannot run is the finding
+        forward = outcome("forward", [f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"],
+                          figure="raised", threshold="finite outputs", group=Group.LOADING)
+        if logprobs:
+            why = "the converted model does not run"
+    finally:
+        models.free(model)
+        model = None
+    return LoadingPhase((load_check, forward), converted, why)

@@ -94,7 +94,7 @@ def model_checks(
     wins = _windows(layout, original_tok or converted_tok, text, max_tokens)
     original = _original_phase(layout, against, unusable, (original_tok, converted_tok), text, wins, run)
     say(f"Loading the converted model ({'bitsandbytes Linear8bitLt' if layout.bnb else mode.value})")
-    loading = _loading_phase(layout, mode, wins, original.logprobs, run)
+    loading = (_bnb_loading_phase if layout.bnb else _loading_phase)(layout, mode, wins, original.logprobs, run)
     fidelity, found = _fidelity_phase(original, loading, thresholds)
     metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found}
     return [*loading.checks, *fidelity], metrics
@@ -199,7 +199,7 @@ def _loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) 
     from .fidelity import Agreement
 
     converted = Agreement()
-    load_check, model = _load_bnb(layout, run.dtype, run.device) if layout.bnb else _load(layout, mode, run.dtype, run.device)
+    load_check, model = _load(layout, mode, run.dtype, run.device)
     if model is None:
         return LoadingPhase((load_check, skipped("forward", "the model did not load", group=Group.LOADING)), converted)
     why = ""
@@ -327,10 +327,11 @@ def _reconstruction(layout: Layout):
     return rows if layout.bnb else blocks
 
 
-def _load_bnb(layout: Layout, dtype, device):
-    from .bnb_fidelity import load
+def _bnb_loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) -> LoadingPhase:
+    """bitsandbytes' layout: loaded into Linear8bitLt, measured de-quantized (`int8.verify.bnb_fidelity`)."""
+    from .bnb_fidelity import loading_phase
 
-    return load(layout, dtype, device)
+    return loading_phase(layout, wins, logprobs, run)
 
 
 def _is_quantized(folder: Path | None) -> bool:
