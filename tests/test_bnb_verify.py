@@ -61,7 +61,7 @@ def run(folder, **kwargs):
     return verify_checkpoint(folder, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["gptj", "bloom", "t5", "mt5"])
+@pytest.mark.parametrize("arch", ["gptj", "bloom", "t5", "mt5", "gpt2"])
 def test_clean_conversion_passes(arch, damaged):
     folder = damaged(arch)
     result = run(folder)

@@ -135,6 +135,8 @@ def convert(
     The output is a compressed-tensors `pack-quantized` folder that plain transformers loads
     (with `pip install compressed-tensors`) and vLLM serves, plus a model card and a
     conversion report (`int8_report.json`). Memory stays flat: a 24 GB model converts in a few GB of RAM.
+    With `--format bnb` it is transformers' bitsandbytes `load_in_8bit` layout instead (int8 weight and a
+    float32 SCB per row), which plain transformers + bitsandbytes loads into Linear8bitLt layers.
 
     Examples:
 

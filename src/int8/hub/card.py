@@ -4,7 +4,8 @@ Metadata comes from the original model's card when the checkpoint came with
 one, else from the preset; the body says what the model is, how it was
 quantized, how big it is, how to load, serve and fine-tune it, and how
 faithful it is (the figures of the latest `int8 verify`, when it has run).
-The body's text is the template ``card_template.md`` beside this module;
+The body's text is the template ``card_template.md`` beside this module (``card_template_bnb.md`` for
+a bitsandbytes 8-bit output, `int8 convert --format bnb`);
 `card_values` computes what fills it.
 """
 
