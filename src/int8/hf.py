@@ -356,3 +356,13 @@ def split_of(config) -> Split | None:
     if len(set(getattr(config, "layer_types", None) or ())) > 1:
         return None
     return SPLITS.get(getattr(config, "model_type", None) or "")
+
+
+def bnb_default_skips(model) -> list[str]:
+    """The ``modules_to_not_convert`` patterns transformers' bitsandbytes quantizer uses for ``model`` when
+    ``llm_int8_skip_modules`` is not given: its output embedding, both sides of every tied weight, the
+    module of its last parameter (``get_keys_to_not_convert``), and ``_keep_in_fp32_modules`` (T5's ``wo``).
+    Asked of the installed transformers itself, so int8 keeps exactly what ``load_in_8bit`` keeps."""
+    from transformers.quantizers.base import HfQuantizer
+
+    return sorted(HfQuantizer.get_modules_to_not_convert(model, None, list(getattr(model, "_keep_in_fp32_modules", None) or [])))

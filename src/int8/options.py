@@ -216,3 +216,38 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise UsageError(f"size {text!r} must be positive")
     return size
+
+
+# ------------------------------------------------------------------------------------------ output format
+
+
+def output_format(value):
+    """--format: ``compressed-tensors`` (the default) or ``bnb`` -> `int8.formats.OutputFormat`."""
+    from .formats import OutputFormat
+
+    if isinstance(value, OutputFormat):
+        return value
+    try:
+        return OutputFormat(str(value).strip().lower())
+    except ValueError:
+        raise UsageError(
+            f"--format {value!r} is not a format int8 writes", "Use compressed-tensors (the default) or bnb."
+        ) from None
+
+
+def format_allows(fmt, *, block_size=None, scale_dtype=None) -> None:
+    """Refuse the options that do not apply to ``fmt``: with ``bnb`` a block is a whole row (one float32 SCB each)."""
+    from .formats import OutputFormat
+
+    if output_format(fmt) != OutputFormat.BNB:
+        return
+    if block_size is not None:
+        raise UsageError(
+            "--block-size does not apply to --format bnb: bitsandbytes' LLM.int8 layout has one scale per row",
+            "Drop --block-size, or use --format compressed-tensors for block-wise scales.",
+        )
+    if scale_dtype is not None:
+        raise UsageError(
+            "--scale-dtype does not apply to --format bnb: its row scales (SCB) are always float32",
+            "Drop --scale-dtype, or use --format compressed-tensors.",
+        )

@@ -47,6 +47,24 @@ def epilog() -> str:
     return f"Presets: {names}. `int8 presets` describes them."
 
 
+def _format_option(ctx: typer.Context, value: str) -> str:
+    """--format, checked against --block-size/--scale-dtype when those were parsed first (`_not_for_bnb` otherwise)."""
+    fmt = options.output_format(value)
+    options.format_allows(fmt, block_size=ctx.params.get("block_size"), scale_dtype=ctx.params.get("scale_dtype"))
+    return fmt.value
+
+
+def _not_for_bnb(option: str):
+    """A callback refusing ``option`` when --format bnb was parsed before it."""
+
+    def check(ctx: typer.Context, value):
+        if value is not None and ctx.params.get("format") is not None:
+            options.format_allows(ctx.params["format"], **{option: value})
+        return value
+
+    return check
+
+
 def _checked_size(value: str) -> str:
     options.shard_size(value)
     return value
@@ -65,8 +83,9 @@ def convert(
             "--block-size",
             min=1,
             help="Values per absmax scale, along each row (input dimension). Default: the preset's, else 128. "
-            "vLLM's int8 kernels take 32, 64 or 128.",
+            "vLLM's int8 kernels take 32, 64 or 128. Not with --format bnb (one scale per row).",
             show_default=False,
+            callback=_not_for_bnb("block_size"),
         ),
     ] = None,
     dtype: Annotated[
@@ -80,6 +99,17 @@ def convert(
         ),
     ] = None,
     scale_dtype: ScaleDtype = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Output layout: compressed-tensors (block-wise absmax, pack-quantized: transformers with "
+            "compressed-tensors, vLLM) or bnb (transformers' bitsandbytes load_in_8bit layout: row-wise LLM.int8, "
+            "int8 weight + float32 SCB per row; loads as Linear8bitLt, trains LoRA with PEFT).",
+            callback=_format_option,
+            metavar="compressed-tensors|bnb",
+        ),
+    ] = "compressed-tensors",
     device: Device = "auto",
     skip: Annotated[
         Optional[list[str]],
@@ -113,6 +143,8 @@ def convert(
     The output is a compressed-tensors `pack-quantized` folder that plain transformers loads
     (with `pip install compressed-tensors`) and vLLM serves, plus a model card and a
     conversion report (`int8_report.json`). Memory stays flat: a 24 GB model converts in a few GB of RAM.
+    With `--format bnb` it is transformers' bitsandbytes `load_in_8bit` layout instead (int8 weight and a
+    float32 SCB per row), which plain transformers + bitsandbytes loads into Linear8bitLt layers.
 
     Examples:
 
@@ -123,6 +155,8 @@ def convert(
     `int8 convert ./my-model --block-size 64 --skip "re:.*\\.attn\\..*"`
 
     `int8 convert ./my-model --skip lm_head --skip "*.mlp.fc_out"`
+
+    `int8 convert gpt-j-6b --format bnb` (transformers' bitsandbytes 8-bit layout)
     """
     from ..conversion.api import convert as run_convert
     from ..conversion.api import default_output
@@ -154,6 +188,7 @@ def convert(
         progress=None if quiet else RichProgress("Converting"),
         quiet=quiet,
         on_warning=warn,
+        format=format,
     )
     for w in report.warnings:
         if w not in warned:
@@ -166,6 +201,8 @@ def convert(
 
 def summary(report: ConversionReport, folder: Path) -> Table:
     """The table `int8 convert` ends with: source, model, sizes, tensors, time and the output folder."""
+    from ..formats.bitsandbytes import is_report_format
+
     t = report.totals
     table = Table(title="int8 convert", show_header=False, title_justify="left")
     table.add_column()
@@ -176,7 +213,10 @@ def summary(report: ConversionReport, folder: Path) -> Table:
     table.add_row("size out", size(t.bytes_out))
     table.add_row("ratio", f"{t.ratio:.2f}x")
     table.add_row("tensors", f"{t.tensors_quantized} quantized, {t.tensors_kept} kept, {t.tensors_dropped} dropped")
-    table.add_row("blocks", ", ".join(f"{g.block_size} ({g.layers} layers)" for g in report.quantization.block_groups))
+    if is_report_format(report.quantization.format):
+        table.add_row("format", f"bitsandbytes int8, one float32 scale per row ({t.tensors_quantized} layers)")
+    else:
+        table.add_row("blocks", ", ".join(f"{g.block_size} ({g.layers} layers)" for g in report.quantization.block_groups))
     if report.quantized_embeddings:
         from ..formats.compressed_tensors import EMBEDDING_LOADERS
 

@@ -26,6 +26,8 @@ from .. import options
 from ..checkpoint import SIDECAR_FILES, CheckpointReader, find_checkpoint
 from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel, first_line
 from ..files import CARD_NAME
+from ..formats import OutputFormat
+from ..formats import bitsandbytes as bnb_format
 from ..formats.compressed_tensors import build_config
 from ..formats.safetensors import itemsize, write_index
 from ..hf import TORCH_NAMES, parse_dtype, resolve_device
@@ -101,6 +103,7 @@ def convert(
     progress: Progress | None = None,
     quiet: bool = True,
     on_warning: Callable[[str], None] | None = None,
+    format: str | OutputFormat = OutputFormat.COMPRESSED_TENSORS,
 ) -> ConversionReport:
     """Convert a checkpoint to int8; return the report (also saved in the output folder).
 
@@ -117,6 +120,10 @@ def convert(
 
     ``embeddings``: ``"keep"`` (default) or ``"int8"``, which quantizes the token embeddings and the output
     head too (`int8.conversion.plan.Embeddings`; loaders: `int8.formats.compressed_tensors.EMBEDDING_LOADERS`).
+
+    ``format`` is ``compressed-tensors`` (block-wise, the default) or ``bnb``: transformers' serialized
+    bitsandbytes ``load_in_8bit`` layout (one float32 scale per row; ``block_size`` and ``scale_dtype``
+    do not apply and are refused).
     """
     progress = progress or _NoProgress()
     # Everything the user typed is checked before anything is downloaded.
@@ -127,6 +134,8 @@ def convert(
         parse_dtype(scale_dtype)
     if block_size is not None and block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
+    out_format = options.output_format(format)
+    options.format_allows(out_format, block_size=block_size, scale_dtype=scale_dtype)
     shard_bytes = options.shard_size(max_shard_size)
     user_skip = options.skip_patterns(skip)
     embeddings_mode = options.embeddings(embeddings)
@@ -169,6 +178,7 @@ def convert(
             max_shard_size=shard_bytes,
             same_data=lambda a, b: _same_data(reader, a, b),
             embeddings=embeddings_mode,
+            format=out_format,
         )
         unmatched = unmatched_patterns(plan, user_skip)
         if unmatched:
@@ -292,7 +302,10 @@ def _write_config(folder: Path, config_dict: dict, plan: ConversionPlan) -> None
     out["dtype"] = TORCH_NAMES[plan.dtype]
     if "torch_dtype" in out:
         out["torch_dtype"] = TORCH_NAMES[plan.dtype]
-    out["quantization_config"] = build_config(plan.groups, plan.ignore, plan.quantized_embeddings)
+    if plan.format == OutputFormat.BNB:
+        out["quantization_config"] = bnb_format.build_config(plan.ignore)
+    else:
+        out["quantization_config"] = build_config(plan.groups, plan.ignore, plan.quantized_embeddings)
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -28,10 +28,13 @@ import torch
 
 from ..checkpoint import CHANGED_HINT, CheckpointReader
 from ..errors import BadTensor, SourceChanged
+from ..formats import OutputFormat
+from ..formats.bitsandbytes import weight_format_tensor
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES, itemsize
 from ..hf import WeightLayout
 from ..quantize import ErrorStats, NonFiniteWeights, num_blocks, quantize_into
+from ..rowwise import quantize_rows_into
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
 from .writer import BackgroundHasher, ShardWriter
 
@@ -236,7 +239,10 @@ class Pipeline:
         t = e.source
         data, release_in = self.reader.view_rows(t, u.r0, u.r1)  # no copy: the page cache, read in place
         try:
-            if e.action == QUANTIZE:
+            if e.action == QUANTIZE and self.plan.format == OutputFormat.BNB:
+                self._quantize_rows(u, data)
+                release_in()
+            elif e.action == QUANTIZE:
                 self._quantize(u, data)
                 release_in()
             else:
@@ -286,6 +292,41 @@ class Pipeline:
             # Written after every earlier unit of this tensor, hence after all its rows are done.
             u.outputs.append((scales, _noop))
             u.outputs.append((torch.tensor([out_f, in_f], dtype=torch.int64), _noop))
+
+    def _quantize_rows(self, u: _Unit, data: torch.Tensor) -> None:
+        """bitsandbytes' layout: int8 codes ``(out, in)`` as they are, one float32 SCB per row (`int8.rowwise`)."""
+        e = u.entry
+        out_f, in_f = e.out_features, e.in_features
+        w = data.t().contiguous() if e.layout == WeightLayout.CONV1D else data
+        rows = w.shape[0]
+        with self._lock:
+            if e.name not in self.scales:
+                self.scales[e.name] = torch.empty(out_f, dtype=torch.float32)
+            scb = self.scales[e.name]
+        r0, r1 = (0, out_f) if e.layout == WeightLayout.CONV1D else (u.r0, u.r1)
+        buf, release_out = self.pool.take(rows * in_f)
+        u.outputs.append((None, release_out))  # released on failure; replaced below
+        codes = buf[: rows * in_f].view(torch.int8).view(rows, in_f)
+        try:
+            if self.device.type == "cpu":
+                st = quantize_rows_into(w, codes, scb[r0:r1])
+            else:
+                codes_d = torch.empty(rows, in_f, dtype=torch.int8, device=self.device)
+                scb_d = torch.empty(rows, dtype=torch.float32, device=self.device)
+                st = quantize_rows_into(w.to(self.device), codes_d, scb_d)
+                codes.copy_(codes_d)
+                scb[r0:r1].copy_(scb_d)
+        except NonFiniteWeights as err:
+            raise BadTensor(
+                f"tensor {e.source.name!r} in {e.source.file.name} contains {err}: the int8 output would be garbage",
+                "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
+            ) from None
+        with self._lock:
+            self.stats.setdefault(e.name, ErrorStats()).merge(st)
+        u.outputs[-1] = (_as_bytes(codes), release_out)
+        if u.r1 == e.source.rows:
+            u.outputs.append((scb, _noop))
+            u.outputs.append((weight_format_tensor(), _noop))
 
     def _keep(self, u: _Unit, x: torch.Tensor, release_in: Callable[[], None]) -> None:
         e = u.entry

@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..architectures import ModelFacts, ModuleKind, model_facts
+from ..architectures import Config, ModelFacts, ModuleKind, model_facts
 from ..blocks import block_candidates, choose_block
 from ..errors import UnsupportedModel
+from ..formats import OutputFormat
+from ..formats import bitsandbytes as bnb_format
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
-from ..hf import TokenEmbeddings, WeightLayout, out_in
+from ..hf import TokenEmbeddings, WeightLayout, bnb_default_skips, build_meta_model, out_in
 from ..quantize import num_blocks
 
 
@@ -98,6 +100,7 @@ class ConversionPlan:
     warnings: list[str] = field(default_factory=list)
     scale_dtype: str = "F32"  # of the weight scales (each QUANTIZE entry's out_dtype)
     embeddings: Embeddings = Embeddings.KEEP
+    format: OutputFormat = OutputFormat.COMPRESSED_TENSORS
 
     @property
     def quantized_embeddings(self) -> list[str]:
@@ -185,6 +188,7 @@ def make_plan(
     max_shard_size: int = 5_000_000_000,
     same_data: Callable[[SourceTensor, SourceTensor], bool] | None = None,
     embeddings: Embeddings = Embeddings.KEEP,
+    format: OutputFormat = OutputFormat.COMPRESSED_TENSORS,
 ) -> ConversionPlan:
     """Plan the conversion of ``tensors`` (a checkpoint's tensors) for ``config``.
 
@@ -204,8 +208,18 @@ def make_plan(
     ``embeddings`` (`Embeddings.INT8`) quantizes the input token embedding (`int8.hf.TokenEmbeddings`), in
     blocks along its embedding dimension, and the output head like any linear; a tied head is stored once,
     as the embedding's codes. By default both are kept.
+
+    With ``format=OutputFormat.BNB`` (bitsandbytes' layout) a block is a whole row: ``block_size`` does not
+    apply, the scales are float32, and the linears kept are those transformers' ``load_in_8bit`` keeps
+    (`int8.hf.bnb_default_skips`) plus ``skip``.
     """
     embeddings = Embeddings(embeddings)
+    bnb = format == OutputFormat.BNB
+    if bnb:
+        scale_dtype = "F32"
+    if bnb and embeddings == Embeddings.INT8:
+        raise UnsupportedModel("--embeddings int8 applies to --format compressed-tensors only (bitsandbytes' layout "
+                               "quantizes linear layers alone)")
     if block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
     sizes = ", ".join(map(str, block_candidates(block_size)))
@@ -222,6 +236,8 @@ def make_plan(
     vocab = facts.vocab if embeddings == Embeddings.INT8 else TokenEmbeddings()
     if embeddings == Embeddings.INT8:
         out_emb_names = set()  # the head is quantized like any linear
+    # bitsandbytes: what transformers' load_in_8bit keeps, asked of transformers itself (on the meta model)
+    bnb_skips = bnb_default_skips(build_meta_model(_transformers_config(config))) if bnb else []
     entries: list[TensorPlan] = []
     warnings: list[str] = []
     by_model_name = {names.model_name(t.name): t for t in tensors}
@@ -251,7 +267,7 @@ def make_plan(
         layout = facts.layout(module_name)
         if pname == "weight" and len(t.shape) == 2 and layout is not None and t.dtype in FLOAT_DTYPES:
             in_features = out_in(t.shape, layout)[1]
-            block = choose_block(in_features, block_size)
+            block = in_features if bnb else choose_block(in_features, block_size)
             reason = None
             hit = next((p for p in skip if matches(module_name, p)), None)
             if module_name in out_emb_names:
@@ -262,6 +278,8 @@ def make_plan(
                 reason = f"matches skip pattern {hit!r}"
             elif fp32:
                 reason = f"{model_class} keeps it in fp32 (_keep_in_fp32_modules)"
+            elif bnb and bnb_format.is_skipped(module_name, bnb_skips):
+                reason = "transformers' load_in_8bit keeps it unquantized (a tied weight or the model's last module)"
             elif block is None:
                 reason = f"input dimension {in_features} is not a multiple of any block size ({sizes})"
                 ragged.append(name)
@@ -314,14 +332,17 @@ def make_plan(
             f"{len(ragged)} linear weight(s) kept unquantized because their input dimension is not a multiple "
             f"of any block size ({sizes}; compressed-tensors groups must divide the row), e.g. {ragged[0]}"
         )
-    if any(e.layout == WeightLayout.CONV1D for e in quantized):
+    if not bnb and any(e.layout == WeightLayout.CONV1D for e in quantized):
         warnings.append(
             "GPT-2 style Conv1D layers were quantized; compressed-tensors only loads nn.Linear, "
             "so load this checkpoint with int8.load rather than plain transformers"
         )
     for e in entries:
-        e.outputs = _outputs(e)
-    ignore = sorted(n for n in facts.linear_modules if n not in {e.module for e in quantized})
+        e.outputs = _outputs(e, format)
+    # The linears left unquantized: compressed-tensors' ``ignore`` (every nn.Linear), or bitsandbytes'
+    # ``llm_int8_skip_modules`` (every layer transformers would otherwise convert, Conv1D included, by its exact name).
+    convertible = [n for n in facts.modules if facts.layout(n) is not None] if bnb else facts.linear_modules
+    ignore = sorted(n for n in convertible if n not in {e.module for e in quantized})
     shards = _shard(entries, max_shard_size)
     return ConversionPlan(
         model_class=model_class,
@@ -335,6 +356,7 @@ def make_plan(
         warnings=warnings,
         scale_dtype=scale_dtype,
         embeddings=embeddings,
+        format=format,
     )
 
 
@@ -353,12 +375,14 @@ def _missing_keys(facts: ModelFacts, params, tied: dict[str, str], provided: set
     }
 
 
-def _outputs(e: TensorPlan) -> list[OutputTensor]:
+def _outputs(e: TensorPlan, format: OutputFormat = OutputFormat.COMPRESSED_TENSORS) -> list[OutputTensor]:
     if e.action == DROP:
         return []
     if e.action == KEEP:
         return [OutputTensor(e.name, e.out_dtype or e.source.dtype, e.source.shape)]
     out, inp = e.out_features, e.in_features
+    if format == OutputFormat.BNB:
+        return bnb_format.outputs(e.module, out, inp)
     return [
         OutputTensor(f"{e.module}.weight_packed", "I32", (out, packed_columns(inp))),
         OutputTensor(f"{e.module}.weight_scale", e.out_dtype, (out, num_blocks(inp, e.block_size))),
@@ -380,3 +404,8 @@ def _shard(entries: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
         size += n
     total = len(groups)
     return [ShardPlan(f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _transformers_config(config):
+    """transformers' config for ``config`` (an `int8.architectures.Config` read from config.json, or one already)."""
+    return config.transformers() if isinstance(config, Config) else config

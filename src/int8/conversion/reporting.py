@@ -12,6 +12,8 @@ import torch
 from .. import __version__
 from ..checkpoint import CheckpointFiles
 from ..files import CARD_NAME, REPORT_NAME, sha256_file
+from ..formats import OutputFormat
+from ..formats import bitsandbytes as bnb_format
 from ..hf import TORCH_NAMES
 from ..quantize import ErrorStats, num_blocks
 from ..report import (
@@ -88,11 +90,7 @@ def build_report(
             model_type=plan.model_type,
             task="seq2seq-lm" if plan.is_encoder_decoder else "causal-lm",
         ),
-        quantization=QuantizationInfo(
-            block_size=plan.block_size, dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore,
-            scale_dtype=TORCH_NAMES[plan.scale_dtype], block_groups=block_groups(tensors),
-            embeddings=plan.embeddings.value,
-        ),
+        quantization=_quantization(plan, tensors),
         totals=Totals(
             bytes_in=files.nbytes,
             bytes_out=sum(f.bytes for f in entries if f.name.endswith(".safetensors")),
@@ -109,3 +107,13 @@ def build_report(
         files=entries,
         warnings=list(plan.warnings),
     )
+
+
+def _quantization(plan: ConversionPlan, tensors: list[TensorReport]) -> QuantizationInfo:
+    common = dict(dtype=TORCH_NAMES[plan.dtype], ignore=plan.ignore, scale_dtype=TORCH_NAMES[plan.scale_dtype],
+                  block_groups=block_groups(tensors), embeddings=plan.embeddings.value)
+    if plan.format == OutputFormat.BNB:  # a block is a row: the report's block size is the widest row
+        widest = max((e.in_features for e in plan.quantized), default=0)
+        return QuantizationInfo(block_size=widest, format=bnb_format.REPORT_FORMAT, scheme=bnb_format.REPORT_SCHEME,
+                                rounding=bnb_format.REPORT_ROUNDING, **common)
+    return QuantizationInfo(block_size=plan.block_size, **common)

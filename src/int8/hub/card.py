@@ -4,7 +4,8 @@ Metadata comes from the original model's card when the checkpoint came with
 one, else from the preset; the body says what the model is, how it was
 quantized, how big it is, how to load, serve and fine-tune it, and how
 faithful it is (the figures of the latest `int8 verify`, when it has run).
-The body's text is the template ``card_template.md`` beside this module;
+The body's text is the template ``card_template.md`` beside this module (``card_template_bnb.md`` for
+a bitsandbytes 8-bit output, `int8 convert --format bnb`);
 `card_values` computes what fills it.
 """
 
@@ -23,6 +24,18 @@ from ..report import BlockGroup, ConversionReport
 
 TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 """The card's body: ``string.Template`` text whose ``${...}`` fields `card_values` fills (shipped in the wheel)."""
+BNB_TEMPLATE_PATH = Path(__file__).with_name("card_template_bnb.md")
+"""The body of a bitsandbytes 8-bit checkpoint's card (`int8 convert --format bnb`): the same fields."""
+
+
+def is_bnb(report: ConversionReport) -> bool:
+    from ..formats.bitsandbytes import is_report_format
+
+    return is_report_format(report.quantization.format)
+
+
+def template_path(report: ConversionReport) -> Path:
+    return BNB_TEMPLATE_PATH if is_bnb(report) else TEMPLATE_PATH
 
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}")
 
@@ -67,7 +80,7 @@ def card_metadata(report: ConversionReport, preset: Preset | None, original: dic
         or info.pipeline_tag
         or ("text2text-generation" if report.model.task == "seq2seq-lm" else "text-generation"),
         library_name="transformers",
-        tags=["8-bit", "int8", "compressed-tensors", family],
+        tags=["8-bit", "int8", "bitsandbytes" if is_bnb(report) else "compressed-tensors", family],
     )
     if base:
         data.base_model_relation = "quantized"
@@ -172,7 +185,7 @@ def render_card(
     from huggingface_hub import ModelCard
 
     data = card_metadata(report, preset, _original_metadata(original_card))
-    body = Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
+    body = Template(template_path(report).read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
@@ -293,7 +306,9 @@ def _provenance(report: ConversionReport) -> str:
     return ""
 
 
-_SERVE_LINE = re.compile(r"^vllm serve (?P<repo>[\w.-]+(?:/[\w.-]+)?)\s*$", re.MULTILINE)
+_SERVE_LINE = re.compile(
+    r'^(?:vllm serve (?P<repo>[\w.-]+(?:/[\w.-]+)?)|model_id = "(?P<bnb>[\w.-]+(?:/[\w.-]+)?)")\s*$', re.MULTILINE
+)
 _LOAD_LINE = re.compile(r'^model = int8\.load\("(?P<repo>[\w.-]+(?:/[\w.-]+)?)"\)\s*$', re.MULTILINE)
 
 
@@ -305,7 +320,8 @@ def recorded_repo_id(card_path: Path) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     m = _SERVE_LINE.search(text) or _LOAD_LINE.search(text)
-    return m["repo"] if m and "/" in m["repo"] else None
+    repo = m and (m.groupdict().get("repo") or m.groupdict().get("bnb"))
+    return repo if repo and "/" in repo else None
 
 
 def write_card(

@@ -89,7 +89,15 @@ def check_quantization_config(qc: Any, folder: Path) -> tuple[ConfigGroup, ...]:
     if not qc:
         raise UnsupportedModel(f"{folder.name} is not an int8 checkpoint: its config.json has no quantization_config",
                                "Convert it first with `int8 convert`, or load it with plain transformers.")
-    found = check_config(qc if isinstance(qc, dict) else qc.to_dict())
+    raw = qc if isinstance(qc, dict) else qc.to_dict()
+    if str(raw.get("quant_method")) in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES"):
+        raise UnsupportedModel(
+            f"{folder.name} is in bitsandbytes' 8-bit layout (`int8 convert --format bnb`): int8.load runs "
+            "compressed-tensors checkpoints only",
+            "Load it with plain transformers (pip install bitsandbytes): AutoModelForCausalLM.from_pretrained(folder); "
+            "or convert with the default --format compressed-tensors for int8.load.",
+        )
+    found = check_config(raw)
     if found.problems or not found.groups:
         raise UnsupportedModel(
             f"{folder.name} is not an int8 weight-only checkpoint: " + "; ".join(found.problems[:3] or ["no config group"]),

@@ -92,7 +92,10 @@ def verify_checkpoint(
         )
 
     say("Checking structure and integrity")
-    structure = check_structure(tgt.folder)
+    from .bnb_structure import check_structure as check_bnb_structure
+    from .bnb_structure import is_bnb
+
+    structure = (check_bnb_structure if is_bnb(tgt.folder) else check_structure)(tgt.folder)
     layout = structure.layout
     checks = list(structure.checks)
     metrics: dict[str, float] = dict(structure.metrics)

@@ -90,6 +90,7 @@ class Layout:
     names: NameMap = field(default_factory=lambda: NameMap(frozenset()))  # the state dict names transformers expects
     tied: Mapping[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it copies
     origin: Origin = Origin()  # who wrote it (`int8.verify.provenance`): int8, or another tool
+    bnb: bool = False  # bitsandbytes' 8-bit layout (`int8.verify.bnb_structure`): packed is M.weight, scale M.SCB, a row a block
 
     @cached_property
     def kept(self) -> dict[str, StoredTensor]:

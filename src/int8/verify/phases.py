@@ -114,8 +114,8 @@ def model_checks(
             return [*loading.checks, *fidelity], metrics
         models.free(skeleton)
     original = _original_phase(layout, against, unusable, (original_tok, converted_tok), text, wins, run)
-    say(f"Loading the converted model ({mode.value})")
-    loading = _loading_phase(layout, mode, wins, original.logprobs, run)
+    say(f"Loading the converted model ({'bitsandbytes Linear8bitLt' if layout.bnb else mode.value})")
+    loading = (_bnb_loading_phase if layout.bnb else _loading_phase)(layout, mode, wins, original.logprobs, run)
     fidelity, found = _fidelity_phase(original, loading, thresholds)
     metrics = {"sample_tokens": sum(w.tokens for w in wins), **original.metrics, **found, **memory}
     return [*loading.checks, *fidelity], metrics
@@ -137,7 +137,8 @@ def _plan(layout: Layout, wins: list, budget: tuple[int, int | None]):
     skeleton = models.build_skeleton(layout)
     config = skeleton.config
     fp32 = sum(p.numel() for p in skeleton.parameters()) * 4
-    split = split_of(config)
+    # Layer by layer decodes compressed-tensors' linear layers; bitsandbytes rows and quantized embeddings run whole.
+    split = None if layout.bnb or layout.embeddings else split_of(config)
     tokens = sum(w.tokens for w in wins) or 1
     window = max((max(v.shape[-1] for v in w.inputs.values()) for w in wins), default=1)
     acts = b.activation_bytes(tokens, window, int(getattr(config, "hidden_size", 0) or 0),
@@ -272,7 +273,7 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     import torch
 
     from . import models
-    from .fidelity import Agreement, check_same_config, check_same_tokenizer, reconstruction
+    from .fidelity import Agreement, check_same_config, check_same_tokenizer
 
     original = against.original
     checks: list[Check] = []
@@ -283,7 +284,7 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     if not unusable:
         run.say(f"Comparing tensors with the original ({original.id})")
         try:
-            rec = reconstruction(layout, original.folder, run.thresholds)
+            rec = _reconstruction(layout)(layout, original.folder, run.thresholds)
             checks.append(rec.check)
             metrics["max_error_scales_as_loaded"] = rec.max_error_as_loaded
         except Int8Error as e:
@@ -471,6 +472,21 @@ def _load_int8(layout: Layout, dtype, device) -> tuple[Check, object | None]:
     figure = (f"{layout.model_class}, int8.load: {len(layout.quantized)} int8 layers, embeddings "
               f"{', '.join(layout.embeddings)}; transformers: {EMBEDDING_LOADERS['transformers']}; vLLM: {EMBEDDING_LOADERS['vLLM']}")
     return outcome("load", [], figure=figure, threshold=threshold, group=Group.LOADING), model
+
+
+def _reconstruction(layout: Layout):
+    """The reconstruction check of the layout (bitsandbytes' rows: `int8.verify.bnb_fidelity`)."""
+    from .bnb_fidelity import reconstruction as rows
+    from .fidelity import reconstruction as blocks
+
+    return rows if layout.bnb else blocks
+
+
+def _bnb_loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) -> LoadingPhase:
+    """bitsandbytes' layout: loaded into Linear8bitLt, measured de-quantized (`int8.verify.bnb_fidelity`)."""
+    from .bnb_fidelity import loading_phase
+
+    return loading_phase(layout, wins, logprobs, run)
 
 
 def _is_quantized(folder: Path | None) -> bool:
