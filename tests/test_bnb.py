@@ -262,3 +262,18 @@ def test_convert_bnb_and_push_round_trip(hub, tmp_path):
     scope: dict = {}
     exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "card-snippet", "exec"), scope)
     assert isinstance(scope["model"], tf.GPTJForCausalLM)
+
+
+def test_embeddings_int8_refused_with_bnb(tmp_path):
+    """--embeddings int8 quantizes embeddings in compressed-tensors' layout only: with --format bnb it is a usage
+    error, said before anything is read, whichever option comes first."""
+    import subprocess
+    import sys
+
+    for args in (["--format", "bnb", "--embeddings", "int8"], ["--embeddings", "int8", "--format", "bnb"]):
+        r = subprocess.run([sys.executable, "-m", "int8.cli", "convert", str(tmp_path / "missing"), *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert "--embeddings int8 does not apply to --format bnb" in " ".join(r.stderr.split())
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / "missing-int8").exists()

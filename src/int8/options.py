@@ -235,7 +235,7 @@ def output_format(value):
         ) from None
 
 
-def format_allows(fmt, *, block_size=None, scale_dtype=None) -> None:
+def format_allows(fmt, *, block_size=None, scale_dtype=None, embeddings=None) -> None:
     """Refuse the options that do not apply to ``fmt``: with ``bnb`` a block is a whole row (one float32 SCB each)."""
     from .formats import OutputFormat
 
@@ -250,4 +250,9 @@ def format_allows(fmt, *, block_size=None, scale_dtype=None) -> None:
         raise UsageError(
             "--scale-dtype does not apply to --format bnb: its row scales (SCB) are always float32",
             "Drop --scale-dtype, or use --format compressed-tensors.",
+        )
+    if embeddings is not None and str(getattr(embeddings, "value", embeddings)) == "int8":
+        raise UsageError(
+            "--embeddings int8 does not apply to --format bnb: bitsandbytes' 8-bit layout quantizes linear layers only",
+            "Drop --embeddings, or use --format compressed-tensors to quantize the embeddings too.",
         )

@@ -50,7 +50,8 @@ def epilog() -> str:
 def _format_option(ctx: typer.Context, value: str) -> str:
     """--format, checked against --block-size/--scale-dtype when those were parsed first (`_not_for_bnb` otherwise)."""
     fmt = options.output_format(value)
-    options.format_allows(fmt, block_size=ctx.params.get("block_size"), scale_dtype=ctx.params.get("scale_dtype"))
+    options.format_allows(fmt, block_size=ctx.params.get("block_size"), scale_dtype=ctx.params.get("scale_dtype"),
+                          embeddings=ctx.params.get("embeddings"))
     return fmt.value
 
 

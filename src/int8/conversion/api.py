@@ -135,7 +135,7 @@ def convert(
     if block_size is not None and block_size < 1:
         raise UnsupportedModel(f"--block-size must be a positive integer, got {block_size}")
     out_format = options.output_format(format)
-    options.format_allows(out_format, block_size=block_size, scale_dtype=scale_dtype)
+    options.format_allows(out_format, block_size=block_size, scale_dtype=scale_dtype, embeddings=embeddings)
     shard_bytes = options.shard_size(max_shard_size)
     user_skip = options.skip_patterns(skip)
     embeddings_mode = options.embeddings(embeddings)

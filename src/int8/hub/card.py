@@ -235,7 +235,7 @@ def _embedding_values(report: ConversionReport, repo: str) -> dict[str, str]:
     embeddings = report.quantized_embeddings
     if not embeddings:
         return {"loaders": "plain transformers loads it and vLLM serves it", "embeddings_note": "", "ct_import": "",
-                "ct_kwargs": "", "vllm_section": f"Serve it with vLLM:\n\n```bash\nvllm serve {repo}\n```\n"}
+                "ct_kwargs": "", "vllm_section": f"Serve it with vLLM:\n\n```bash\nvllm serve {repo}\n```"}
     sharing = [t.name for t in report.tensors if t.action == "dropped" and t.tied_to in embeddings]
     one_size = len(report.quantization.block_groups) <= 1
     note = (
@@ -252,7 +252,7 @@ def _embedding_values(report: ConversionReport, repo: str) -> dict[str, str]:
         "ct_import": ", CompressedTensorsConfig",
         "ct_kwargs": ", quantization_config=CompressedTensorsConfig(dequantize=True)",
         "vllm_section": f"vLLM cannot serve it ({EMBEDDING_LOADERS['vLLM'].removeprefix('no (').removesuffix(')')}): "
-                        "convert without `--embeddings int8` for vLLM.\n",
+                        "convert without `--embeddings int8` for vLLM.",
     }
 
 

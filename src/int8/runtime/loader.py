@@ -94,7 +94,8 @@ def check_quantization_config(qc: Any, folder: Path) -> tuple[ConfigGroup, ...]:
         raise UnsupportedModel(
             f"{folder.name} is in bitsandbytes' 8-bit layout (`int8 convert --format bnb`): int8.load runs "
             "compressed-tensors checkpoints only",
-            "Load it with plain transformers (pip install bitsandbytes): AutoModelForCausalLM.from_pretrained(folder); "
+            "Load it with plain transformers and bitsandbytes (the model class's from_pretrained on the folder, "
+            "no quantization_config needed); "
             "or convert with the default --format compressed-tensors for int8.load.",
         )
     found = check_config(raw)
