@@ -21,6 +21,7 @@ from ..checkpoint import CheckpointReader, find_checkpoint
 from ..formats.safetensors import SourceTensor
 from ..hf import WeightLayout
 from ..rowwise import dequantize_rows
+from .fidelity import _where, kept_problems
 from .layout import Layout
 from .result import Check, Group, Thresholds, outcome
 
@@ -71,10 +72,6 @@ def _widen(model, dtype) -> None:
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_floating_point() and t.dtype != dtype:
                 t.data = t.data.to(dtype)
-
-
-def _where(t) -> str:
-    return f"{t.file.name}: {t.name}"
 
 
 def reconstruction(layout: Layout, original: Path, thresholds: Thresholds):
@@ -131,25 +128,9 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds):
                     f"{_where(q.packed)}: {int((e > 0.5 + TOLERANCE).sum())} value(s) beyond half a row step of the "
                     f"original (worst {err:.3f} steps; first at row {r}, column {c})"
                 )
-        for name, t in layout.kept.items():
-            src = find(name)
-            if src is None:
-                problems.append(f"{_where(t)}: the original has no tensor {name} to compare with")
-                continue
-            if tuple(src.shape) != tuple(t.shape):
-                problems.append(f"{_where(t)} has shape {list(t.shape)}, the original's {src.name} {list(src.shape)}")
-                continue
-            mine = conv.read(stored[name])
-            theirs = orig_reader.read(src).to(mine.dtype)
-            if torch.equal(mine, theirs):
-                kept_ok += 1
-                continue
-            differ = mine != theirs
-            if mine.is_floating_point():
-                differ &= ~(torch.isnan(mine) & torch.isnan(theirs))
-            i = int(differ.reshape(-1).nonzero()[0])
-            problems.append(f"{_where(t)} differs from the original's {src.name} rounded to {t.dtype} at "
-                            f"{int(differ.sum())} value(s) (first at flat index {i})")
+        ok, found = kept_problems(layout, find, orig_reader, conv, stored)
+        kept_ok += ok
+        problems += found
     figure = (
         f"max |w16 - q*SCB/127| = {worst:.3f} row step over {len(layout.quantized)} layers ({worst32:.3f} from the "
         f"float32 original, with the float16 cast); SCB the float16 absmax; {kept_ok}/{len(layout.kept)} other tensors identical"

@@ -124,27 +124,9 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
                                              own=layout.origin.own)
             worst, worst_loaded, worst_scale = max(worst, err), max(worst_loaded, loaded), max(worst_scale, rel)
             problems += found
-        for name, t in layout.kept.items():
-            src = orig.find(name)
-            if src is None:
-                problems.append(f"{_where(t)}: the original has no tensor {name} to compare with")
-                continue
-            if tuple(src.shape) != tuple(t.shape):
-                problems.append(f"{_where(t)} has shape {list(t.shape)}, the original's {src.name} {list(src.shape)}")
-                continue
-            mine = conv_reader.read(stored[name])
-            theirs = orig_reader.read(src).to(mine.dtype)
-            if torch.equal(mine, theirs):
-                kept_ok += 1
-                continue
-            differ = mine != theirs
-            if mine.is_floating_point():
-                differ &= ~(torch.isnan(mine) & torch.isnan(theirs))
-            i = int(differ.reshape(-1).nonzero()[0])
-            problems.append(
-                f"{_where(t)} differs from the original's {src.name} rounded to {t.dtype} at {int(differ.sum())} "
-                f"value(s) (first at flat index {i}: {mine.reshape(-1)[i].item():.6g} vs {theirs.reshape(-1)[i].item():.6g})"
-            )
+        ok, found = kept_problems(layout, orig.find, orig_reader, conv_reader, stored)
+        kept_ok += ok
+        problems += found
     figure = (
         f"max |w - q*scale| = {worst:.3f} scale over {len(layout.quantized)} layers "
         f"({worst_loaded:.3f} with q*scale in the scales' dtype, as stock loaders decode it); "
@@ -157,6 +139,34 @@ def reconstruction(layout: Layout, original: Path, thresholds: Thresholds) -> Re
     )
     check = outcome("reconstruction", problems, figure=figure, threshold=threshold, group=Group.FIDELITY, value=worst)
     return Reconstruction(check, worst_loaded)
+
+
+def kept_problems(layout: Layout, find, orig_reader, conv_reader, stored) -> tuple[int, list[str]]:
+    """(how many, what is wrong): each tensor the checkpoint keeps unquantized against the original's (``find(name)``
+    its source tensor or None), which it must equal once rounded to the kept dtype."""
+    ok, problems = 0, []
+    for name, t in layout.kept.items():
+        src = find(name)
+        if src is None:
+            problems.append(f"{_where(t)}: the original has no tensor {name} to compare with")
+            continue
+        if tuple(src.shape) != tuple(t.shape):
+            problems.append(f"{_where(t)} has shape {list(t.shape)}, the original's {src.name} {list(src.shape)}")
+            continue
+        mine = conv_reader.read(stored[name])
+        theirs = orig_reader.read(src).to(mine.dtype)
+        if torch.equal(mine, theirs):
+            ok += 1
+            continue
+        differ = mine != theirs
+        if mine.is_floating_point():
+            differ &= ~(torch.isnan(mine) & torch.isnan(theirs))
+        i = int(differ.reshape(-1).nonzero()[0])
+        problems.append(
+            f"{_where(t)} differs from the original's {src.name} rounded to {t.dtype} at {int(differ.sum())} "
+            f"value(s) (first at flat index {i}: {mine.reshape(-1)[i].item():.6g} vs {theirs.reshape(-1)[i].item():.6g})"
+        )
+    return ok, problems
 
 
 def _layer(

@@ -149,7 +149,7 @@ def _plan(layout: Layout, wins: list, budget: tuple[int, int | None]):
 
 def _tensor_checks(layout: Layout, against: Against, unusable: str, tokenizers, text: str, wins: list, run: Run):
     """(checks, unusable, why, metrics): the tensors against the original's, its tokenizer and config."""
-    from .fidelity import check_same_config, check_same_tokenizer, reconstruction
+    from .fidelity import check_same_config, check_same_tokenizer
 
     original = against.original
     checks: list[Check] = []
@@ -158,7 +158,7 @@ def _tensor_checks(layout: Layout, against: Against, unusable: str, tokenizers, 
     if not unusable:
         run.say(f"Comparing tensors with the original ({original.id})")
         try:
-            rec = reconstruction(layout, original.folder, run.thresholds)
+            rec = _reconstruction(layout)(layout, original.folder, run.thresholds)
             checks.append(rec.check)
             metrics["max_error_scales_as_loaded"] = rec.max_error_as_loaded
         except Int8Error as e:
@@ -273,27 +273,12 @@ def _original_phase(layout: Layout, against: Against, unusable: str, tokenizers,
     import torch
 
     from . import models
-    from .fidelity import Agreement, check_same_config, check_same_tokenizer
+    from .fidelity import Agreement
 
     original = against.original
-    checks: list[Check] = []
-    why = ""
     logprobs: list = []
     references: list[Agreement] = []
-    metrics: dict[str, float] = {}
-    if not unusable:
-        run.say(f"Comparing tensors with the original ({original.id})")
-        try:
-            rec = _reconstruction(layout)(layout, original.folder, run.thresholds)
-            checks.append(rec.check)
-            metrics["max_error_scales_as_loaded"] = rec.max_error_as_loaded
-        except Int8Error as e:
-            unusable = against.unusable(e, f"the original {original.id} cannot be read ({e.message})")
-    if not unusable:
-        checks.append(check_same_tokenizer(*tokenizers, text))
-        checks.append(check_same_config(original.folder, layout.folder))
-        if not wins:
-            why = "no tokenizer loads, so there is no text to run"
+    checks, unusable, why, metrics = _tensor_checks(layout, against, unusable, tokenizers, text, wins, run)
     if not unusable and not why:
         run.say("Running the original")
         try:
