@@ -89,6 +89,18 @@ def test_the_template_renders_the_golden_card(name, tmp_path):
     assert rendered == golden
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_huggingface_hubs_model_card_holds_the_text_as_written(name, tmp_path):
+    """int8 writes the card text itself (importing ModelCard is slow); huggingface_hub's ModelCard parses it
+    to the metadata int8 built and serializes it back to the very same text."""
+    from huggingface_hub import ModelCard
+
+    rendered = _case(name, tmp_path)
+    card = ModelCard(rendered)
+    assert str(card) == rendered
+    assert card.data.to_dict()["library_name"] == "transformers"
+
+
 def test_the_cases_differ_where_their_inputs_do(tmp_path):
     texts = {}
     for name in CASES:

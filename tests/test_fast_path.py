@@ -191,23 +191,34 @@ def test_the_plan_from_the_table_equals_the_plan_from_the_meta_model(arch, form,
             assert _plan_summary(fast) == _plan_summary(slow), embeddings
 
 
-def test_converting_a_table_architecture_imports_neither_transformers_nor_compressed_tensors(tmp_path):
+@pytest.mark.parametrize("arch", ["gptj", "t5"])
+def test_converting_a_table_architecture_on_cpu_imports_neither_torch_nor_transformers(tmp_path, arch):
+    """The CPU path over safetensors is numpy and numba only: torch, transformers and compressed-tensors
+    (seconds of imports together) stay out of the process, by the API and by the CLI."""
     import subprocess
     import sys
 
     from models import make_tiny
 
-    src = make_tiny("gptj", tmp_path / "src", tokenizer=False)
-    code = (
-        "import sys, int8\n"
-        f"int8.convert({str(src)!r}, {str(tmp_path / 'out')!r}, device='cpu')\n"
-        "print(sorted(m for m in ('transformers', 'compressed_tensors') if m in sys.modules))\n"
+    from int8 import kernels
+    from int8.hf import gpu_possible
+
+    heavy = ("compressed_tensors", "transformers") + (("torch",) if kernels.available() else ())
+    src = make_tiny(arch, tmp_path / "src", tokenizer=False)
+    report = f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    api = f"import sys, int8\nint8.convert({str(src)!r}, {str(tmp_path / 'api')!r}, device='cpu')\n" + report
+    device = "auto" if not gpu_possible() else "cpu"
+    cli = (
+        "import sys\nfrom int8.cli import app\n"
+        f"try:\n    app([\"convert\", {str(src)!r}, \"--out\", {str(tmp_path / 'cli')!r}, \"--device\", {device!r}, \"--quiet\"])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n" + report
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(int8_src()).parent)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
-    assert (tmp_path / "out" / "config.json").is_file()
+    for code, out_dir in ((api, "api"), (cli, "cli")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == "[]", out_dir
+        assert (tmp_path / out_dir / "config.json").is_file()
 
 
 def int8_src() -> str:

@@ -453,15 +453,15 @@ def test_verify_quotes_no_shard_bytes(copy, tmp_path):
 
 def _truncating_reader(monkeypatch, at_call: int, before: bool, size: int = 0) -> list[int]:
     calls: list[int] = []
-    original = checkpoint.CheckpointReader.view_rows
+    original = checkpoint.CheckpointReader.view_array
 
-    def view_rows(self, t, r0, r1):
+    def view_array(self, t, r0, r1):
         calls.append(1)
         if before and len(calls) == at_call:
             os.truncate(t.file, size)
         return original(self, t, r0, r1)
 
-    monkeypatch.setattr(checkpoint.CheckpointReader, "view_rows", view_rows)
+    monkeypatch.setattr(checkpoint.CheckpointReader, "view_array", view_array)
     return calls
 
 
@@ -479,22 +479,22 @@ def test_truncated_between_reads_fails_cleanly(kind, size, copy, tmp_path, monke
 _SIGBUS = textwrap.dedent(
     """
     import os, sys
-    import torch
     from int8 import checkpoint
+    from int8.conversion import arrays
     at = int(sys.argv[1])
-    original = checkpoint.CheckpointReader.view_rows
+    original = checkpoint.CheckpointReader.view_array
     calls = []
 
-    def view_rows(self, t, r0, r1):
+    def view_array(self, t, r0, r1):
         data, release = original(self, t, r0, r1)
         calls.append(1)
         if len(calls) == at:
             os.truncate(t.file, 0)  # the pages of this view are gone: touching them raises SIGBUS
-            torch.sum(data.float())  # touched here, in the worker thread (torch releases the GIL)
+            arrays.all_finite(data, t.dtype)  # touched here, in the worker thread, as the engine does first (numba, no GIL)
             print("the worker survived the fault", file=sys.stderr)
         return data, release
 
-    checkpoint.CheckpointReader.view_rows = view_rows
+    checkpoint.CheckpointReader.view_array = view_array
     sys.argv = ["int8", *sys.argv[2:]]
     from int8.cli import main
     main()

@@ -11,6 +11,10 @@
   fails the run cleanly (`int8.errors.SourceChanged`) instead of killing it.
 * PyTorch ``pytorch_model.bin`` (single or sharded): loaded by `int8.formats.pytorch`
   (memory-mapped, ``weights_only=True``: no pickled code runs), pages dropped the same way.
+
+Data comes out as numpy arrays (`view_array`, `read_rows_array`: bfloat16 as its raw ``uint16``
+bits, `int8.formats.safetensors.NUMPY_DTYPES`), which is what the CPU converter works on without
+importing torch, or as torch tensors over the same memory (`view_rows`, `read_rows`, `read`).
 """
 
 from __future__ import annotations
@@ -18,19 +22,18 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import CorruptCheckpoint, NoWeightsFound, ResourceLimit, SourceChanged, UnsupportedModel
 from .formats.pytorch import BIN_INDEX, BIN_SINGLE, load_bin
 from .formats.safetensors import (
-    DTYPE_NAMES,
-    DTYPES,
     MAX_TENSORS,
+    NUMPY_DTYPES,
     SAFE_INDEX,
     SAFE_SINGLE,
     SourceTensor,
@@ -38,8 +41,13 @@ from .formats.safetensors import (
     itemsize,
     read_index,
     read_safetensors_header,
+    to_numpy,
+    to_torch,
 )
 from .paths import inside, plain, show
+
+if TYPE_CHECKING:
+    import torch
 
 SIDECAR_FILES = (
     "generation_config.json",
@@ -266,6 +274,10 @@ class CheckpointReader:
         self._check_index(index_map, found)
 
     def _open_bin(self, index_map: dict[str, str] | None) -> None:
+        import torch
+
+        from .formats.safetensors import DTYPE_NAMES
+
         found: dict[str, Path] = {}
         for path in self.files.files:
             state = load_bin(path)
@@ -299,9 +311,7 @@ class CheckpointReader:
         ranges = []
         for mm in self._maps.values():
             if not mm.closed and len(mm):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    ranges.append((torch.frombuffer(mm, dtype=torch.uint8).data_ptr(), len(mm)))
+                ranges.append((np.frombuffer(mm, dtype=np.uint8).ctypes.data, len(mm)))
         for t in self._bin.values():
             st = t.untyped_storage()
             if st.nbytes():
@@ -323,8 +333,8 @@ class CheckpointReader:
             and ta.stride() == tb.stride()
         )
 
-    def read_rows(self, t: SourceTensor, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
-        """Copy rows ``[r0, r1)`` of ``t`` into ``out`` (a flat byte buffer); return them as a tensor."""
+    def read_rows_array(self, t: SourceTensor, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+        """Copy rows ``[r0, r1)`` of ``t`` into ``out`` (a flat uint8 array); return them as an array over it."""
         count = (r1 - r0) * t.row_numel
         nbytes = count * itemsize(t.dtype)
         view = out[:nbytes]
@@ -333,12 +343,12 @@ class CheckpointReader:
             src = self._bin[t.name]
             flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
             part = flat[r0 * t.row_numel : r0 * t.row_numel + count]
-            view.view(DTYPES[t.dtype]).copy_(part)
+            np.copyto(view.view(NUMPY_DTYPES[t.dtype]), to_numpy(part))
             if src.is_contiguous():
                 _madvise_dontneed(part.data_ptr(), nbytes)
         else:
             fd = self._fds[t.file]
-            mv = memoryview(view.numpy())
+            mv = memoryview(view)
             pos = t.offset + r0 * t.row_numel * itemsize(t.dtype)
             done = 0
             while done < nbytes:
@@ -347,32 +357,27 @@ class CheckpointReader:
                     raise SourceChanged(f"{t.file.name} ended while int8 was reading tensor {show(t.name)}: it was truncated",
                                         CHANGED_HINT)
                 done += got
-        shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
-        return view.view(DTYPES[t.dtype]).view(shape)
+        return view.view(NUMPY_DTYPES[t.dtype]).reshape(_rows_shape(t, r0, r1))
 
-    def view_rows(self, t: SourceTensor, r0: int, r1: int) -> tuple[torch.Tensor, Callable[[], None]]:
-        """Rows ``[r0, r1)`` of ``t`` without copying: a view of the page cache through a read-only
+    def view_array(self, t: SourceTensor, r0: int, r1: int) -> tuple[np.ndarray, Callable[[], None]]:
+        """Rows ``[r0, r1)`` of ``t`` without copying: a read-only view of the page cache through the file's
         mapping, and the function that drops those pages from this process once the view is no longer
-        used (the data stays in the page cache; the resident set stays flat). Never write to the view."""
+        used (the data stays in the page cache; the resident set stays flat)."""
         count = (r1 - r0) * t.row_numel
         nbytes = count * itemsize(t.dtype)
-        shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
+        shape = _rows_shape(t, r0, r1)
         self._check_size(t.file)
         if t.name in self._bin:
             src = self._bin[t.name]
             if not src.is_contiguous():
-                buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-                return self.read_rows(t, r0, r1, buf), _noop
+                return self.read_rows_array(t, r0, r1, np.empty(max(nbytes, 1), np.uint8)), _noop
             part = src.reshape(-1)[r0 * t.row_numel : r0 * t.row_numel + count]
-            return part.view(shape), lambda: _madvise_dontneed(part.data_ptr(), nbytes)
+            return to_numpy(part).reshape(shape), lambda: _madvise_dontneed(part.data_ptr(), nbytes)
         mm = self._maps.get(t.file)
         if mm is None or nbytes == 0:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            return self.read_rows(t, r0, r1, buf), _noop
+            return self.read_rows_array(t, r0, r1, np.empty(max(nbytes, 1), np.uint8)), _noop
         start = t.offset + r0 * t.row_numel * itemsize(t.dtype)
-        with warnings.catch_warnings():  # read-only memory: the view is only ever read
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start)
+        raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=start)
         page = mmap.PAGESIZE
         lo, hi = -(-start // page) * page, (start + nbytes) // page * page
 
@@ -380,12 +385,22 @@ class CheckpointReader:
             if hi > lo and not mm.closed:
                 mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-        return raw.view(DTYPES[t.dtype]).view(shape), release
+        return raw.view(NUMPY_DTYPES[t.dtype]).reshape(shape), release
+
+    def read_rows(self, t: SourceTensor, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """`read_rows_array` into ``out`` (a flat uint8 tensor), as a tensor of ``t``'s dtype."""
+        return to_torch(self.read_rows_array(t, r0, r1, out.numpy()), t.dtype)
+
+    def view_rows(self, t: SourceTensor, r0: int, r1: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """`view_array` as a tensor of ``t``'s dtype over the same memory. Never write to it."""
+        arr, release = self.view_array(t, r0, r1)
+        return to_torch(arr, t.dtype), release
 
     def read(self, t: SourceTensor) -> torch.Tensor:
         """The whole tensor, in its own memory."""
-        buf = torch.empty(max(t.nbytes, 1), dtype=torch.uint8)
-        return self.read_rows(t, 0, t.rows, buf)
+        import torch
+
+        return self.read_rows(t, 0, t.rows, torch.empty(max(t.nbytes, 1), dtype=torch.uint8))
 
     def close(self) -> None:
         for mm in self._maps.values():
@@ -406,4 +421,9 @@ class CheckpointReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+
+def _rows_shape(t: SourceTensor, r0: int, r1: int) -> tuple[int, ...]:
+    return (r1 - r0, *t.shape[1:]) if t.shape else ()
 

@@ -15,6 +15,8 @@ first and a model that needs remote code (an ``auto_map``, or a
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -289,12 +291,32 @@ def torch_dtype(name: str):
     return DTYPES[name]
 
 
-def resolve_device(device) -> torch.device:
-    """'auto' (or None) picks CUDA when there is a GPU; 'cpu', 'cuda', 'cuda:1' are taken as said and checked."""
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")
+"""Files a GPU driver puts on a Linux machine (NVIDIA, ROCm, WSL2): with none of them, CUDA cannot be available."""
+
+
+def gpu_possible() -> bool:
+    """Whether this machine may have a GPU torch can use; False only where it provably has none (a Linux machine
+    without any GPU driver's device node), so that ``--device auto`` on such a machine need not import torch."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in GPU_DEVICE_NODES)
+
+
+def device_name(device) -> str:
+    """The device to run on, as torch names it: 'auto' (or None) picks CUDA when there is a GPU; 'cpu',
+    'cuda', 'cuda:1' are taken as said and checked (`UsageError`). torch is imported only when a GPU may be
+    there (`gpu_possible`) or one is asked for."""
+    if device is None or device == "auto":
+        if not gpu_possible():
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device) == "cpu":
+        return "cpu"
     import torch
 
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -306,7 +328,14 @@ def resolve_device(device) -> torch.device:
             raise UsageError(f"device {device}: there are only {torch.cuda.device_count()} GPU(s)")
     elif dev.type != "cpu":
         raise UsageError(f"device {device}: int8 runs on cpu or cuda")
-    return dev
+    return str(dev)
+
+
+def resolve_device(device) -> torch.device:
+    """`device_name` as a torch device."""
+    import torch
+
+    return torch.device(device_name(device))
 
 
 # --------------------------------------------------------------------------- running a model layer by layer

@@ -14,13 +14,18 @@ implementation, which the CUDA path uses): the tests compare both with an
 independent numpy reference. Only the error *sum* may differ in its last
 bits (its additions are reassociated to vectorize).
 
-numba is optional: without it, `available()` is False and the torch path is used.
+Beside it, the one-pass casts the converter needs for the tensors it keeps (float32 to bfloat16,
+rounded to nearest even as torch rounds; bfloat16 to float32) and the finiteness checks, each
+over raw bits. Everything here works on numpy arrays: no torch (the CPU converter does not import it).
+
+numba is optional: without it, `available()` is False and the converter uses torch instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from .scheme import SCALE_FORMATS
 
 try:  # pragma: no cover - exercised when numba is installed (it is a dependency)
     import numba
@@ -28,13 +33,6 @@ try:  # pragma: no cover - exercised when numba is installed (it is a dependency
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
-
-# (explicit mantissa bits, exponent of the smallest normal, largest finite) of each scale dtype
-FORMATS = {
-    torch.float32: (23, -126, float(torch.finfo(torch.float32).max)),
-    torch.bfloat16: (7, -126, float(torch.finfo(torch.bfloat16).max)),
-    torch.float16: (10, -14, float(torch.finfo(torch.float16).max)),
-}
 
 NON_FINITE = -1.0
 SCALE_OVERFLOW = -2.0
@@ -74,8 +72,8 @@ if _HAVE_NUMBA:
 
     @_jit_reassoc
     def _quantize_rows(w, block, mant_bits, emin, max_finite, packed, scales):
-        """w (rows, cols) float32 C-contiguous -> packed (rows, >= cols) uint8 = code + 128,
-        scales (rows, cols / block) float32 (values representable in the scale dtype).
+        """w (rows, cols) float32 C-contiguous -> packed (rows, >= cols) uint8 = code + 128 in its first
+        cols columns, scales (rows, cols / block) float32 (values representable in the scale dtype).
 
         Returns (status, a, b, zero_blocks): status >= 0 is the error sum and `a` the error max
         in units of 2**-24 of a scale; status NON_FINITE or SCALE_OVERFLOW names row a, block b.
@@ -128,10 +126,67 @@ if _HAVE_NUMBA:
         return esum, emax, 0, zero_blocks
 
 
-def quantize_rows(w: torch.Tensor, block_size: int, packed: torch.Tensor, scales32: torch.Tensor, scale_dtype: torch.dtype):
-    """Run the kernel on CPU tensors (see `_quantize_rows`); `w` float32 contiguous,
-    `packed` uint8 (rows, >= in), `scales32` float32 (rows, in / block)."""
-    mant_bits, emin, max_finite = FORMATS[scale_dtype]
-    return _quantize_rows(
-        w.numpy(), block_size, mant_bits, emin, np.float32(max_finite), packed.numpy(), scales32.numpy()
-    )
+    @_jit_reassoc
+    def _max_abs_bits32(bits):
+        """The largest ``bits & 0x7FFFFFFF`` of float32 bits: finite iff below 0x7F800000."""
+        m = np.uint32(0)
+        for i in range(bits.size):
+            v = np.uint32(bits[i] & np.uint32(0x7FFFFFFF))
+            m = v if v > m else m
+        return m
+
+    @_jit_reassoc
+    def _max_abs_bits16(bits):
+        """The largest ``bits & 0x7FFF`` of float16 or bfloat16 bits."""
+        m = np.uint16(0)
+        for i in range(bits.size):
+            v = np.uint16(bits[i] & np.uint16(0x7FFF))
+            m = v if v > m else m
+        return m
+
+    @_jit_reassoc
+    def _f32_bits_to_bf16(src, dst):
+        """float32 bits -> bfloat16 bits, nearest even (torch's rounding; NaN is never passed in).
+        Returns the largest ``|bits|`` of the source, as `_max_abs_bits32`."""
+        m = np.uint32(0)
+        for i in range(src.size):
+            b = src[i]
+            v = np.uint32(b & np.uint32(0x7FFFFFFF))
+            m = v if v > m else m
+            dst[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return m
+
+    @_jit_reassoc
+    def _bf16_bits_to_f32(src, dst):
+        """bfloat16 bits -> float32 bits (exact)."""
+        for i in range(src.size):
+            dst[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+def quantize_rows(w: np.ndarray, block_size: int, packed: np.ndarray, scales32: np.ndarray, scale_dtype: str):
+    """Run the kernel (see `_quantize_rows`): ``w`` float32 C-contiguous ``(rows, in)``, ``packed`` uint8
+    ``(rows, >= in)``, ``scales32`` float32 ``(rows, in / block)``; ``scale_dtype`` a safetensors name
+    (F32, BF16, F16) of the dtype the scales are rounded to."""
+    f = SCALE_FORMATS[scale_dtype]
+    return _quantize_rows(w, block_size, f.mantissa_bits, f.min_exponent, np.float32(f.max_finite), packed, scales32)
+
+
+FINITE_BELOW = {"F32": 0x7F800000, "BF16": 0x7F80, "F16": 0x7C00}
+"""A float of each dtype is finite iff its bits without the sign are below this (NaN and Inf at or above)."""
+
+
+def all_finite_bits(bits: np.ndarray, dtype: str) -> bool:
+    """No NaN or Inf among ``bits``: a flat uint32 (F32) or uint16 (BF16, F16) view of the values."""
+    m = _max_abs_bits32(bits) if dtype == "F32" else _max_abs_bits16(bits)
+    return int(m) < FINITE_BELOW[dtype]
+
+
+def f32_to_bf16(src: np.ndarray, dst: np.ndarray) -> bool:
+    """Cast flat float32 values to bfloat16 bits in ``dst`` (uint16), nearest even, in one pass; return
+    whether every value was finite (when not, ``dst`` holds garbage for those values)."""
+    return int(_f32_bits_to_bf16(src.view(np.uint32), dst)) < FINITE_BELOW["F32"]
+
+
+def bf16_to_f32(src: np.ndarray, dst: np.ndarray) -> None:
+    """Widen flat bfloat16 bits (uint16) into ``dst`` float32 (exact)."""
+    _bf16_bits_to_f32(src, dst.view(np.uint32))

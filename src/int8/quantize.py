@@ -25,7 +25,6 @@ multiple of four: `int8.formats.compressed_tensors` packs and unpacks them.
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -33,10 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-
-QMAX = 127
-"""Codes lie in [-QMAX, QMAX]: symmetric, so -128 is never produced."""
-
+from .scheme import QMAX, ErrorStats, NonFiniteWeights
 
 # Rows are quantized in sub-chunks of about this many values (4 MiB of fp32),
 # so every intermediate stays in the CPU's L2/L3 cache.
@@ -44,34 +40,6 @@ _SUBCHUNK_VALUES = 1 << 20
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("int8 writes little-endian checkpoints and needs a little-endian machine")
-
-
-class NonFiniteWeights(ValueError):
-    """A block's absmax (or its scale in the scale dtype) is NaN or infinite."""
-
-
-@dataclass
-class ErrorStats:
-    """Quantization error of one tensor, in units of each value's own block scale.
-
-    ``max_abs`` is at most 0.5 by construction; ``mean_abs`` is about 0.25 for
-    smooth weights.
-    """
-
-    max_abs: float = 0.0
-    sum_abs: float = 0.0
-    count: int = 0
-    zero_blocks: int = 0
-
-    @property
-    def mean_abs(self) -> float:
-        return self.sum_abs / self.count if self.count else 0.0
-
-    def merge(self, other: ErrorStats) -> None:
-        self.max_abs = max(self.max_abs, other.max_abs)
-        self.sum_abs += other.sum_abs
-        self.count += other.count
-        self.zero_blocks += other.zero_blocks
 
 
 @dataclass(frozen=True)
@@ -88,12 +56,6 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.block_size, dtype)
-
-
-def num_blocks(in_features: int, block_size: int) -> int:
-    return math.ceil(in_features / block_size)
-
-
 
 
 def scales_from_absmax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -170,7 +132,9 @@ def _quantize_into_kernel(w, block_size, codes_out, scales_out, offset_codes) ->
             x = space.f32[0][: n * cols].view(n, cols).copy_(x)
         scales32 = space.small[0][: n * nblocks].view(n, nblocks)
         packed = codes_out[r0:r1, :cols].view(torch.uint8)
-        status, a, b, zero_blocks = kernels.quantize_rows(x, block_size, packed, scales32, scales_out.dtype)
+        status, a, b, zero_blocks = kernels.quantize_rows(
+            x.numpy(), block_size, packed.numpy(), scales32.numpy(), _SCALE_NAMES[scales_out.dtype]
+        )
         if status == kernels.NON_FINITE:
             raise NonFiniteWeights("NaN or Inf values")
         if status == kernels.SCALE_OVERFLOW:
@@ -208,7 +172,7 @@ def _quantize_into_torch(w, block_size, codes_out, scales_out, offset_codes) -> 
         # max(|w|) as max(max, -min): two reductions, no |w| temporary. NaN propagates.
         amax = torch.amax(blocks, -1, out=amax_buf[:n])
         amin = torch.amin(blocks, -1, out=amin_buf[:n]).neg_()
-        torch.maximum(amax, amin, out=amax)
+        torch.maximum(amax, amin, out=amax).abs_()  # abs: max(0, -0) may be -0; an all-zero block's scale is +0
         scales = scales_from_absmax(amax, scales_out.dtype)
         if not bool(torch.isfinite(scales).all()):
             bad = "NaN or Inf values" if not bool(torch.isfinite(amax).all()) else (
@@ -257,6 +221,8 @@ class _Workspace:
 
 
 _local = threading.local()
+
+_SCALE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def _workspace(device: torch.device, values: int, blocks: int) -> _Workspace:

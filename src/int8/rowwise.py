@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import QMAX, ErrorStats, NonFiniteWeights
+from .scheme import QMAX, ErrorStats, NonFiniteWeights
 
 DEQUANT_FACTOR = 7.874015718698502e-3
 """bitsandbytes' float literal for 1/127 in ``int8_vectorwise_dequant``."""

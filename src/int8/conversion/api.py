@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from .. import options
 from ..checkpoint import SIDECAR_FILES, CheckpointReader, find_checkpoint
@@ -30,7 +30,7 @@ from ..formats import OutputFormat
 from ..formats import bitsandbytes as bnb_format
 from ..formats.compressed_tensors import build_config
 from ..formats.safetensors import itemsize, write_index
-from ..hf import TORCH_NAMES, parse_dtype, resolve_device
+from ..hf import TORCH_NAMES, device_name, parse_dtype
 from ..paths import copy_inside, inside
 from ..report import (
     ConversionReport,
@@ -127,7 +127,7 @@ def convert(
     """
     progress = progress or _NoProgress()
     # Everything the user typed is checked before anything is downloaded.
-    dev = resolve_device(device)
+    dev = device_name(device)
     if dtype is not None:
         parse_dtype(dtype)
     if scale_dtype is not None:
@@ -238,18 +238,21 @@ def _load_config(folder: Path):
 
 
 def _same_data(reader: CheckpointReader, a, b) -> bool:
-    """Whether two tensors of the checkpoint hold equal data (tied copies)."""
+    """Whether two tensors of the checkpoint hold the same bytes (tied copies)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if reader.shares_storage(a, b):
         return True
     row_bytes = max(1, a.row_numel * itemsize(a.dtype))
     step = max(1, CHUNK_BYTES // row_bytes)
-    buf_a = torch.empty(step * row_bytes, dtype=torch.uint8)
-    buf_b = torch.empty(step * row_bytes, dtype=torch.uint8)
+    buf_a = np.empty(step * row_bytes, np.uint8)
+    buf_b = np.empty(step * row_bytes, np.uint8)
     for r0 in range(0, a.rows, step):
         r1 = min(a.rows, r0 + step)
-        if not torch.equal(reader.read_rows(a, r0, r1, buf_a), reader.read_rows(b, r0, r1, buf_b)):
+        nbytes = (r1 - r0) * row_bytes
+        reader.read_rows_array(a, r0, r1, buf_a)
+        reader.read_rows_array(b, r0, r1, buf_b)
+        if not np.array_equal(buf_a[:nbytes], buf_b[:nbytes]):
             return False
     return True
 

@@ -2,14 +2,18 @@
 
 Work is cut into units: a row chunk of a tensor (about ``CHUNK_BYTES`` of
 source), or the opening or closing of an output shard. Worker threads take
-units in plan order, each reading its chunk with ``pread`` and quantizing it
-(torch and the numba kernel release the GIL, so the workers run on all
-cores); a writer thread appends the results to the shards strictly in plan
+units in plan order, each viewing its chunk in the page cache and quantizing it
+(the numba kernels, and torch where it is used, release the GIL, so the workers
+run on all cores); a writer thread appends the results to the shards strictly in plan
 order, hashing as it goes. A unit holds a permit from the moment a worker
 takes it until the writer has written it, so at most ``permits`` chunks are
 in memory at once, whatever the model's size, and the writer can always
 make progress (the unit it waits for was taken before any later one).
 Progress is reported from the calling thread, where Ctrl-C lands.
+
+Data is numpy throughout (`int8.conversion.arrays`): a CPU conversion of a safetensors checkpoint
+never imports torch. torch does the arithmetic only on a CUDA device, for bitsandbytes' layout, or
+when numba is missing (`int8.conversion.torch_ops`).
 """
 
 from __future__ import annotations
@@ -24,17 +28,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from .. import kernels
 from ..checkpoint import CHANGED_HINT, CheckpointReader
 from ..errors import BadTensor, SourceChanged
 from ..formats import OutputFormat
-from ..formats.bitsandbytes import weight_format_tensor
+from ..formats.bitsandbytes import weight_format_bytes
 from ..formats.compressed_tensors import packed_columns
-from ..formats.safetensors import DTYPES, FLOAT_DTYPES, itemsize
+from ..formats.safetensors import FLOAT_DTYPES, NUMPY_DTYPES, itemsize
 from ..hf import WeightLayout
-from ..quantize import ErrorStats, NonFiniteWeights, num_blocks, quantize_into
-from ..rowwise import quantize_rows_into
+from ..scheme import ErrorStats, NonFiniteWeights, num_blocks
+from . import arrays
 from .plan import QUANTIZE, ConversionPlan, ShardPlan, TensorPlan
 from .writer import BackgroundHasher, ShardWriter
 
@@ -48,19 +53,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """Torch's OpenMP threads spin at barriers; beside our own threads they oversubscribe the
-    cores and slow everything down tenfold. While streaming, each torch op runs on the thread
-    that calls it and the workers spread the work over the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _Stopped(Exception):
     """Another thread failed or the run was interrupted; this one stops quietly."""
 
@@ -70,15 +62,15 @@ class _BufferPool:
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self._free: list[torch.Tensor] = []
+        self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def take(self, n: int) -> tuple[torch.Tensor, Callable[[], None]]:
-        """A buffer of at least ``n`` bytes and the function that gives it back (idempotent)."""
+    def take(self, n: int) -> tuple[np.ndarray, Callable[[], None]]:
+        """A flat uint8 buffer of at least ``n`` bytes and the function that gives it back (idempotent)."""
         if n > self.nbytes:
-            return torch.empty(n, dtype=torch.uint8), _noop
+            return np.empty(n, np.uint8), _noop
         with self._lock:
-            buf = self._free.pop() if self._free else torch.empty(self.nbytes, dtype=torch.uint8)
+            buf = self._free.pop() if self._free else np.empty(self.nbytes, np.uint8)
         given = []
 
         def release() -> None:
@@ -124,10 +116,6 @@ def _units(plan: ConversionPlan, chunk_bytes: int) -> Iterator[_Unit]:
         seq += 1
 
 
-def _as_bytes(t: torch.Tensor):
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
 class Pipeline:
     """One conversion stream: `run()` returns per-tensor error stats and the shards' SHA-256."""
 
@@ -136,7 +124,7 @@ class Pipeline:
         reader: CheckpointReader,
         plan: ConversionPlan,
         folder: Path,
-        device: torch.device,
+        device: str,
         workers: int,
         chunk_bytes: int = CHUNK_BYTES,
     ):
@@ -147,7 +135,13 @@ class Pipeline:
         self.stop = threading.Event()
         self.failures: list[BaseException] = []
         self.stats: dict[str, ErrorStats] = {}
-        self.scales: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, np.ndarray] = {}
+        # torch does the arithmetic on a GPU, for bitsandbytes' layout, and without numba (`int8.conversion.torch_ops`)
+        self.torch_ops = None
+        if device != "cpu" or plan.format == OutputFormat.BNB or not kernels.available():
+            from . import torch_ops
+
+            self.torch_ops = torch_ops
         self.hashes: dict[str, str] = {}
         self._lock = threading.Lock()
         self._units = _units(plan, chunk_bytes)
@@ -237,12 +231,9 @@ class Pipeline:
     def _process(self, u: _Unit) -> None:
         e = u.entry
         t = e.source
-        data, release_in = self.reader.view_rows(t, u.r0, u.r1)  # no copy: the page cache, read in place
+        data, release_in = self.reader.view_array(t, u.r0, u.r1)  # no copy: the page cache, read in place
         try:
-            if e.action == QUANTIZE and self.plan.format == OutputFormat.BNB:
-                self._quantize_rows(u, data)
-                release_in()
-            elif e.action == QUANTIZE:
+            if e.action == QUANTIZE:
                 self._quantize(u, data)
                 release_in()
             else:
@@ -253,33 +244,40 @@ class Pipeline:
                 release()
             u.outputs.clear()
             raise
-        self._progress.put((data.numel() * data.element_size(), int(u.r1 == t.rows)))
+        self._progress.put((data.nbytes, int(u.r1 == t.rows)))
 
-    def _quantize(self, u: _Unit, data: torch.Tensor) -> None:
+    def _quantize(self, u: _Unit, data: np.ndarray) -> None:
+        """One row chunk of a quantized weight: its codes now, its scales (and the shape or format tensor)
+        with the tensor's last chunk. compressed-tensors' layout: code + 128 packed four to an int32,
+        rows padded with zero bytes, scales per block; bitsandbytes': int8 codes as they are, one
+        float32 SCB per row (`int8.rowwise`)."""
         e = u.entry
         out_f, in_f = e.out_features, e.in_features
-        w = data.t().contiguous() if e.layout == WeightLayout.CONV1D else data
-        rows = w.shape[0]
-        width = packed_columns(in_f) * 4
+        bnb = self.plan.format == OutputFormat.BNB
+        conv1d = e.layout == WeightLayout.CONV1D  # the input dimension is the row dimension: the whole tensor at once
+        rows = out_f if conv1d else u.r1 - u.r0
+        r0, r1 = (0, out_f) if conv1d else (u.r0, u.r1)
+        width = in_f if bnb else packed_columns(in_f) * 4
         with self._lock:
             if e.name not in self.scales:
-                self.scales[e.name] = torch.empty(out_f, num_blocks(in_f, e.block_size), dtype=DTYPES[e.out_dtype])
+                self.scales[e.name] = (np.empty(out_f, np.float32) if bnb else
+                                       np.empty((out_f, num_blocks(in_f, e.block_size)), NUMPY_DTYPES[e.out_dtype]))
             scales = self.scales[e.name]
-        r0, r1 = (0, out_f) if e.layout == WeightLayout.CONV1D else (u.r0, u.r1)
         buf, release_out = self.pool.take(rows * width)
         u.outputs.append((None, release_out))  # released on failure; replaced below
-        codes = buf[: rows * width].view(torch.int8).view(rows, width)
+        codes = buf[: rows * width].reshape(rows, width)
         if width > in_f:
             codes[:, in_f:] = 0
         try:
-            if self.device.type == "cpu":
-                st = quantize_into(w, e.block_size, codes, scales[r0:r1], offset_codes=True)
+            if bnb:
+                st = self.torch_ops.quantize_rows(data, e.source.dtype, codes, scales[r0:r1], device=self.device,
+                                                  transposed=conv1d)
+            elif self.torch_ops is not None:
+                st = self.torch_ops.quantize_blocks(data, e.source.dtype, e.block_size, codes, scales[r0:r1], e.out_dtype,
+                                                    device=self.device, transposed=conv1d)
             else:
-                codes_d = torch.zeros(rows, width, dtype=torch.int8, device=self.device)
-                scales_d = torch.empty(rows, scales.shape[1], dtype=scales.dtype, device=self.device)
-                st = quantize_into(w.to(self.device), e.block_size, codes_d, scales_d, offset_codes=True)
-                codes.copy_(codes_d)
-                scales[r0:r1].copy_(scales_d)
+                st = arrays.quantize_blocks(data, e.source.dtype, e.block_size, codes, scales[r0:r1], e.out_dtype,
+                                            transposed=conv1d)
         except NonFiniteWeights as err:
             raise BadTensor(
                 f"tensor {e.source.name!r} in {e.source.file.name} contains {err}: the int8 output would be garbage",
@@ -287,68 +285,33 @@ class Pipeline:
             ) from None
         with self._lock:
             self.stats.setdefault(e.name, ErrorStats()).merge(st)
-        u.outputs[-1] = (_as_bytes(codes), release_out)
+        u.outputs[-1] = (codes, release_out)
         if u.r1 == e.source.rows:
             # Written after every earlier unit of this tensor, hence after all its rows are done.
             u.outputs.append((scales, _noop))
-            u.outputs.append((torch.tensor([out_f, in_f], dtype=torch.int64), _noop))
+            tail = weight_format_bytes() if bnb else np.array([out_f, in_f], dtype=np.int64)
+            u.outputs.append((tail, _noop))
 
-    def _quantize_rows(self, u: _Unit, data: torch.Tensor) -> None:
-        """bitsandbytes' layout: int8 codes ``(out, in)`` as they are, one float32 SCB per row (`int8.rowwise`)."""
+    def _keep(self, u: _Unit, x: np.ndarray, release_in: Callable[[], None]) -> None:
         e = u.entry
-        out_f, in_f = e.out_features, e.in_features
-        w = data.t().contiguous() if e.layout == WeightLayout.CONV1D else data
-        rows = w.shape[0]
-        with self._lock:
-            if e.name not in self.scales:
-                self.scales[e.name] = torch.empty(out_f, dtype=torch.float32)
-            scb = self.scales[e.name]
-        r0, r1 = (0, out_f) if e.layout == WeightLayout.CONV1D else (u.r0, u.r1)
-        buf, release_out = self.pool.take(rows * in_f)
-        u.outputs.append((None, release_out))  # released on failure; replaced below
-        codes = buf[: rows * in_f].view(torch.int8).view(rows, in_f)
-        try:
-            if self.device.type == "cpu":
-                st = quantize_rows_into(w, codes, scb[r0:r1])
-            else:
-                codes_d = torch.empty(rows, in_f, dtype=torch.int8, device=self.device)
-                scb_d = torch.empty(rows, dtype=torch.float32, device=self.device)
-                st = quantize_rows_into(w.to(self.device), codes_d, scb_d)
-                codes.copy_(codes_d)
-                scb[r0:r1].copy_(scb_d)
-        except NonFiniteWeights as err:
-            raise BadTensor(
-                f"tensor {e.source.name!r} in {e.source.file.name} contains {err}: the int8 output would be garbage",
-                "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
-            ) from None
-        with self._lock:
-            self.stats.setdefault(e.name, ErrorStats()).merge(st)
-        u.outputs[-1] = (_as_bytes(codes), release_out)
-        if u.r1 == e.source.rows:
-            u.outputs.append((scb, _noop))
-            u.outputs.append((weight_format_tensor(), _noop))
-
-    def _keep(self, u: _Unit, x: torch.Tensor, release_in: Callable[[], None]) -> None:
-        e = u.entry
-        if e.source.dtype in FLOAT_DTYPES and not all_finite(x):
+        if e.source.dtype in FLOAT_DTYPES and not arrays.all_finite(x, e.source.dtype):
             raise BadTensor(
                 f"tensor {e.source.name!r} in {e.source.file.name} contains NaN or Inf values: the output would be garbage",
                 "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
             )
         if e.out_dtype == e.source.dtype:
-            u.outputs.append((_as_bytes(x), release_in))
+            u.outputs.append((x, release_in))
             return
-        nbytes = x.numel() * itemsize(e.out_dtype)
-        buf, release_out = self.pool.take(nbytes)
+        buf, release_out = self.pool.take(x.size * itemsize(e.out_dtype))
         u.outputs.append((None, release_out))
-        y = buf[:nbytes].view(DTYPES[e.out_dtype]).view(x.shape).copy_(x)
+        y = arrays.cast_into(x, e.source.dtype, e.out_dtype, buf)
         release_in()
-        if e.out_dtype == "F16" and not all_finite(y):
+        if e.out_dtype == "F16" and not arrays.all_finite(y, "F16"):
             raise BadTensor(
                 f"tensor {e.source.name!r} has values beyond float16's range (|x| > 65504)",
                 "Convert with --dtype bf16 (same range as fp32) instead.",
             )
-        u.outputs[-1] = (_as_bytes(y), release_out)
+        u.outputs[-1] = (y, release_out)
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -381,7 +344,7 @@ class Pipeline:
                         writer = None
                     else:
                         for data, release in u.outputs:  # a buffer goes back to its pool once written and hashed
-                            writer.write(_as_bytes(data) if isinstance(data, torch.Tensor) else data, after=release)
+                            writer.write(data, after=release)
                         if u.entry.action == QUANTIZE and u.r1 == u.entry.source.rows:
                             with self._lock:
                                 self.scales.pop(u.entry.name, None)
@@ -444,23 +407,19 @@ def _sigbus_guard(pipeline: Pipeline) -> Iterator[None]:
         signal.signal(signal.SIGBUS, previous)
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in ``x``. A float32 sum is one fast pass and is finite whenever every
-    value is (barring overflow of the sum itself, which the exact check then settles)."""
-    if not x.numel() or bool(torch.isfinite(torch.sum(x, dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
 def stream(
     reader: CheckpointReader,
     plan: ConversionPlan,
     folder: Path,
-    device: torch.device,
+    device: str,
     progress,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> tuple[dict[str, ErrorStats], dict[str, str]]:
-    """Read, quantize and write every planned tensor; return error stats and shard hashes."""
-    with single_threaded_torch():
-        workers = cpu_count() if device.type == "cpu" else 1
-        return Pipeline(reader, plan, folder, device, workers, chunk_bytes).run(progress)
+    """Read, quantize and write every planned tensor on ``device`` ("cpu", "cuda", "cuda:N"); return error
+    stats and shard hashes."""
+    workers = cpu_count() if device == "cpu" else 1
+    pipeline = Pipeline(reader, plan, folder, device, workers, chunk_bytes)
+    if pipeline.torch_ops is None:
+        return pipeline.run(progress)
+    with pipeline.torch_ops.single_threaded():
+        return pipeline.run(progress)

@@ -24,7 +24,7 @@ from ..formats import bitsandbytes as bnb_format
 from ..formats.compressed_tensors import packed_columns
 from ..formats.safetensors import FLOAT_DTYPES, OutputTensor, SourceTensor
 from ..hf import TokenEmbeddings, WeightLayout, bnb_default_skips, build_meta_model, out_in
-from ..quantize import num_blocks
+from ..scheme import num_blocks
 
 
 class Action(str, Enum):

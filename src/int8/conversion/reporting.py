@@ -7,15 +7,12 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-import torch
-
 from .. import __version__
 from ..checkpoint import CheckpointFiles
 from ..files import CARD_NAME, REPORT_NAME, sha256_file
 from ..formats import OutputFormat
 from ..formats import bitsandbytes as bnb_format
 from ..hf import TORCH_NAMES
-from ..quantize import ErrorStats, num_blocks
 from ..report import (
     ConversionReport,
     FileEntry,
@@ -27,6 +24,7 @@ from ..report import (
     block_groups,
     public_source_id,
 )
+from ..scheme import ErrorStats, num_blocks
 from ..sources import ResolvedSource
 from .plan import DROP, KEEP, QUANTIZE, ConversionPlan
 
@@ -40,7 +38,7 @@ def build_report(
     folder: Path,
     seconds: float,
     stream_seconds: float,
-    device: torch.device,
+    device: str,
 ) -> ConversionReport:
     """The report of a run: ``stats`` are the engine's error statistics per quantized tensor, ``hashes``
     the SHA-256 it computed of the shards as they were written (other files of ``folder`` are hashed here)."""

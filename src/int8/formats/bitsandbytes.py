@@ -16,8 +16,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from .safetensors import OutputTensor
 
 QUANT_METHOD = "bitsandbytes"
@@ -39,8 +37,9 @@ def outputs(module: str, out_features: int, in_features: int) -> list[OutputTens
     ]
 
 
-def weight_format_tensor() -> torch.Tensor:
-    return torch.tensor(ROW_FORMAT, dtype=torch.uint8)
+def weight_format_bytes() -> bytes:
+    """The data of a ``weight_format`` tensor: one uint8, `ROW_FORMAT`."""
+    return bytes([ROW_FORMAT])
 
 
 def build_config(skip_modules: Sequence[str], threshold: float = THRESHOLD) -> dict[str, Any]:

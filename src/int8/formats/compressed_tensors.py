@@ -15,9 +15,10 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -36,6 +37,8 @@ def packed_columns(in_features: int) -> int:
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes ``(out, in)`` -> compressed-tensors ``weight_packed`` int32 ``(out, ceil(in/4))``."""
+    import torch
+
     rows, cols = codes.shape
     padded = torch.zeros(rows, packed_columns(cols) * PACK_FACTOR, dtype=torch.uint8, device=codes.device)
     torch.bitwise_xor(codes.view(torch.uint8), 0x80, out=padded[:, :cols])
@@ -48,6 +51,8 @@ def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     A packed byte of 0 (the padding value) unpacks to -128, which no valid
     checkpoint holds inside the first ``in_features`` columns.
     """
+    import torch
+
     if packed.dtype != torch.int32:
         raise ValueError(f"weight_packed must be int32, got {packed.dtype}")
     rows = packed.shape[0]

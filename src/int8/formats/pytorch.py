@@ -2,7 +2,7 @@
 
 They are loaded with ``torch.load(mmap=True, weights_only=True)``: no pickled object other than
 tensors and plain containers is ever built, so no code from the file runs, and no tensor is read
-until it is used.
+until it is used. torch is imported when a ``.bin`` is loaded, not before.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpoint, UnsupportedModel, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -22,6 +24,8 @@ BIN_SINGLE = "pytorch_model.bin"
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:

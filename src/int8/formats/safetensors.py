@@ -5,6 +5,9 @@ counts, duplicate names), so the rest of int8 works from `SourceTensor` descript
 headers are built here for the shards int8 writes; and the shard index (``*.index.json``) is read
 and written here. No message ever quotes bytes of a file: names taken from files are shown through
 `int8.paths.show`.
+
+No torch here: the CPU converter reads and writes safetensors through numpy (`NUMPY_DTYPES`). The
+torch dtype of each name (`DTYPES`, `DTYPE_NAMES`) is built on first use, importing torch then.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..errors import CorruptCheckpoint, ResourceLimit
 from ..paths import inside, plain, show
@@ -30,21 +33,56 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # numpy has no bfloat16: its raw bits (`int8.kernels` widens and rounds them)
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+"""How numpy views the bytes of each safetensors dtype (every dtype int8 reads)."""
+
+
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
 
 
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+def __getattr__(name: str):
+    """``DTYPES`` (safetensors name -> torch dtype) and ``DTYPE_NAMES`` (its inverse), importing torch on first use."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        import torch
+
+        dtypes = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def to_torch(a: np.ndarray, dtype: str):
+    """A numpy array holding safetensors dtype ``dtype`` (`NUMPY_DTYPES`) as a torch tensor over the same
+    memory. Read-only memory included: such a tensor must never be written."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": views of read-only mappings are only read
+        t = torch.from_numpy(a.view(np.int16) if dtype == "BF16" else a)
+    return t.view(torch.bfloat16) if dtype == "BF16" else t
+
+
+def to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor's memory as a numpy array of its safetensors dtype (`NUMPY_DTYPES`: bfloat16 as bits)."""
+    import torch
+
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -75,7 +113,7 @@ MAX_NDIM = 16
 _DTYPE_LIKE = re.compile(r"[A-Z][A-Z0-9_]{0,11}")
 
 
-_ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {name: dt.itemsize for name, dt in NUMPY_DTYPES.items()}
 
 
 def itemsize(dtype: str) -> int:
@@ -193,7 +231,7 @@ def _parse_entry(info: object) -> tuple[str, tuple[int, ...], int, int] | str:
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str):
         return "has no dtype (or one that is not text)"
-    if dtype not in DTYPES:
+    if dtype not in NUMPY_DTYPES:
         return f"has dtype {_dtype_shown(dtype)}, which int8 does not read"
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
         return f"has a shape that is not a list of at most {MAX_NDIM} non-negative integers"

@@ -66,7 +66,7 @@ def _as_list(value) -> list[str]:
 
 
 def card_metadata(report: ConversionReport, preset: Preset | None, original: dict[str, Any]):
-    from huggingface_hub import ModelCardData
+    from huggingface_hub.repocard_data import ModelCardData
 
     info = preset.card if preset else CardInfo()
     base = base_model_id(report)
@@ -176,17 +176,18 @@ def render_card(
     preset: Preset | None = None,
     original_card: Path | None = None,
     repo_id: str | None = None,
-):
-    """Build the ModelCard for the converted checkpoint in ``folder``.
+) -> str:
+    """The model card text (README.md) for the converted checkpoint in ``folder``: the metadata block as
+    huggingface_hub's `ModelCardData` writes it, then the body, as `huggingface_hub.ModelCard` holds a card
+    (its loader reads it back to the same metadata; tests check both). Not `ModelCard` itself: importing it
+    takes longer than converting a small model.
 
     ``repo_id`` is where the checkpoint is (or will be) published: the usage
     snippets load it from there. Without one they use the placeholder NAME-int8.
     """
-    from huggingface_hub import ModelCard
-
     data = card_metadata(report, preset, _original_metadata(original_card))
     body = Template(template_path(report).read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
 def card_values(folder: Path, report: ConversionReport, preset: Preset | None = None, repo_id: str | None = None) -> dict[str, str]:
@@ -355,7 +356,7 @@ def card_text(
         repo_id = recorded_repo_id(existing)
     if original_card is None or not Path(original_card).is_file():
         original_card = existing if existing.is_file() else _cached_original_card(report)
-    return str(render_card(folder, report, preset, original_card, repo_id))
+    return render_card(folder, report, preset, original_card, repo_id)
 
 
 def save_card(folder: Path, text: str) -> Path:

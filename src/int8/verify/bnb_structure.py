@@ -32,7 +32,7 @@ from ..formats import bitsandbytes as bnb_format
 from ..formats.safetensors import DTYPES
 from ..hf import FROM_TORCH_NAME, NameMap, WeightLayout, weight_layout
 from ..paths import plain
-from ..quantize import QMAX
+from ..scheme import QMAX
 from .checks.card import check_card
 from .checks.config import check_index
 from .checks.files import check_contained, check_files, check_manifest, check_report

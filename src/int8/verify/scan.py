@@ -26,7 +26,7 @@ import torch
 
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES
 from ..paths import plain, show
-from ..quantize import QMAX
+from ..scheme import QMAX
 from .layout import Layout, QuantLayer, StoredTensor
 
 CHUNK_BYTES = 16 << 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ...quantize import QMAX
+from ...scheme import QMAX
 from ..layout import Layout
 from ..result import Check, outcome
 from ..scan import ShardScan

@@ -1,0 +1,148 @@
+"""The converter's arithmetic on the CPU, on numpy arrays: no torch is imported.
+
+The engine hands these functions the source bytes as numpy views of the page cache
+(`int8.checkpoint.CheckpointReader.view_array`; bfloat16 as its raw ``uint16`` bits) and buffers
+of its own to fill:
+
+* `quantize_blocks`: block-absmax int8 codes (+128, the packed bytes) and scales, through the
+  fused numba kernel of `int8.kernels`; float16, bfloat16 and float64 sources are widened to
+  float32 in cache-sized pieces first, as the scheme says (float64 rounds to nearest).
+* `cast_into`: a kept tensor in the output dtype, rounded to nearest even exactly as torch rounds
+  (float32 to bfloat16 in one pass of `int8.kernels`; float64 through float32, as torch does).
+* `all_finite`: whether a tensor has no NaN or Inf, from its bits in one pass.
+
+Without numba (`int8.kernels.available()` false) the engine quantizes with torch instead
+(`int8.conversion.torch_ops`); the casts and checks here then run as plain numpy.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .. import kernels
+from ..formats.safetensors import NUMPY_DTYPES
+from ..scheme import ErrorStats, NonFiniteWeights
+
+SUBCHUNK_VALUES = 1 << 20
+"""A non-float32 source is widened to float32 this many values at a time (4 MiB: it stays in cache)."""
+
+_local = threading.local()
+
+
+def _scratch(values: int) -> np.ndarray:
+    """This thread's float32 scratch buffer of at least ``values`` values (grown as needed and kept:
+    fresh memory is page-faulted in on first touch, which costs more than the arithmetic)."""
+    buf = getattr(_local, "f32", None)
+    if buf is None or buf.size < values:
+        buf = _local.f32 = np.empty(max(values, 1), np.float32)
+    return buf
+
+
+def widen_into(x: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """``x`` (safetensors dtype ``dtype``) as float32 in ``out`` (flat float32, large enough), shaped as ``x``."""
+    y = out[: x.size].reshape(x.shape)
+    if dtype == "BF16":
+        if kernels.available():
+            kernels.bf16_to_f32(x.reshape(-1), y.reshape(-1))
+        else:
+            y.view(np.uint32)[...] = x.astype(np.uint32) << 16
+    else:
+        np.copyto(y, x, casting="unsafe")  # F16: exact; F64: nearest even, as torch's .float()
+    return y
+
+
+def quantize_blocks(
+    w: np.ndarray,
+    dtype: str,
+    block_size: int,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    scale_dtype: str,
+    *,
+    transposed: bool = False,
+) -> ErrorStats:
+    """Quantize the rows of ``w`` (``(rows, in)``; with ``transposed``, a Conv1D weight stored ``(in, rows)``)
+    into ``codes`` (uint8 ``(rows, >= in)``: code + 128 in the first ``in`` columns) and ``scales``
+    (``(rows, in / block_size)`` in ``scale_dtype``'s numpy form). Raises `NonFiniteWeights`."""
+    if transposed:
+        w = np.ascontiguousarray(widen_into(w, dtype, np.empty(w.size, np.float32)).T) if dtype != "F32" else (
+            np.ascontiguousarray(w.T))
+        dtype = "F32"
+    rows, cols = w.shape
+    nblocks = cols // block_size
+    step = rows if dtype == "F32" else max(1, SUBCHUNK_VALUES // max(1, cols))
+    space = _scratch((0 if dtype == "F32" else step * cols) + step * nblocks)
+    s32 = space[-step * nblocks:] if step * nblocks else space[:0]
+    stats = ErrorStats()
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        x = w[r0:r1] if dtype == "F32" else widen_into(w[r0:r1], dtype, space)
+        x = x.view()
+        x.flags.writeable = False  # one compiled variant of the kernel: read-only float32 input
+        part = s32[: n * nblocks].reshape(n, nblocks)
+        status, a, b, zero_blocks = kernels.quantize_rows(x, block_size, codes[r0:r1], part, scale_dtype)
+        if status == kernels.NON_FINITE:
+            raise NonFiniteWeights("NaN or Inf values")
+        if status == kernels.SCALE_OVERFLOW:
+            amax = float(np.abs(x[a, b * block_size : (b + 1) * block_size]).max())
+            raise NonFiniteWeights(f"values too large for {scale_dtype.lower()} scales (|w| up to {amax:.3g})")
+        store_scales(part, scales[r0:r1], scale_dtype)
+        stats.merge(ErrorStats(max_abs=a / 16777216.0, sum_abs=status, count=n * cols, zero_blocks=zero_blocks))
+    return stats
+
+
+def store_scales(s32: np.ndarray, out: np.ndarray, scale_dtype: str) -> None:
+    """float32 scales that the kernel already rounded to ``scale_dtype`` into ``out`` (exact)."""
+    if scale_dtype == "BF16":
+        np.right_shift(s32.view(np.uint32), 16, out=out, casting="unsafe")  # the low bits are zero
+    else:
+        np.copyto(out, s32, casting="unsafe")
+
+
+def all_finite(x: np.ndarray, dtype: str) -> bool:
+    """No NaN or Inf in ``x`` (a float tensor of safetensors dtype ``dtype``, contiguous)."""
+    if not x.size:
+        return True
+    flat = x.reshape(-1)
+    if dtype == "F64":
+        return bool(np.isfinite(flat).all())
+    bits = flat.view(np.uint32 if dtype == "F32" else np.uint16)
+    if kernels.available():
+        return kernels.all_finite_bits(bits, dtype)
+    below = kernels.FINITE_BELOW[dtype]
+    return bool(((bits & (0x7FFFFFFF if dtype == "F32" else 0x7FFF)) < below).all())
+
+
+def cast_into(x: np.ndarray, dtype: str, out_dtype: str, out: np.ndarray) -> np.ndarray:
+    """``x`` (finite, safetensors dtype ``dtype``) cast to ``out_dtype`` into the bytes of ``out`` (flat uint8,
+    large enough), rounded to nearest even as torch's ``.to()`` rounds; returns the typed view of ``out``."""
+    y = out[: x.size * NUMPY_DTYPES[out_dtype].itemsize].view(NUMPY_DTYPES[out_dtype]).reshape(x.shape)
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, which the engine then refuses with its own message
+        _cast(x, dtype, out_dtype, y)
+    return y
+
+
+def _cast(x: np.ndarray, dtype: str, out_dtype: str, y: np.ndarray) -> None:
+    if dtype == "F64":  # torch rounds float64 to float16/bfloat16 through float32
+        x, dtype = x.astype(np.float32), "F32"
+    if out_dtype == "BF16":
+        f = x if dtype == "F32" else widen_into(x, dtype, np.empty(x.size, np.float32))
+        _round_to_bf16(f.reshape(-1), y.reshape(-1))
+    elif dtype == "BF16":
+        if out_dtype == "F32":
+            widen_into(x, dtype, y.reshape(-1))
+        else:
+            np.copyto(y, widen_into(x, dtype, np.empty(x.size, np.float32)), casting="unsafe")
+    else:
+        np.copyto(y, x, casting="unsafe")  # float32 <-> float16 (nearest even), float16 -> float32 (exact)
+
+
+def _round_to_bf16(f: np.ndarray, out: np.ndarray) -> None:
+    if kernels.available():
+        kernels.f32_to_bf16(f, out)
+        return
+    bits = f.view(np.uint32).astype(np.uint64)
+    np.copyto(out, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, casting="unsafe")

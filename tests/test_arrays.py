@@ -1,0 +1,132 @@
+"""The CPU converter's numpy arithmetic (`int8.conversion.arrays`) gives torch's bytes: casts of kept
+tensors, finiteness, widening, and quantization from every float source dtype and layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from int8 import kernels
+from int8.conversion import arrays
+from int8.formats.safetensors import NUMPY_DTYPES, to_numpy, to_torch
+from int8.quantize import quantize_into
+from int8.scheme import NonFiniteWeights
+
+TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOATS = list(TORCH)
+
+
+def _hard_values(n: int = 50_000, seed: int = 0) -> torch.Tensor:
+    """float32 values where rounding is hard: ties of bf16 and fp16, subnormals of both, values near each
+    dtype's largest finite (fp16 overflows), signed zeros, and random magnitudes over 80 decades."""
+    g = torch.Generator().manual_seed(seed)
+    mags = 10.0 ** (torch.rand(n, generator=g) * 80 - 40)
+    x = (torch.rand(n, generator=g) - 0.5) * mags
+    bits = torch.randint(0, 1 << 16, (n // 4,), generator=g, dtype=torch.int64)
+    ties = ((bits << 16) | 0x8000).to(torch.int64)  # exactly halfway between two bf16 values
+    ties = ties.to(torch.int32).view(torch.float32)
+    ties = ties[torch.isfinite(ties)]
+    special = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, -65520.0, 6.1e-5, 5.96e-8, 2.98e-8, 1e-45, 3.3e38, -3.39e38,
+                            1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-11, 1.0 + 3 * 2**-11])
+    return torch.cat([x.float(), ties, special])
+
+
+@pytest.mark.parametrize("src, dst", [(a, b) for a in FLOATS for b in FLOATS if a != b])  # equal: written as is
+def test_cast_into_rounds_as_torch(src, dst):
+    x = _hard_values().to(TORCH[src])
+    x = x[torch.isfinite(x)]
+    expected = x.to(TORCH[dst])
+    out = np.empty(x.numel() * 8, np.uint8)
+    got = arrays.cast_into(to_numpy(x), src, dst, out)
+    assert got.dtype == NUMPY_DTYPES[dst] and got.shape == tuple(x.shape)
+    assert torch.equal(to_torch(got, dst).view(torch.uint8) if dst != "BF16" else to_torch(got, dst).view(torch.int16),
+                       expected.view(torch.uint8) if dst != "BF16" else expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_all_finite_finds_one_bad_value_anywhere(dtype):
+    x = torch.randn(3, 1001).to(TORCH[dtype])
+    assert arrays.all_finite(to_numpy(x), dtype)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 1500, 3002):
+            y = x.clone()
+            y.view(-1)[where] = bad
+            assert not arrays.all_finite(to_numpy(y), dtype), (bad, where)
+    assert arrays.all_finite(np.empty((0, 4), NUMPY_DTYPES[dtype]), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F64"])
+def test_widen_into_is_torchs_float(dtype):
+    x = _hard_values(20_000)[:24_000].to(TORCH[dtype]).view(100, -1)
+    out = np.empty(x.numel(), np.float32)
+    got = arrays.widen_into(to_numpy(x), dtype, out)
+    assert torch.equal(torch.from_numpy(got).view(torch.int32), x.float().view(torch.int32))
+
+
+def _torch_codes(w: torch.Tensor, block: int, scale_dtype: str):
+    rows, cols = w.shape
+    codes = torch.zeros(rows, cols + (-cols) % 4, dtype=torch.int8)
+    scales = torch.empty(rows, cols // block, dtype=TORCH[scale_dtype])
+    st = quantize_into(w.contiguous(), block, codes, scales, offset_codes=True, backend="torch")
+    return codes.view(torch.uint8).numpy(), to_numpy(scales), st
+
+
+@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("src", FLOATS)
+@pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F16"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_quantize_blocks_gives_torchs_bytes(src, scale_dtype, transposed):
+    g = torch.Generator().manual_seed(1)
+    rows, cols, block = 37, 96, 32
+    w = (torch.randn(rows, cols, generator=g) * 0.05).to(TORCH[src])
+    w[5] = 0
+    w[7, :32] = 1e-6  # a subnormal fp16 scale: the clamp branch
+    stored = w.t().contiguous() if transposed else w  # Conv1D stores (in, out)
+    codes = np.zeros((rows, cols + (-cols) % 4), np.uint8)
+    scales = np.empty((rows, cols // block), NUMPY_DTYPES[scale_dtype])
+    src_array = to_numpy(stored)
+    src_array.flags.writeable = False  # as the page cache is mapped
+    st = arrays.quantize_blocks(src_array, src, block, codes, scales, scale_dtype, transposed=transposed)
+    ref_codes, ref_scales, ref_st = _torch_codes(w, block, scale_dtype)
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(scales.view(np.uint8), ref_scales.view(np.uint8))  # bytes: +0 and -0 differ
+    assert st.count == ref_st.count and st.zero_blocks == ref_st.zero_blocks >= 3  # row 5; fp16 scales of 1e-6 underflow too
+    assert st.max_abs == pytest.approx(ref_st.max_abs, abs=1e-6)
+    assert st.sum_abs == pytest.approx(ref_st.sum_abs, rel=1e-5)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("src", ["F32", "BF16"])
+def test_quantize_blocks_refuses_non_finite_and_overflowing_weights(src):
+    w = torch.randn(4, 64).to(TORCH[src])
+    w[2, 10] = float("nan")
+    codes, scales = np.zeros((4, 64), np.uint8), np.empty((4, 2), np.float32)
+    with pytest.raises(NonFiniteWeights, match="NaN or Inf"):
+        arrays.quantize_blocks(to_numpy(w), src, 32, codes, scales, "F32")
+    big = torch.full((2, 32), 70000.0 * 127).to(TORCH[src])  # its scale exceeds fp16's 65504
+    with pytest.raises(NonFiniteWeights, match="too large for f16 scales"):
+        arrays.quantize_blocks(to_numpy(big), src, 32, np.zeros((2, 32), np.uint8), np.empty((2, 1), np.float16), "F16")
+
+
+@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("arch, dtype, out_dtype, scale_dtype", [
+    ("gptj", torch.float32, "bf16", "fp32"),
+    ("gpt2", torch.bfloat16, "fp16", "bf16"),  # Conv1D layout, bf16 source
+    ("t5", torch.float16, "fp32", "fp16"),
+])
+def test_the_numpy_engine_writes_the_torch_engines_bytes(tmp_path, monkeypatch, arch, dtype, out_dtype, scale_dtype):
+    """Without numba the engine computes with torch (`int8.conversion.torch_ops`): same files, byte for byte."""
+    from models import make_tiny
+
+    import int8
+
+    src = make_tiny(arch, tmp_path / "src", dtype=dtype, tokenizer=False)
+    kw = dict(device="cpu", dtype=out_dtype, scale_dtype=scale_dtype)
+    int8.convert(src, tmp_path / "numpy", **kw)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    int8.convert(src, tmp_path / "torch", **kw)
+    shards = sorted(p.name for p in (tmp_path / "numpy").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "torch").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "torch" / name).read_bytes(), name
