@@ -202,6 +202,24 @@ def test_every_from_pretrained_call_refuses_remote_code():
     assert offenders == []
 
 
+def test_models_load_without_hub_kernels(tmp_path):
+    """transformers 5.25 fetches compiled kernels from the Hub by default (`use_kernels`): foreign code, which
+    int8 never runs. Every model int8 loads goes through int8.hf.load_model, which turns them off."""
+    from int8.hf import load_model
+
+    seen = {}
+
+    class Model:
+        @classmethod
+        def from_pretrained(cls, folder, **kwargs):
+            seen.update(kwargs)
+            return cls()
+
+    (tmp_path / "config.json").write_text('{"model_type": "gptj"}')
+    load_model(Model, tmp_path, dtype="float32")
+    assert seen["use_kernels"] is False and seen["trust_remote_code"] is False and seen["dtype"] == "float32"
+
+
 # --------------------------------------------------------------------------- 3. verify passes only what it checked
 
 

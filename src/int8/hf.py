@@ -127,9 +127,11 @@ def load_tokenizer(folder: Path, **kwargs):
 
 
 def load_model(cls, folder: Path, **kwargs):
-    """``cls.from_pretrained(folder, ...)`` for a class transformers ships, never with remote code."""
+    """``cls.from_pretrained(folder, ...)`` for a class transformers ships, never with remote code, and never
+    with Hub kernels (``use_kernels=False``): transformers 5.25 turns them on by default, which would fetch
+    compiled code from the Hub into the process and, on the ``meta`` device, fails to load at all."""
     refuse_remote_code(folder)
-    return cls.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    return cls.from_pretrained(folder, trust_remote_code=False, use_kernels=False, **kwargs)
 
 
 def model_class(config) -> type:
