@@ -98,7 +98,7 @@ def test_card_from_a_preset_without_an_original_card(hub, tmp_path):
     assert_valid_on_the_hub(tmp_path / "out")
     assert "Flan-T5 Small, Google's instruction-finetuned T5" in text and "preset `flan-t5-small`" in text
     assert "AutoModelForSeq2SeqLM" in text and '"Translate to German: My name is Arthur"' in text
-    assert "block of 128 values" in text  # the preset's block size
+    assert "block of 32 values" in text  # the default block size (the preset pins none)
 
 
 def test_card_for_a_local_folder(gptj_files, tmp_path, monkeypatch):

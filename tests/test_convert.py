@@ -417,3 +417,14 @@ def test_shipped_presets_keep_their_dtype_and_default_to_fp32_scales():
     presets = all_presets()
     assert presets["flan-t5-small"].dtype == "bf16" and presets["gpt-j-6b"].dtype == "fp16"
     assert {p.scale_dtype for p in presets.values()} == {"fp32"}
+    assert {p.block_size for p in presets.values()} == {32}  # none pins one: README's default
+
+
+@pytest.mark.parametrize("line,want", [("", 32), ("block_size = 128", 128)])
+def test_preset_block_size(line, want, tmp_path):
+    """A preset may pin a preferred block size; without one it gets the default (README: 32)."""
+    from int8.presets import _parse
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\nrepo = "o/p"\n{line}\n')
+    assert _parse(path).block_size == want

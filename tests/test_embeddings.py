@@ -283,8 +283,13 @@ def test_card_says_which_loaders_work(converted):
     assert "plain transformers loads it and vLLM serves it" not in text
 
 
-def test_card_of_several_block_sizes_says_transformers_cannot(converted):
-    _, out, _ = converted("llama")
+def test_card_of_several_block_sizes_says_transformers_cannot(converted, tmp_path):
+    """The tiny Llama's widths (96, 128, 192) get three block sizes from --block-size 128; the default (32) gives one."""
+    src, default, _ = converted("llama")
+    assert len(ConversionReport.load(default).quantization.block_groups) == 1
+    assert "stock transformers cannot load it" not in card_text(default, ConversionReport.load(default))
+    out = tmp_path / "b128"
+    int8.convert(src, out, block_size=128, dtype="fp32", device="cpu", embeddings="int8")
     assert len(ConversionReport.load(out).quantization.block_groups) > 1
     assert "stock transformers cannot load it: use int8.load" in card_text(out, ConversionReport.load(out))
 

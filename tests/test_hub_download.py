@@ -164,7 +164,7 @@ def test_preset_with_revision(hub, tmp_path):
     assert report.source.kind == "preset" and report.source.preset == "bloomz-560m"
     assert report.source.id == "bigscience/bloomz-560m" and report.source.revision == "v1.0"
     assert report.source.commit == repo.tags["v1.0"] != repo.branches["main"]
-    assert report.quantization.block_size == 128 and report.quantization.dtype == "bfloat16"  # the preset's
+    assert report.quantization.block_size == 32 and report.quantization.dtype == "bfloat16"  # default block, the preset's dtype
 
 
 # --------------------------------------------------------------------------- private repos

@@ -1,7 +1,8 @@
 """A block size per layer: the largest of --block-size and the fallbacks 64, 32 that divides its input width.
 
 The tiny Llama of tests/models.py has SmolLM2-like widths that 128 does not divide (96 and 192) beside one
-it does (128), so a default conversion writes three compressed-tensors config groups. Stock transformers
+it does (128), so a conversion with --block-size 128 writes three compressed-tensors config groups (the
+default, 32, divides every width: one group). Stock transformers
 must load it with every layer in its own group, giving the logits of int8's own decoding; `int8.load`
 likewise; verify passes it and faults a layer whose scales are cut in blocks other than its group's.
 """
@@ -32,19 +33,19 @@ from int8.verify import verify_checkpoint
 
 SHARD = "model-00001-of-00001.safetensors"
 TOKENS = 48
-# in_features of each linear of the tiny Llama, and the block it gets by default (preferred 128)
+# in_features of each linear of the tiny Llama, and the block it gets with --block-size 128
 WIDTHS = {"q_proj": 96, "k_proj": 96, "v_proj": 96, "o_proj": 128, "gate_proj": 96, "up_proj": 96, "down_proj": 192}
-DEFAULT_BLOCKS = {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 128, "gate_proj": 32, "up_proj": 32, "down_proj": 64}
+BLOCKS_AT_128 = {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 128, "gate_proj": 32, "up_proj": 32, "down_proj": 64}
 INPUT = torch.tensor([[1, 40, 77, 5, 120, 9, 33, 250, 61, 2, 18, 99]])
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Path, Path]:
-    """(source, default conversion with everything unquantized in fp32)."""
+    """(source, conversion with --block-size 128 and everything unquantized in fp32: three block sizes)."""
     root = tmp_path_factory.mktemp("mixed")
     src = make_tiny("llama", root / "llama")
     out = root / "llama-int8"
-    int8.convert(src, out, dtype="fp32", device="cpu")
+    int8.convert(src, out, block_size=128, dtype="fp32", device="cpu")
     return src, out
 
 
@@ -91,7 +92,7 @@ def test_every_linear_quantized_in_one_group_per_block(llama):
     report = ConversionReport.load(out)
     linears = [t for t in report.tensors if _proj(t.name.removesuffix(".weight")) in WIDTHS]
     assert len(linears) == 14 and all(t.action == "quantized" for t in linears)
-    assert {_proj(t.name.removesuffix(".weight")): t.block_size for t in linears} == DEFAULT_BLOCKS
+    assert {_proj(t.name.removesuffix(".weight")): t.block_size for t in linears} == BLOCKS_AT_128
     for t in linears:
         assert t.blocks == t.shape[0] * t.shape[1] // t.block_size
     assert not any("kept unquantized" in w for w in report.warnings)
@@ -130,13 +131,24 @@ def test_block_size_sets_the_largest(llama, tmp_path, block, sizes):
         assert all("Linear" not in g["targets"] for g in qc["config_groups"].values())
 
 
-def test_a_uniform_model_keeps_one_linear_group(tmp_path):
+def test_default_is_one_group_of_32(llama, tmp_path):
+    """The default preferred block (README: 32) divides every width of the tiny Llama: one group for every Linear."""
+    src, _ = llama
+    report = int8.convert(src, tmp_path / "out", dtype="fp32", device="cpu")
+    assert report.quantization.block_size == 32
+    assert [(g.block_size, g.layers) for g in report.quantization.block_groups] == [(32, 14)]
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert [(g["targets"], g["weights"]["group_size"]) for g in qc["config_groups"].values()] == [(["Linear"], 32)]
+
+
+@pytest.mark.parametrize(("block", "group"), [(None, 32), (128, 128)])
+def test_a_uniform_model_keeps_one_linear_group(tmp_path, block, group):
     src = make_tiny("gptj", tmp_path / "gptj")
-    int8.convert(src, tmp_path / "out", device="cpu")
+    int8.convert(src, tmp_path / "out", block_size=block, device="cpu")
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert list(qc["config_groups"]) == ["group_0"]
     assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
-    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == group
 
 
 # --------------------------------------------------------------------------- load
@@ -297,7 +309,8 @@ def test_old_reports_have_one_block(llama):
 def test_convert_summary_shows_the_blocks(llama, tmp_path):
     src, _ = llama
     env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "int8.cli", "convert", str(src), "--out", str(tmp_path / "o"), "--device", "cpu"],
+    r = subprocess.run([sys.executable, "-m", "int8.cli", "convert", str(src), "--out", str(tmp_path / "o"), "--device", "cpu",
+                        "--block-size", "128"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "│ blocks │ 128 (2 layers), 64 (2 layers), 32 (10 layers)" in " ".join((r.stdout + r.stderr).split())

@@ -28,6 +28,7 @@ TOKENS = 128  # scored tokens per full verify: its cost is the tensor comparison
 LAYERS = 30
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 BLOCKS = (128, 64, 32)
+DEFAULT_BLOCK = 32  # README: the default preferred block size
 # (block_size, scale_dtype, dtype): every block size, scale dtype and --dtype at least once, in three conversions
 OPTIONS = [(128, None, None), (64, "fp16", "fp32"), (32, "bf16", "fp16")]
 STORED = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", None: None}
@@ -40,16 +41,15 @@ def expected_block(in_features: int, preferred: int) -> int | None:
 
 @pytest.fixture(scope="module")
 def converted(smollm2, tmp_path_factory):
-    """(block_size, scale_dtype, dtype) -> a conversion of SmolLM2 with them, made once per module.
-
-    Each lies in a folder of its own beside a link to the original, where verify looks for a local source."""
+    """(block_size, scale_dtype, dtype) -> a conversion of SmolLM2 with them (None: int8's default), made once per
+    module. Each lies in a folder of its own beside a link to the original, where verify looks for a local source."""
     root = tmp_path_factory.mktemp("smollm2")
     made: dict[tuple, Path] = {}
 
-    def get(block_size: int = 128, scale_dtype: str | None = None, dtype: str | None = None) -> Path:
+    def get(block_size: int | None = None, scale_dtype: str | None = None, dtype: str | None = None) -> Path:
         key = (block_size, scale_dtype, dtype)
         if key not in made:
-            home = root / f"b{block_size}-{scale_dtype}-{dtype}"
+            home = root / f"b{block_size or 'default'}-{scale_dtype}-{dtype}"
             home.mkdir()
             (home / smollm2.name).symlink_to(smollm2, target_is_directory=True)
             int8.convert(smollm2, home / "out", block_size=block_size, scale_dtype=scale_dtype, dtype=dtype, device="cpu",
@@ -98,8 +98,11 @@ def test_defaults_quantize_every_linear_and_verify_passes(converted, smollm2):
     assert set(quantized) == set(widths) - {"lm_head"}
     assert len(quantized) == LAYERS * LINEARS_PER_LAYER and not report.warnings
     for name, t in quantized.items():
-        assert t.block_size == expected_block(widths[name], 128), name
+        assert t.block_size == expected_block(widths[name], DEFAULT_BLOCK) == DEFAULT_BLOCK, name
+    assert report.quantization.block_size == DEFAULT_BLOCK
     assert {w for w in widths.values()} >= {576, 1536} and 576 % 128  # the width that 128 does not divide
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [(g["targets"], g["weights"]["group_size"]) for g in groups.values()] == [(["Linear"], DEFAULT_BLOCK)]
 
     result = run(out)
     assert result.passed, failed(result)
@@ -200,11 +203,12 @@ def test_edited_files_fail_the_quick_checks(damaged):
     # a group size that disagrees with the layers' scales and the report
     cfg_path = damaged / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    group = next(g for g in cfg["quantization_config"]["config_groups"].values() if g["weights"]["group_size"] == 64)
-    group["weights"]["group_size"] = 32
+    group = next(g for g in cfg["quantization_config"]["config_groups"].values()
+                 if g["weights"]["group_size"] == DEFAULT_BLOCK)
+    group["weights"]["group_size"] = 64
     cfg_path.write_text(json.dumps(cfg))
     problems = failed(run(damaged, quick=True))
-    assert "in a group of group size 32, but int8_report.json records block size 64" in problems["tensors"]
+    assert f"in a group of group size 64, but int8_report.json records block size {DEFAULT_BLOCK}" in problems["tensors"]
 
     # a missing tokenizer
     (damaged / "tokenizer.json").unlink()

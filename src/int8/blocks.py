@@ -4,6 +4,11 @@ verify's small-file readers can use them)."""
 
 from __future__ import annotations
 
+DEFAULT_BLOCK_SIZE = 32
+"""`int8 convert`'s preferred block size when neither ``--block-size`` nor the preset gives one. On trained
+models 32 is what meets the fidelity goal (bench/fidelity, README: on SmolLM2-135M, mean KL 0.00110 nats/token and
+top-1 97.75% against 0.00151 and 96.28% at 128) for about 9% more bytes of quantized weights (fp32 scales)."""
+
 FALLBACK_BLOCKS = (128, 64, 32)
 """The smaller block sizes a layer falls back to when the preferred one does not divide its rows
 (the group sizes vLLM's int8 kernels take)."""

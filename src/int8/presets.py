@@ -17,6 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
+from .blocks import DEFAULT_BLOCK_SIZE
 from .errors import Int8Error
 
 
@@ -40,7 +41,7 @@ class Preset:
     parameters: str = ""
     dtype: str = "bf16"  # everything not quantized
     scale_dtype: str = "fp32"  # the weight scales (see `int8 convert --help`)
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     skip: tuple[str, ...] = ()
     card: CardInfo = field(default_factory=CardInfo)
 
@@ -64,7 +65,7 @@ def _parse(path: Path) -> Preset:
             parameters=data.get("parameters", ""),
             dtype=data.get("dtype", "bf16"),
             scale_dtype=_dtype_name(data.get("scale_dtype", "fp32"), "scale_dtype"),
-            block_size=int(data.get("block_size", 128)),
+            block_size=int(data.get("block_size", DEFAULT_BLOCK_SIZE)),
             skip=tuple(data.get("skip", ())),
             card=CardInfo(
                 license=card.get("license"),

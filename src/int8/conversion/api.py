@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import options
+from ..blocks import DEFAULT_BLOCK_SIZE
 from ..checkpoint import SIDECAR_FILES, CheckpointReader, find_checkpoint
 from ..errors import CorruptCheckpoint, OutputError, OutputExists, UnsupportedModel, first_line
 from ..files import CARD_NAME
@@ -158,7 +159,7 @@ def convert(
             "Save it into the source folder (tokenizer.save_pretrained(folder)) and convert again"
         )
     preset = resolved.preset
-    block_size = int(block_size or (preset.block_size if preset else 128))
+    block_size = int(block_size or (preset.block_size if preset else DEFAULT_BLOCK_SIZE))
     out_dtype = parse_dtype(dtype or (preset.dtype if preset else "bf16"))
     out_scale_dtype = parse_dtype(scale_dtype or (preset.scale_dtype if preset else "fp32"))
     skip = [*(preset.skip if preset else ()), *user_skip]
