@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .blocks import DEFAULT_BLOCK_SIZE
 from .scheme import QMAX, ErrorStats, NonFiniteWeights
 
 # Rows are quantized in sub-chunks of about this many values (4 MiB of fp32),
@@ -64,7 +65,7 @@ def scales_from_absmax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Te
 
 
 def quantize(
-    w: torch.Tensor, block_size: int = 128, scale_dtype: torch.dtype = torch.float32, *, backend: str | None = None
+    w: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, scale_dtype: torch.dtype = torch.float32, *, backend: str | None = None
 ) -> QuantizedWeight:
     """Quantize a 2-D weight ``(out, in)`` block-wise along ``in``.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ..architectures import Config, ModelFacts, ModuleKind, model_facts
-from ..blocks import block_candidates, choose_block
+from ..blocks import DEFAULT_BLOCK_SIZE, block_candidates, choose_block
 from ..errors import UnsupportedModel
 from ..formats import OutputFormat
 from ..formats import bitsandbytes as bnb_format
@@ -181,7 +181,7 @@ def make_plan(
     config,
     tensors: Sequence[SourceTensor],
     *,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     dtype: str = "BF16",
     scale_dtype: str = "F32",
     skip: Iterable[str] = (),
@@ -196,7 +196,7 @@ def make_plan(
     scales of the quantized weights are stored in (safetensors names: ``F32``, ``F16``, ``BF16``).
 
     Each linear weight is quantized in blocks of the largest of ``block_size`` and the smaller
-    fallbacks (`int8.blocks.block_candidates`: 64 and 32 below the default 128) that divides its
+    fallbacks (`int8.blocks.block_candidates`: 64 and 32 below a preferred 128) that divides its
     input dimension; one that none divides is kept, with a warning.
 
     A tensor that the model ties to another (``lm_head`` to the embeddings,
