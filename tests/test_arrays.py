@@ -13,6 +13,17 @@ from int8.formats.safetensors import NUMPY_DTYPES, to_numpy, to_torch
 from int8.quantize import quantize_into
 from int8.scheme import NonFiniteWeights
 
+NUMBA_CASES = [True, False] if kernels.available() else [False]
+
+
+@pytest.fixture(params=NUMBA_CASES, ids=lambda v: "numba" if v else "numpy")
+def one_pass(request, monkeypatch):
+    """The casts and checks with numba's one-pass kernels loaded, and as numpy ufuncs alone (a small conversion)."""
+    if not request.param:
+        monkeypatch.setattr(kernels, "loaded", lambda: False)
+    return request.param
+
+
 TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FLOATS = list(TORCH)
 
@@ -33,7 +44,7 @@ def _hard_values(n: int = 50_000, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("src, dst", [(a, b) for a in FLOATS for b in FLOATS if a != b])  # equal: written as is
-def test_cast_into_rounds_as_torch(src, dst):
+def test_cast_into_rounds_as_torch(src, dst, one_pass):
     x = _hard_values().to(TORCH[src])
     x = x[torch.isfinite(x)]
     expected = x.to(TORCH[dst])
@@ -45,7 +56,7 @@ def test_cast_into_rounds_as_torch(src, dst):
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_all_finite_finds_one_bad_value_anywhere(dtype):
+def test_all_finite_finds_one_bad_value_anywhere(dtype, one_pass):
     x = torch.randn(3, 1001).to(TORCH[dtype])
     assert arrays.all_finite(to_numpy(x), dtype)
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -57,7 +68,7 @@ def test_all_finite_finds_one_bad_value_anywhere(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F64"])
-def test_widen_into_is_torchs_float(dtype):
+def test_widen_into_is_torchs_float(dtype, one_pass):
     x = _hard_values(20_000)[:24_000].to(TORCH[dtype]).view(100, -1)
     out = np.empty(x.numel(), np.float32)
     got = arrays.widen_into(to_numpy(x), dtype, out)
@@ -72,11 +83,14 @@ def _torch_codes(w: torch.Tensor, block: int, scale_dtype: str):
     return codes.view(torch.uint8).numpy(), to_numpy(scales), st
 
 
-@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+CPU_KERNELS = [arrays.Kernel.NUMPY] + ([arrays.Kernel.NUMBA] if kernels.available() else [])
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("src", FLOATS)
 @pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_quantize_blocks_gives_torchs_bytes(src, scale_dtype, transposed):
+def test_quantize_blocks_gives_torchs_bytes(src, scale_dtype, transposed, kernel):
     g = torch.Generator().manual_seed(1)
     rows, cols, block = 37, 96, 32
     w = (torch.randn(rows, cols, generator=g) * 0.05).to(TORCH[src])
@@ -87,7 +101,7 @@ def test_quantize_blocks_gives_torchs_bytes(src, scale_dtype, transposed):
     scales = np.empty((rows, cols // block), NUMPY_DTYPES[scale_dtype])
     src_array = to_numpy(stored)
     src_array.flags.writeable = False  # as the page cache is mapped
-    st = arrays.quantize_blocks(src_array, src, block, codes, scales, scale_dtype, transposed=transposed)
+    st = arrays.quantize_blocks(src_array, src, block, codes, scales, scale_dtype, transposed=transposed, kernel=kernel)
     ref_codes, ref_scales, ref_st = _torch_codes(w, block, scale_dtype)
     np.testing.assert_array_equal(codes, ref_codes)
     np.testing.assert_array_equal(scales.view(np.uint8), ref_scales.view(np.uint8))  # bytes: +0 and -0 differ
@@ -96,37 +110,50 @@ def test_quantize_blocks_gives_torchs_bytes(src, scale_dtype, transposed):
     assert st.sum_abs == pytest.approx(ref_st.sum_abs, rel=1e-5)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("src", ["F32", "BF16"])
-def test_quantize_blocks_refuses_non_finite_and_overflowing_weights(src):
+def test_quantize_blocks_refuses_non_finite_and_overflowing_weights(src, kernel):
     w = torch.randn(4, 64).to(TORCH[src])
     w[2, 10] = float("nan")
     codes, scales = np.zeros((4, 64), np.uint8), np.empty((4, 2), np.float32)
     with pytest.raises(NonFiniteWeights, match="NaN or Inf"):
-        arrays.quantize_blocks(to_numpy(w), src, 32, codes, scales, "F32")
+        arrays.quantize_blocks(to_numpy(w), src, 32, codes, scales, "F32", kernel=kernel)
     big = torch.full((2, 32), 70000.0 * 127).to(TORCH[src])  # its scale exceeds fp16's 65504
     with pytest.raises(NonFiniteWeights, match="too large for f16 scales"):
-        arrays.quantize_blocks(to_numpy(big), src, 32, np.zeros((2, 32), np.uint8), np.empty((2, 1), np.float16), "F16")
+        arrays.quantize_blocks(to_numpy(big), src, 32, np.zeros((2, 32), np.uint8), np.empty((2, 1), np.float16), "F16",
+                               kernel=kernel)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 @pytest.mark.parametrize("arch, dtype, out_dtype, scale_dtype", [
     ("gptj", torch.float32, "bf16", "fp32"),
     ("gpt2", torch.bfloat16, "fp16", "bf16"),  # Conv1D layout, bf16 source
     ("t5", torch.float16, "fp32", "fp16"),
 ])
-def test_the_numpy_engine_writes_the_torch_engines_bytes(tmp_path, monkeypatch, arch, dtype, out_dtype, scale_dtype):
-    """Without numba the engine computes with torch (`int8.conversion.torch_ops`): same files, byte for byte."""
+def test_every_cpu_kernel_writes_the_same_bytes(tmp_path, monkeypatch, arch, dtype, out_dtype, scale_dtype):
+    """numpy (a small conversion), numba (a large one) and torch (what a GPU runs) write the same files, byte for
+    byte; the one-pass casts are numba's once it is loaded, numpy's before."""
     from models import make_tiny
 
     import int8
 
     src = make_tiny(arch, tmp_path / "src", dtype=dtype, tokenizer=False)
     kw = dict(device="cpu", dtype=out_dtype, scale_dtype=scale_dtype)
-    int8.convert(src, tmp_path / "numpy", **kw)
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    int8.convert(src, tmp_path / "torch", **kw)
-    shards = sorted(p.name for p in (tmp_path / "numpy").glob("*.safetensors"))
-    assert shards and shards == sorted(p.name for p in (tmp_path / "torch").glob("*.safetensors"))
-    for name in shards:
-        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "torch" / name).read_bytes(), name
+    files = {}
+    for kernel in [arrays.Kernel.NUMPY, arrays.Kernel.TORCH] + ([arrays.Kernel.NUMBA] if kernels.available() else []):
+        monkeypatch.setattr(arrays, "choose_kernel", lambda nbytes, k=kernel: k)
+        if kernel == arrays.Kernel.NUMPY:
+            monkeypatch.setattr(kernels, "loaded", lambda: False)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(arrays, "choose_kernel", lambda nbytes, k=kernel: k)
+        int8.convert(src, tmp_path / kernel.value, **kw)
+        files[kernel] = {p.name: p.read_bytes() for p in sorted((tmp_path / kernel.value).glob("*.safetensors"))}
+    assert files[arrays.Kernel.NUMPY]
+    for kernel, shards in files.items():
+        assert shards == files[arrays.Kernel.NUMPY], kernel
+
+
+def test_small_conversions_use_numpy_and_large_ones_numba():
+    assert arrays.choose_kernel(7 << 20) == arrays.Kernel.NUMPY
+    expected = arrays.Kernel.NUMBA if kernels.available() else arrays.Kernel.NUMPY
+    assert arrays.choose_kernel(arrays.NUMBA_FROM_BYTES) == expected

@@ -38,7 +38,7 @@ SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 from int8 import kernels  # noqa: E402
 
-BACKENDS = ["torch"] + (["numba"] if kernels.available() else [])
+BACKENDS = ["torch", "numpy"] + (["numba"] if kernels.available() else [])
 """Both implementations (the fused numba kernel, torch ops) must give the same bytes."""
 
 
@@ -184,9 +184,9 @@ def test_cuda_is_byte_identical_to_cpu():
         assert torch.equal(cpu.codes, gpu.codes.cpu()) and torch.equal(cpu.scales, gpu.scales.cpu())
 
 
-@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_rounds_scales_exactly_like_torch(scale_dtype):
+def test_kernel_rounds_scales_exactly_like_torch(scale_dtype, backend):
     """The kernel's own float32 -> bf16/fp16 rounding, over 12 orders of magnitude, subnormals,
     the largest finite values and the overflow boundary, against torch's cast."""
     g = torch.Generator().manual_seed(5)
@@ -196,12 +196,12 @@ def test_kernel_rounds_scales_exactly_like_torch(scale_dtype):
     w = torch.zeros(amax.numel(), 4)
     w[:, 0] = amax
     finite = torch.isfinite((amax / 127).to(scale_dtype))
-    ours = quantize(w[finite], 4, scale_dtype, backend="numba")
+    ours = quantize(w[finite], 4, scale_dtype, backend=backend)
     theirs = quantize(w[finite], 4, scale_dtype, backend="torch")
     assert torch.equal(ours.scales, theirs.scales) and torch.equal(ours.codes, theirs.codes)
     if not bool(finite.all()):
         with pytest.raises(NonFiniteWeights, match="too large"):
-            quantize(w[~finite][:1], 4, scale_dtype, backend="numba")
+            quantize(w[~finite][:1], 4, scale_dtype, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

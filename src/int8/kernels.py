@@ -1,4 +1,4 @@
-"""The fused CPU kernel: the scheme of `int8.quantize`, one pass per block, compiled with numba.
+"""The CPU kernels: the scheme of `int8.quantize`, one pass per block, compiled with numba (`int8.numba_kernels`).
 
 Torch's eager ops make about ten passes over each chunk (absmax, divide,
 round, error, narrow, ...), which on a 2-core machine caps the converter well
@@ -18,7 +18,10 @@ Beside it, the one-pass casts the converter needs for the tensors it keeps (floa
 rounded to nearest even as torch rounds; bfloat16 to float32) and the finiteness checks, each
 over raw bits. Everything here works on numpy arrays: no torch (the CPU converter does not import it).
 
-numba is optional: without it, `available()` is False and the converter uses torch instead.
+`quantize_rows_numpy` is the same scheme in numpy ufuncs, for conversions too small to pay numba's
+start-up (and where numba is missing): the same bytes, about a tenth of the speed.
+
+numba is optional: without it, `available()` is False.
 """
 
 from __future__ import annotations
@@ -27,140 +30,33 @@ import numpy as np
 
 from .scheme import SCALE_FORMATS
 
-try:  # pragma: no cover - exercised when numba is installed (it is a dependency)
-    import numba
-
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover
-    _HAVE_NUMBA = False
-
 NON_FINITE = -1.0
 SCALE_OVERFLOW = -2.0
 
+_numba_kernels = None
+_numba_missing = False
+
 
 def available() -> bool:
-    return _HAVE_NUMBA
+    """Whether numba is installed and its kernels load (loading them, once, costs about half a second)."""
+    return _kernels() is not None
 
 
-if _HAVE_NUMBA:
-    # `reassoc` lets LLVM vectorize the error sum; it cannot change a division, a rint or a
-    # conversion, so the codes and scales are exact. No `arcp` (reciprocals) and no `nnan`.
-    # error_model="numpy": no ZeroDivisionError check on each division (the divisor is never 0);
-    # Python's check, inside the inner loop, kept it scalar (3x slower with data in cache).
-    _jit_reassoc = numba.njit(
-        nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz"}, error_model="numpy"
-    )
-
-    @numba.njit(inline="always", cache=True)
-    def _pow2(e):
-        """2**e as float32, for -149 <= e <= 127."""
-        if e >= -126:
-            return np.uint32((e + 127) << 23).view(np.float32)
-        return np.uint32(1 << (e + 149)).view(np.float32)
-
-    @numba.njit(inline="always", cache=True)
-    def _round_scale(s, mant_bits, emin):
-        """Round a finite non-negative float32 to `mant_bits` mantissa bits, nearest-even,
-        with subnormals below 2**emin: x / ulp is a power-of-two scaling, so rint is exact."""
-        if mant_bits >= 23 or s == 0:
-            return s
-        e = np.int32((np.float32(s).view(np.uint32) >> 23) & 0xFF) - 127
-        if e < emin:
-            e = emin
-        ulp = _pow2(e - mant_bits)
-        return np.rint(s / ulp) * ulp
-
-    @_jit_reassoc
-    def _quantize_rows(w, block, mant_bits, emin, max_finite, packed, scales):
-        """w (rows, cols) float32 C-contiguous -> packed (rows, >= cols) uint8 = code + 128 in its first
-        cols columns, scales (rows, cols / block) float32 (values representable in the scale dtype).
-
-        Returns (status, a, b, zero_blocks): status >= 0 is the error sum and `a` the error max
-        in units of 2**-24 of a scale; status NON_FINITE or SCALE_OVERFLOW names row a, block b.
-        """
-        rows, cols = w.shape
-        nb = cols // block
-        bits = w.view(np.uint32)
-        tiny = _pow2(emin)
-        esum = 0.0
-        emax = np.int32(0)
-        zero_blocks = 0
-        for r in range(rows):
-            for b in range(nb):
-                base = b * block
-                m = np.uint32(0)  # |w| as bits: same order as the floats, NaN/Inf >= 0x7F800000
-                for j in range(block):
-                    v = np.uint32(bits[r, base + j] & np.uint32(0x7FFFFFFF))
-                    m = v if v > m else m
-                if m >= np.uint32(0x7F800000):
-                    return NON_FINITE, r, b, zero_blocks
-                s = _round_scale(np.uint32(m).view(np.float32) / np.float32(127.0), mant_bits, emin)
-                if s > max_finite:
-                    return SCALE_OVERFLOW, r, b, zero_blocks
-                scales[r, b] = s
-                if s == 0:
-                    zero_blocks += 1
-                    d = np.float32(1.0)
-                else:
-                    d = s
-                bsum = np.float32(0.0)
-                bmax = np.int32(0)
-                if s >= tiny:  # a normal scale: |w / s| <= 127.25, no clamp needed
-                    for j in range(block):
-                        x = w[r, base + j] / d
-                        q = np.rint(x)
-                        e = abs(x - q)
-                        bsum += e
-                        bmax = max(bmax, np.int32(e * np.float32(16777216.0)))
-                        packed[r, base + j] = np.uint8(np.int32(q) + np.int32(128))
-                else:  # a subnormal fp16 scale is coarse: clamp
-                    for j in range(block):
-                        x = w[r, base + j] / d
-                        q = min(max(np.rint(x), np.float32(-127.0)), np.float32(127.0))
-                        e = abs(x - q)
-                        bsum += e
-                        bmax = max(bmax, np.int32(min(e, np.float32(64.0)) * np.float32(16777216.0)))
-                        packed[r, base + j] = np.uint8(np.int32(q) + np.int32(128))
-                esum += bsum
-                emax = max(emax, bmax)
-        return esum, emax, 0, zero_blocks
+def loaded() -> bool:
+    """Whether the numba kernels are already loaded: the one-pass casts and checks use them then."""
+    return _numba_kernels is not None
 
 
-    @_jit_reassoc
-    def _max_abs_bits32(bits):
-        """The largest ``bits & 0x7FFFFFFF`` of float32 bits: finite iff below 0x7F800000."""
-        m = np.uint32(0)
-        for i in range(bits.size):
-            v = np.uint32(bits[i] & np.uint32(0x7FFFFFFF))
-            m = v if v > m else m
-        return m
-
-    @_jit_reassoc
-    def _max_abs_bits16(bits):
-        """The largest ``bits & 0x7FFF`` of float16 or bfloat16 bits."""
-        m = np.uint16(0)
-        for i in range(bits.size):
-            v = np.uint16(bits[i] & np.uint16(0x7FFF))
-            m = v if v > m else m
-        return m
-
-    @_jit_reassoc
-    def _f32_bits_to_bf16(src, dst):
-        """float32 bits -> bfloat16 bits, nearest even (torch's rounding; NaN is never passed in).
-        Returns the largest ``|bits|`` of the source, as `_max_abs_bits32`."""
-        m = np.uint32(0)
-        for i in range(src.size):
-            b = src[i]
-            v = np.uint32(b & np.uint32(0x7FFFFFFF))
-            m = v if v > m else m
-            dst[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        return m
-
-    @_jit_reassoc
-    def _bf16_bits_to_f32(src, dst):
-        """bfloat16 bits -> float32 bits (exact)."""
-        for i in range(src.size):
-            dst[i] = np.uint32(src[i]) << np.uint32(16)
+def _kernels():
+    global _numba_kernels, _numba_missing
+    if _numba_kernels is None and not _numba_missing:
+        try:
+            from . import numba_kernels
+        except ImportError:  # pragma: no cover - numba is a dependency
+            _numba_missing = True
+        else:
+            _numba_kernels = numba_kernels
+    return _numba_kernels
 
 
 def quantize_rows(w: np.ndarray, block_size: int, packed: np.ndarray, scales32: np.ndarray, scale_dtype: str):
@@ -168,7 +64,8 @@ def quantize_rows(w: np.ndarray, block_size: int, packed: np.ndarray, scales32: 
     ``(rows, >= in)``, ``scales32`` float32 ``(rows, in / block)``; ``scale_dtype`` a safetensors name
     (F32, BF16, F16) of the dtype the scales are rounded to."""
     f = SCALE_FORMATS[scale_dtype]
-    return _quantize_rows(w, block_size, f.mantissa_bits, f.min_exponent, np.float32(f.max_finite), packed, scales32)
+    return _kernels()._quantize_rows(w, block_size, f.mantissa_bits, f.min_exponent, np.float32(f.max_finite), packed,
+                                     scales32)
 
 
 FINITE_BELOW = {"F32": 0x7F800000, "BF16": 0x7F80, "F16": 0x7C00}
@@ -177,16 +74,59 @@ FINITE_BELOW = {"F32": 0x7F800000, "BF16": 0x7F80, "F16": 0x7C00}
 
 def all_finite_bits(bits: np.ndarray, dtype: str) -> bool:
     """No NaN or Inf among ``bits``: a flat uint32 (F32) or uint16 (BF16, F16) view of the values."""
-    m = _max_abs_bits32(bits) if dtype == "F32" else _max_abs_bits16(bits)
+    k = _kernels()
+    m = k._max_abs_bits32(bits) if dtype == "F32" else k._max_abs_bits16(bits)
     return int(m) < FINITE_BELOW[dtype]
 
 
 def f32_to_bf16(src: np.ndarray, dst: np.ndarray) -> bool:
     """Cast flat float32 values to bfloat16 bits in ``dst`` (uint16), nearest even, in one pass; return
     whether every value was finite (when not, ``dst`` holds garbage for those values)."""
-    return int(_f32_bits_to_bf16(src.view(np.uint32), dst)) < FINITE_BELOW["F32"]
+    return int(_kernels()._f32_bits_to_bf16(src.view(np.uint32), dst)) < FINITE_BELOW["F32"]
 
 
 def bf16_to_f32(src: np.ndarray, dst: np.ndarray) -> None:
     """Widen flat bfloat16 bits (uint16) into ``dst`` float32 (exact)."""
-    _bf16_bits_to_f32(src, dst.view(np.uint32))
+    _kernels()._bf16_bits_to_f32(src, dst.view(np.uint32))
+
+
+def quantize_rows_numpy(w: np.ndarray, block_size: int, packed: np.ndarray, scales32: np.ndarray, scale_dtype: str):
+    """`quantize_rows` in numpy ufuncs, same bytes and the same return values: about a tenth of the fused
+    kernel's speed, but with no compilation or numba import to pay first, so the faster of the two for a
+    small model (and the CPU path where numba is missing)."""
+    rows, cols = w.shape
+    nb = cols // block_size
+    b = w.reshape(rows, nb, block_size)
+    amax = np.maximum(b.max(axis=-1), -b.min(axis=-1))
+    np.abs(amax, out=amax)  # max(0, -0) may be -0: an all-zero block's scale is +0
+    if not np.isfinite(amax).all():
+        r, c = np.argwhere(~np.isfinite(amax))[0]
+        return NON_FINITE, int(r), int(c), 0
+    s = round_scales(amax / np.float32(127.0), scale_dtype)
+    over = s > np.float32(SCALE_FORMATS[scale_dtype].max_finite)
+    if over.any():
+        r, c = np.argwhere(over)[0]
+        return SCALE_OVERFLOW, int(r), int(c), 0
+    scales32[...] = s
+    zero = s == 0
+    x = b / np.where(zero, np.float32(1.0), s)[..., None]
+    q = np.rint(x)
+    if (s < np.float32(2.0 ** SCALE_FORMATS[scale_dtype].min_exponent)).any():
+        np.clip(q, -127.0, 127.0, out=q)  # a subnormal fp16 scale is coarse: clamp, as the kernel does
+    e = np.abs(np.subtract(x, q, out=x), out=x)
+    esum = float(e.sum(dtype=np.float64)) if e.size else 0.0
+    emax = int(min(float(e.max()), 64.0) * 16777216.0) if e.size else 0  # the kernel's units: 2**-24 of a scale
+    np.add(q, 128.0, out=q)
+    packed[:, :cols] = q.reshape(rows, cols)
+    return esum, emax, 0, int(zero.sum())
+
+
+def round_scales(s: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """float32 scales rounded to nearest-even in ``scale_dtype`` (F32, BF16, F16), back in float32."""
+    if scale_dtype == "F32":
+        return s
+    if scale_dtype == "F16":
+        with np.errstate(over="ignore"):  # beyond fp16: inf, which the caller reports as an overflow
+            return s.astype(np.float16).astype(np.float32)
+    bits = s.view(np.uint32).astype(np.uint64)
+    return (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)

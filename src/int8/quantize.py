@@ -104,8 +104,8 @@ def quantize_into(
     ``scales_out`` is ``(rows, in / block_size)`` in the scale dtype.
 
     On CPU the fused numba kernel (`int8.kernels`) does the work when numba is
-    installed, else (and on CUDA) torch ops do; ``backend`` ("numba" or
-    "torch") forces one. Both produce the same bytes.
+    installed, else (and on CUDA) torch ops do; ``backend`` ("numba", "numpy" or
+    "torch") forces one. All produce the same bytes.
     """
     rows, cols = w.shape
     if cols % block_size:
@@ -114,38 +114,23 @@ def quantize_into(
         raise ValueError("quantize_into needs a contiguous tensor")
     if backend is None:
         backend = "numba" if w.device.type == "cpu" and kernels.available() else "torch"
-    if backend == "numba":
-        return _quantize_into_kernel(w, block_size, codes_out, scales_out, offset_codes)
+    if backend in ("numba", "numpy"):
+        return _quantize_into_cpu(w, block_size, codes_out, scales_out, offset_codes, backend)
     return _quantize_into_torch(w, block_size, codes_out, scales_out, offset_codes)
 
 
-def _quantize_into_kernel(w, block_size, codes_out, scales_out, offset_codes) -> ErrorStats:
-    rows, cols = w.shape
-    nblocks = cols // block_size
-    step = rows if w.dtype == torch.float32 else max(1, _SUBCHUNK_VALUES // cols)
-    space = _workspace(w.device, step * cols if w.dtype != torch.float32 else 0, step * nblocks)
-    stats = ErrorStats()
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        n = r1 - r0
-        x = w[r0:r1]
-        if x.dtype != torch.float32:
-            x = space.f32[0][: n * cols].view(n, cols).copy_(x)
-        scales32 = space.small[0][: n * nblocks].view(n, nblocks)
-        packed = codes_out[r0:r1, :cols].view(torch.uint8)
-        status, a, b, zero_blocks = kernels.quantize_rows(
-            x.numpy(), block_size, packed.numpy(), scales32.numpy(), _SCALE_NAMES[scales_out.dtype]
-        )
-        if status == kernels.NON_FINITE:
-            raise NonFiniteWeights("NaN or Inf values")
-        if status == kernels.SCALE_OVERFLOW:
-            amax = float(x[a, b * block_size : (b + 1) * block_size].abs().max())
-            raise NonFiniteWeights(f"values too large for {scales_out.dtype} scales (|w| up to {amax:.3g})")
-        scales_out[r0:r1] = scales32
-        if not offset_codes:
-            packed.bitwise_xor_(0x80)
-        stats.merge(ErrorStats(max_abs=a / 16777216.0, sum_abs=status, count=n * cols, zero_blocks=zero_blocks))
-    return stats
+def _quantize_into_cpu(w, block_size, codes_out, scales_out, offset_codes, kernel) -> ErrorStats:
+    """The converter's CPU path (`int8.conversion.arrays.quantize_blocks`) over numpy views of the tensors."""
+    from .conversion import arrays
+    from .formats.safetensors import to_numpy
+
+    cols = w.shape[1]
+    codes = codes_out.view(torch.uint8).numpy()
+    st = arrays.quantize_blocks(to_numpy(w), _DTYPE_NAMES[w.dtype], block_size, codes, to_numpy(scales_out),
+                                _SCALE_NAMES[scales_out.dtype], kernel=kernel)
+    if not offset_codes:
+        codes[:, :cols] ^= 0x80
+    return st
 
 
 def _quantize_into_torch(w, block_size, codes_out, scales_out, offset_codes) -> ErrorStats:
@@ -224,6 +209,7 @@ class _Workspace:
 _local = threading.local()
 
 _SCALE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_DTYPE_NAMES = {**_SCALE_NAMES, torch.float64: "F64"}
 
 
 def _workspace(device: torch.device, values: int, blocks: int) -> _Workspace:

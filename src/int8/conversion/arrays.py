@@ -5,19 +5,24 @@ The engine hands these functions the source bytes as numpy views of the page cac
 of its own to fill:
 
 * `quantize_blocks`: block-absmax int8 codes (+128, the packed bytes) and scales, through the
-  fused numba kernel of `int8.kernels`; float16, bfloat16 and float64 sources are widened to
-  float32 in cache-sized pieces first, as the scheme says (float64 rounds to nearest).
+  fused numba kernel of `int8.kernels` or its numpy twin (`Kernel`: the same bytes; numpy costs
+  nothing to start, numba runs about ten times faster once compiled); float16, bfloat16 and
+  float64 sources are widened to float32 in cache-sized pieces first, as the scheme says
+  (float64 rounds to nearest).
 * `cast_into`: a kept tensor in the output dtype, rounded to nearest even exactly as torch rounds
   (float32 to bfloat16 in one pass of `int8.kernels`; float64 through float32, as torch does).
 * `all_finite`: whether a tensor has no NaN or Inf, from its bits in one pass.
 
-Without numba (`int8.kernels.available()` false) the engine quantizes with torch instead
-(`int8.conversion.torch_ops`); the casts and checks here then run as plain numpy.
+The casts and checks use numba's one-pass kernels once they are loaded (for a large conversion), else
+numpy ufuncs: the same results.
+
+Without numba (`int8.kernels.available()` false) everything here runs as plain numpy.
 """
 
 from __future__ import annotations
 
 import threading
+from enum import Enum
 
 import numpy as np
 
@@ -27,6 +32,27 @@ from ..scheme import ErrorStats, NonFiniteWeights
 
 SUBCHUNK_VALUES = 1 << 20
 """A non-float32 source is widened to float32 this many values at a time (4 MiB: it stays in cache)."""
+
+NUMPY_SUBCHUNK_VALUES = 1 << 16
+"""The numpy kernel's piece (its temporaries stay in L2)."""
+
+NUMBA_FROM_BYTES = 400_000_000
+"""Bytes of weights to quantize from which numba's start-up (importing it, loading the compiled kernel: about
+half a second) pays for itself over numpy's ufuncs (the two cross near 0.45 GB on this project's 2-core
+machine, README's bench/convert)."""
+
+
+class Kernel(str, Enum):
+    """Which implementation of the scheme quantizes on the CPU: the same bytes whichever it is."""
+
+    NUMBA = "numba"  # `int8.numba_kernels`: fused, compiled
+    NUMPY = "numpy"  # `int8.kernels.quantize_rows_numpy`
+    TORCH = "torch"  # `int8.quantize.quantize_into` (what runs on a GPU), through `int8.conversion.torch_ops`
+
+
+def choose_kernel(quantized_bytes: int) -> Kernel:
+    """numba for large conversions, numpy for small ones (and where numba is missing)."""
+    return Kernel.NUMBA if quantized_bytes >= NUMBA_FROM_BYTES and kernels.available() else Kernel.NUMPY
 
 _local = threading.local()
 
@@ -44,10 +70,10 @@ def widen_into(x: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     """``x`` (safetensors dtype ``dtype``) as float32 in ``out`` (flat float32, large enough), shaped as ``x``."""
     y = out[: x.size].reshape(x.shape)
     if dtype == "BF16":
-        if kernels.available():
+        if kernels.loaded():
             kernels.bf16_to_f32(x.reshape(-1), y.reshape(-1))
         else:
-            y.view(np.uint32)[...] = x.astype(np.uint32) << 16
+            np.left_shift(x, np.uint32(16), out=y.view(np.uint32), dtype=np.uint32)
     else:
         np.copyto(y, x, casting="unsafe")  # F16: exact; F64: nearest even, as torch's .float()
     return y
@@ -62,17 +88,20 @@ def quantize_blocks(
     scale_dtype: str,
     *,
     transposed: bool = False,
+    kernel: Kernel = Kernel.NUMBA,
 ) -> ErrorStats:
     """Quantize the rows of ``w`` (``(rows, in)``; with ``transposed``, a Conv1D weight stored ``(in, rows)``)
     into ``codes`` (uint8 ``(rows, >= in)``: code + 128 in the first ``in`` columns) and ``scales``
-    (``(rows, in / block_size)`` in ``scale_dtype``'s numpy form). Raises `NonFiniteWeights`."""
+    (``(rows, in / block_size)`` in ``scale_dtype``'s numpy form), with ``kernel``. Raises `NonFiniteWeights`."""
+    numba = Kernel(kernel) == Kernel.NUMBA
     if transposed:
         w = np.ascontiguousarray(widen_into(w, dtype, np.empty(w.size, np.float32)).T) if dtype != "F32" else (
             np.ascontiguousarray(w.T))
         dtype = "F32"
     rows, cols = w.shape
     nblocks = cols // block_size
-    step = rows if dtype == "F32" else max(1, SUBCHUNK_VALUES // max(1, cols))
+    piece = SUBCHUNK_VALUES if numba else NUMPY_SUBCHUNK_VALUES
+    step = rows if dtype == "F32" and numba else max(1, piece // max(1, cols))
     space = _scratch((0 if dtype == "F32" else step * cols) + step * nblocks)
     s32 = space[-step * nblocks:] if step * nblocks else space[:0]
     stats = ErrorStats()
@@ -80,10 +109,13 @@ def quantize_blocks(
         r1 = min(rows, r0 + step)
         n = r1 - r0
         x = w[r0:r1] if dtype == "F32" else widen_into(w[r0:r1], dtype, space)
-        x = x.view()
-        x.flags.writeable = False  # one compiled variant of the kernel: read-only float32 input
         part = s32[: n * nblocks].reshape(n, nblocks)
-        status, a, b, zero_blocks = kernels.quantize_rows(x, block_size, codes[r0:r1], part, scale_dtype)
+        if numba:
+            x = x.view()
+            x.flags.writeable = False  # one compiled variant of the kernel: read-only float32 input
+            status, a, b, zero_blocks = kernels.quantize_rows(x, block_size, codes[r0:r1], part, scale_dtype)
+        else:
+            status, a, b, zero_blocks = kernels.quantize_rows_numpy(x, block_size, codes[r0:r1], part, scale_dtype)
         if status == kernels.NON_FINITE:
             raise NonFiniteWeights("NaN or Inf values")
         if status == kernels.SCALE_OVERFLOW:
@@ -110,8 +142,12 @@ def all_finite(x: np.ndarray, dtype: str) -> bool:
     if dtype == "F64":
         return bool(np.isfinite(flat).all())
     bits = flat.view(np.uint32 if dtype == "F32" else np.uint16)
-    if kernels.available():
+    if kernels.loaded():
         return kernels.all_finite_bits(bits, dtype)
+    if dtype == "F32":
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(flat.sum(dtype=np.float32)):  # one pass; a sum of finite values is finite, barring overflow
+                return True
     below = kernels.FINITE_BELOW[dtype]
     return bool(((bits & (0x7FFFFFFF if dtype == "F32" else 0x7FFF)) < below).all())
 
@@ -141,8 +177,13 @@ def _cast(x: np.ndarray, dtype: str, out_dtype: str, y: np.ndarray) -> None:
 
 
 def _round_to_bf16(f: np.ndarray, out: np.ndarray) -> None:
-    if kernels.available():
+    if kernels.loaded():
         kernels.f32_to_bf16(f, out)
         return
-    bits = f.view(np.uint32).astype(np.uint64)
-    np.copyto(out, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, casting="unsafe")
+    bits = f.view(np.uint32)
+    t = np.right_shift(bits, 16)  # (bits + 0x7FFF + lsb) >> 16, in place; no overflow: NaN never comes here
+    t &= 1
+    t += 0x7FFF
+    t += bits
+    t >>= 16
+    np.copyto(out, t, casting="unsafe")

@@ -12,8 +12,8 @@ make progress (the unit it waits for was taken before any later one).
 Progress is reported from the calling thread, where Ctrl-C lands.
 
 Data is numpy throughout (`int8.conversion.arrays`): a CPU conversion of a safetensors checkpoint
-never imports torch. torch does the arithmetic only on a CUDA device, for bitsandbytes' layout, or
-when numba is missing (`int8.conversion.torch_ops`).
+never imports torch, and a small one not even numba (`arrays.choose_kernel`). torch does the
+arithmetic only on a CUDA device and for bitsandbytes' layout (`int8.conversion.torch_ops`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import kernels
 from ..checkpoint import CHANGED_HINT, CheckpointReader
 from ..errors import BadTensor, SourceChanged
 from ..formats import OutputFormat
@@ -127,6 +126,7 @@ class Pipeline:
         device: str,
         workers: int,
         chunk_bytes: int = CHUNK_BYTES,
+        kernel: arrays.Kernel | None = None,
     ):
         self.reader, self.plan, self.folder, self.device = reader, plan, folder, device
         self.n_workers = max(1, workers)
@@ -136,9 +136,10 @@ class Pipeline:
         self.failures: list[BaseException] = []
         self.stats: dict[str, ErrorStats] = {}
         self.scales: dict[str, np.ndarray] = {}
-        # torch does the arithmetic on a GPU, for bitsandbytes' layout, and without numba (`int8.conversion.torch_ops`)
+        self.kernel = arrays.Kernel(kernel) if kernel else arrays.choose_kernel(sum(e.source.nbytes for e in plan.quantized))
+        # torch does the arithmetic on a GPU and for bitsandbytes' layout (`int8.conversion.torch_ops`)
         self.torch_ops = None
-        if device != "cpu" or plan.format == OutputFormat.BNB or not kernels.available():
+        if device != "cpu" or plan.format == OutputFormat.BNB or self.kernel == arrays.Kernel.TORCH:
             from . import torch_ops
 
             self.torch_ops = torch_ops
@@ -277,7 +278,7 @@ class Pipeline:
                                                     device=self.device, transposed=conv1d)
             else:
                 st = arrays.quantize_blocks(data, e.source.dtype, e.block_size, codes, scales[r0:r1], e.out_dtype,
-                                            transposed=conv1d)
+                                            transposed=conv1d, kernel=self.kernel)
         except NonFiniteWeights as err:
             raise BadTensor(
                 f"tensor {e.source.name!r} in {e.source.file.name} contains {err}: the int8 output would be garbage",
@@ -414,11 +415,12 @@ def stream(
     device: str,
     progress,
     chunk_bytes: int = CHUNK_BYTES,
+    kernel: arrays.Kernel | None = None,
 ) -> tuple[dict[str, ErrorStats], dict[str, str]]:
     """Read, quantize and write every planned tensor on ``device`` ("cpu", "cuda", "cuda:N"); return error
-    stats and shard hashes."""
+    stats and shard hashes. ``kernel`` forces a CPU implementation (default: `arrays.choose_kernel`)."""
     workers = cpu_count() if device == "cpu" else 1
-    pipeline = Pipeline(reader, plan, folder, device, workers, chunk_bytes)
+    pipeline = Pipeline(reader, plan, folder, device, workers, chunk_bytes, kernel)
     if pipeline.torch_ops is None:
         return pipeline.run(progress)
     with pipeline.torch_ops.single_threaded():
