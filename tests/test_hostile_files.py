@@ -453,15 +453,23 @@ def test_verify_quotes_no_shard_bytes(copy, tmp_path):
 
 def _truncating_reader(monkeypatch, at_call: int, before: bool, size: int = 0) -> list[int]:
     calls: list[int] = []
-    original = checkpoint.CheckpointReader.view_array
+    view, read = checkpoint.CheckpointReader.view_array, checkpoint.CheckpointReader.read_rows_array
 
-    def view_array(self, t, r0, r1):
+    def truncate(t) -> None:
         calls.append(1)
         if before and len(calls) == at_call:
             os.truncate(t.file, size)
-        return original(self, t, r0, r1)
+
+    def view_array(self, t, r0, r1):  # the engine views large chunks in place
+        truncate(t)
+        return view(self, t, r0, r1)
+
+    def read_rows_array(self, t, r0, r1, out):  # and copies the others
+        truncate(t)
+        return read(self, t, r0, r1, out)
 
     monkeypatch.setattr(checkpoint.CheckpointReader, "view_array", view_array)
+    monkeypatch.setattr(checkpoint.CheckpointReader, "read_rows_array", read_rows_array)
     return calls
 
 
@@ -480,7 +488,8 @@ _SIGBUS = textwrap.dedent(
     """
     import os, sys
     from int8 import checkpoint
-    from int8.conversion import arrays
+    from int8.conversion import arrays, engine
+    arrays.NUMBA_FROM_BYTES = engine.VIEW_MIN_BYTES = 0  # the path of a large model: compiled kernels on mapped views
     at = int(sys.argv[1])
     original = checkpoint.CheckpointReader.view_array
     calls = []

@@ -44,6 +44,10 @@ from .writer import BackgroundHasher, ShardWriter
 
 CHUNK_BYTES = 32 << 20
 
+VIEW_MIN_BYTES = 1 << 20
+"""Source chunks from this size are viewed in place rather than copied, when the compiled kernels run: every
+numpy operation on them then releases the GIL too (numpy keeps it only below a few hundred values)."""
+
 
 def cpu_count() -> int:
     try:
@@ -232,7 +236,7 @@ class Pipeline:
     def _process(self, u: _Unit) -> None:
         e = u.entry
         t = e.source
-        data, release_in = self.reader.view_array(t, u.r0, u.r1)  # no copy: the page cache, read in place
+        data, release_in = self._read(t, u.r0, u.r1)
         try:
             if e.action == QUANTIZE:
                 self._quantize(u, data)
@@ -246,6 +250,23 @@ class Pipeline:
             u.outputs.clear()
             raise
         self._progress.put((data.nbytes, int(u.r1 == t.rows)))
+
+    def _read(self, t, r0: int, r1: int) -> tuple[np.ndarray, Callable[[], None]]:
+        """Rows ``[r0, r1)`` of a source tensor and the function that releases them.
+
+        A large chunk for the compiled kernels is a view of the page cache (no copy). Anything else is read into
+        a buffer of the pool (``pread``): code that holds the GIL (numpy on small arrays) must never touch a
+        mapping, because a file truncated under it faults with SIGBUS, and a thread that holds the GIL while
+        it faults never lets the handler run (`_sigbus_guard`)."""
+        nbytes = (r1 - r0) * t.row_numel * itemsize(t.dtype)
+        if self.kernel == arrays.Kernel.NUMBA and nbytes >= VIEW_MIN_BYTES:
+            return self.reader.view_array(t, r0, r1)
+        buf, release = self.pool.take(max(nbytes, 1))
+        try:
+            return self.reader.read_rows_array(t, r0, r1, buf), release
+        except BaseException:
+            release()
+            raise
 
     def _quantize(self, u: _Unit, data: np.ndarray) -> None:
         """One row chunk of a quantized weight: its codes now, its scales (and the shape or format tensor)
