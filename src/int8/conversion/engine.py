@@ -2,9 +2,10 @@
 
 Work is cut into units: a row chunk of a tensor (about ``CHUNK_BYTES`` of
 source), or the opening or closing of an output shard. Worker threads take
-units in plan order, each viewing its chunk in the page cache and quantizing it
-(the numba kernels, and torch where it is used, release the GIL, so the workers
-run on all cores); a writer thread appends the results to the shards strictly in plan
+units in plan order, each viewing its chunk in the page cache (or, for small
+chunks and the numpy kernel, reading it into a pooled buffer: `Pipeline._read`) and
+quantizing it (numba, numpy on large arrays and torch release the GIL, so the
+workers run on all cores); a writer thread appends the results to the shards strictly in plan
 order, hashing as it goes. A unit holds a permit from the moment a worker
 takes it until the writer has written it, so at most ``permits`` chunks are
 in memory at once, whatever the model's size, and the writer can always
