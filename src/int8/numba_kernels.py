@@ -94,6 +94,8 @@ def _quantize_rows(w, block, mant_bits, emin, max_finite, packed, scales):
     return esum, emax, 0, zero_blocks
 
 
+# One function per width, not one generic over both: numba widens a generic one's integers to 64 bits, and
+# the loop no longer vectorizes (6x slower, measured).
 @_jit_reassoc
 def _max_abs_bits32(bits):
     """The largest ``bits & 0x7FFFFFFF`` of float32 bits: finite iff below 0x7F800000."""
