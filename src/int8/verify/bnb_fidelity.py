@@ -172,10 +172,9 @@ def loading_phase(layout: Layout, wins: list, logprobs: tuple, run):
     the run-time error of LLM.int8 comes on top of the checkpoint's and is no property of the file. The
     fidelity checks (top-1, KL, perplexity, against the reference's weight noise) measure the checkpoint:
     they run its de-quantized weights, as the compressed-tensors path does on CPU."""
-    from ..errors import first_line
     from . import models
     from .fidelity import Agreement
-    from .phases import LoadingPhase
+    from .phases import LoadingPhase, forward_failed
     from .result import skipped
 
     converted = Agreement()
@@ -206,8 +205,7 @@ def loading_phase(layout: Layout, wins: list, logprobs: tuple, run):
                 if is_logits:
                     converted.update(logprobs[i], lg, w.targets)
     except Exception as e:  # a model that loads but cannot run is the finding
-        forward = outcome("forward", [f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"],
-                          figure="raised", threshold="finite outputs", group=Group.LOADING)
+        forward = forward_failed(e)
         if logprobs:
             why = "the converted model does not run"
     finally:

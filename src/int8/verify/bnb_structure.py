@@ -33,17 +33,14 @@ from ..formats.safetensors import DTYPES
 from ..hf import FROM_TORCH_NAME, NameMap, WeightLayout, weight_layout
 from ..paths import plain
 from ..scheme import QMAX
-from .checks.card import check_card
 from .checks.config import check_index
-from .checks.files import check_contained, check_files, check_manifest, check_report
-from .checks.provenance import for_origin
-from .checks.tokenizer import check_tokenizer
-from .layout import Layout, QuantLayer, Reading, StoredTensor
+from .checks.files import check_contained, check_report
+from .layout import Layout, QuantLayer, Reading, StoredTensor, model_fields
 from .provenance import read_origin
-from .read import _meta_model, read_index, read_report
+from .read import config_dtype, meta_model, read_index, read_report
 from .result import Group, outcome, skipped
 from .scan import scan_all
-from .structure import STRUCTURE_CHECKS, Structure, _metrics
+from .structure import STRUCTURE_CHECKS, Structure, _metrics, finish
 
 MAX_LISTED = 8
 
@@ -79,16 +76,12 @@ def check_structure(folder: Path, *, workers: int | None = None) -> Structure:
         folder=folder,
         report=report,
         config=config,
-        model_class=type(meta).__name__ if meta is not None else None,
-        model_type=meta.config.model_type if meta is not None else None,
-        seq2seq=bool(getattr(meta.config, "is_encoder_decoder", False)) if meta is not None else False,
+        **model_fields(meta),
         dtype=FROM_TORCH_NAME.get(str((config or {}).get("dtype") or (config or {}).get("torch_dtype"))),
         scale_dtype="F32",
         tensors=idx.tensors,
         shards=idx.shards,
         quantized=quantized,
-        names=NameMap.of(meta) if meta is not None else NameMap(frozenset()),
-        tied=dict(getattr(meta, "all_tied_weights_keys", None) or {}) if meta is not None else {},
         origin=origin,
         bnb=True,
     )
@@ -126,14 +119,8 @@ def check_structure(folder: Path, *, workers: int | None = None) -> Structure:
                 threshold="finite, >= 0, float16 values, 0 only for a zero row; weight_format 0 (row)"),
         outcome("finite", finite, figure=f"{sum(s.n_float for s in scans.values()):,} floating values",
                 threshold="no NaN or Inf"),
-        check_manifest(layout, scans),
-        check_files(layout),
-        check_tokenizer(layout),
-        check_card(layout),
     )
-    checks = for_origin(checks, origin)
-    bytes_checked = sum(s.bytes for s in scans.values())
-    return Structure(checks, layout, _metrics(bytes_checked, scan_seconds, time.perf_counter() - started), origin)
+    return finish(checks, layout, scans, origin, started, scan_seconds)
 
 
 def _report_format(report, reading: Reading) -> Reading:
@@ -153,15 +140,8 @@ def _read_config(folder: Path, report) -> tuple[dict | None, list[str], object]:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         return None, [f"config.json cannot be read ({type(e).__name__}: {e})"], None
     problems = list(bnb_format.check_config(config.get("quantization_config")))
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    if dtype is not None and FROM_TORCH_NAME.get(str(dtype)) is None:
-        problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
-    meta = None
-    try:
-        meta = _meta_model(folder)
-    except Exception as e:  # transformers' own errors: the config is what is wrong
-        problems.append(f"transformers cannot build a model from config.json: {' '.join(str(e).split())[:300]}")
-    return config, problems, meta
+    config_dtype(config, problems)
+    return config, problems, meta_model(folder, problems)
 
 
 def _converted(meta, config: dict) -> dict[str, object]:

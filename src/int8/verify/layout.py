@@ -145,6 +145,20 @@ class Readings:
     tensors: Reading = Reading()
 
 
+def model_fields(meta) -> dict[str, Any]:
+    """The `Layout` fields the model built on the meta device gives (class, type, task, names, ties); their
+    empty values without one (config.json does not describe a model transformers can build)."""
+    if meta is None:
+        return dict(model_class=None, model_type=None, seq2seq=False, names=NameMap(frozenset()), tied={})
+    return dict(
+        model_class=type(meta).__name__,
+        model_type=meta.config.model_type,
+        seq2seq=bool(getattr(meta.config, "is_encoder_decoder", False)),
+        names=NameMap.of(meta),
+        tied=dict(getattr(meta, "all_tied_weights_keys", None) or {}),
+    )
+
+
 def read_layout(folder: Path, origin: Origin | None = None) -> tuple[Layout, Readings]:
     """Read the checkpoint's small files once; the frozen layout and the problems met on the way.
 
@@ -169,17 +183,13 @@ def read_layout(folder: Path, origin: Origin | None = None) -> tuple[Layout, Rea
         folder=folder,
         report=report,
         config=cfg.config,
-        model_class=type(meta).__name__ if meta is not None else None,
-        model_type=meta.config.model_type if meta is not None else None,
-        seq2seq=bool(getattr(meta.config, "is_encoder_decoder", False)) if meta is not None else False,
+        **model_fields(meta),
         groups=cfg.groups,
         dtype=cfg.dtype,
         scale_dtype=cfg.scale_dtype or _stored_scale_dtype(quantized),
         tensors=idx.tensors,
         shards=idx.shards,
         quantized=quantized,
-        names=NameMap.of(meta) if meta is not None else NameMap(frozenset()),
-        tied=dict(getattr(meta, "all_tied_weights_keys", None) or {}) if meta is not None else {},
         origin=origin,
     )
     return layout, Readings(report_reading, cfg.reading, idx.reading, Reading(tuple(tensor_problems)))

@@ -210,9 +210,9 @@ def _streamed(layout: Layout, against: Against, unusable: str, tokenizers, text:
             try:
                 figures = stream.run(layout, split, skeleton, None, wins[:1], run.dtype, run.device, None)
             except Exception as e2:  # a model that cannot run is the finding
-                failed = f"the forward pass raised {type(e2).__name__}: {first_line(e2, 300)}"
+                failed = forward_raised(e2)
         except Exception as e:  # a model that cannot run is the finding
-            failed = f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"
+            failed = forward_raised(e)
         finally:
             models.free(skeleton)
         if figures is not None:
@@ -340,8 +340,7 @@ def _loading_phase(layout: Layout, mode, wins: list, logprobs: tuple, run: Run) 
             forward = outcome("forward", bad, figure=f"{sum(w.tokens for w in shown)} tokens in {len(shown)} window(s)",
                               threshold="finite outputs", group=Group.LOADING)
     except Exception as e:  # a model that loads but cannot run is the finding
-        forward = outcome("forward", [f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"],
-                          figure="raised", threshold="finite outputs", group=Group.LOADING)
+        forward = forward_failed(e)
         if logprobs:
             why = "the converted model does not run"
     finally:
@@ -481,3 +480,13 @@ def _is_quantized(folder: Path | None) -> bool:
         return "quantization_config" in read_json_object(Path(folder) / "config.json")
     except Int8Error:  # no readable config: not a quantized checkpoint that could be mistaken for an original
         return False
+
+
+def forward_raised(e: BaseException) -> str:
+    """What the forward check says of a model that loads but raises when run."""
+    return f"the forward pass raised {type(e).__name__}: {first_line(e, 300)}"
+
+
+def forward_failed(e: BaseException) -> Check:
+    """The forward check of a model whose forward pass raised ``e`` (a model that cannot run is the finding)."""
+    return outcome("forward", [forward_raised(e)], figure="raised", threshold="finite outputs", group=Group.LOADING)

@@ -85,31 +85,39 @@ def read_config(folder: Path, report: ConversionReport | None) -> ConfigRead:
                     f"the block sizes of block size {report.quantization.block_size} in {REPORT_NAME} "
                     f"({', '.join(map(str, allowed))})"
                 )
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    model_dtype = FROM_TORCH_NAME.get(str(dtype))
-    if dtype is not None and model_dtype is None:
-        problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
+    model_dtype = config_dtype(config, problems)
     scale_dtype = FROM_TORCH_NAME.get(report.quantization.scale_dtype) if report is not None else None
     if report is not None and scale_dtype is None:
         problems.append(f"{REPORT_NAME}: scale_dtype {report.quantization.scale_dtype!r} is not float32, float16 or bfloat16")
-    meta = None
-    try:
-        meta = _meta_model(folder)
-    except Exception as e:  # transformers' own errors: the config is what is wrong
-        problems.append(f"transformers cannot build a model from config.json: {first_line(e)}")
+    meta = meta_model(folder, problems)
     report_blocks = (
         {t.name.rpartition(".")[0]: t.block_size for t in report.quantized if t.block_size} if report is not None else {}
     )
     return ConfigRead(Reading(tuple(problems)), config, groups, model_dtype, scale_dtype, ignore, report_blocks, meta)
 
 
-def _meta_model(folder: Path):
+def config_dtype(config: dict, problems: list[str]) -> str | None:
+    """The safetensors name of config.json's ``dtype`` (or ``torch_dtype``); a problem when it is not a float dtype."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    name = FROM_TORCH_NAME.get(str(dtype))
+    if dtype is not None and name is None:
+        problems.append(f"config.json: dtype {dtype!r} is not float32, float16 or bfloat16")
+    return name
+
+
+def meta_model(folder: Path, problems: list[str]):
+    """The model config.json describes, built on the meta device without its quantization_config; None, and a
+    problem, when transformers cannot build it (its own errors: the config is what is wrong)."""
     from ..hf import build_meta_model, load_config
 
-    config = load_config(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return build_meta_model(config)
+    try:
+        config = load_config(folder)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        return build_meta_model(config)
+    except Exception as e:
+        problems.append(f"transformers cannot build a model from config.json: {first_line(e)}")
+        return None
 
 
 @dataclass(frozen=True)

@@ -87,12 +87,15 @@ def check_structure(folder: Path, *, workers: int | None = None) -> Structure:
         check_index(layout, readings.index),
         check_tensors(layout, readings.tensors, readings.index, scans),
         *check_data(layout, scans),
-        check_manifest(layout, scans),
-        check_files(layout),
-        check_tokenizer(layout),
-        check_card(layout),
     )
-    checks = for_origin(checks, origin)
+    return finish(checks, layout, scans, origin, started, scan_seconds)
+
+
+def finish(head: tuple, layout: Layout, scans, origin, started: float, scan_seconds: float) -> Structure:
+    """The structure result of a layout: the layout's own checks (``head``), then those every layout shares
+    (manifest, files, tokenizer, card), kept as they apply to the checkpoint's origin."""
+    checks = for_origin((*head, check_manifest(layout, scans), check_files(layout), check_tokenizer(layout),
+                         check_card(layout)), origin)
     bytes_checked = sum(s.bytes for s in scans.values())
     return Structure(checks, layout, _metrics(bytes_checked, scan_seconds, time.perf_counter() - started), origin)
 
