@@ -704,12 +704,9 @@ def _ratios(times: dict, key: str) -> dict:
 
 def lora_step(run: Run, model, label: str, kernels: list[str]) -> dict:
     """LoRA r=8 on q/v, gradient checkpointing, adapter_optimizer; peak memory and step time per kernel."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    from int8.runtime import adapter_optimizer
-    from int8.runtime.lora import register_peft
-
-    register_peft()
+    from int8.runtime import adapter_optimizer, get_peft_model
     seq = 32 if run.args.simulate else 512
     before_model = run.allocated()
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
