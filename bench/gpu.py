@@ -308,14 +308,23 @@ def check_kernels(device, simulate: bool) -> dict:
             gx = tm.linear_grad_input(dy, q.codes, q.scales, block)
             ref_g = dy.float() @ wref
             row["grad_max_err"], row["grad_ratio"] = error_ratio(gx, ref_g, dy, wref, cdt, out_f)
+            # the second launch of a specialization goes straight to the compiled kernel (tm._launch): same bytes
+            row["repeat_identical"] = bool(torch.equal(tm.linear(x, q.codes, q.scales, block, bias), y)
+                                           and torch.equal(tm.linear_grad_input(dy, q.codes, q.scales, block), gx))
+            wq = reference_dequantized(q.codes, q.scales, block, cdt)
+            row["dequantize_identical"] = bool(torch.equal(tm.dequantize(q.codes, q.scales, block, cdt), wq)
+                                               and torch.equal(tm.dequantize(q.codes, q.scales, block, cdt), wq))
             row["ok"] = (row["forward_ratio"] <= 1.0 and row["grad_ratio"] <= 1.0 and y.dtype == cdt and gx.dtype == cdt
-                         and bool(torch.isfinite(y).all()) and bool(torch.isfinite(gx).all()))
+                         and bool(torch.isfinite(y).all()) and bool(torch.isfinite(gx).all())
+                         and row["repeat_identical"] and (simulate and cdt == torch.bfloat16 or row["dequantize_identical"]))
         except Exception as e:
             row.update(_err(e), ok=False)
         rows.append(row)
         print(f"    {'ok ' if row['ok'] else 'BAD'} {c['id']}: fwd x{row.get('forward_ratio', float('nan')):.3f} "
-              f"bwd x{row.get('grad_ratio', float('nan')):.3f} {row.get('error', '')[:200]}", flush=True)
-    return {"cases": rows, "passed": sum(r["ok"] for r in rows), "total": len(rows), "all_ok": all(r["ok"] for r in rows)}
+              f"bwd x{row.get('grad_ratio', float('nan')):.3f} repeat {row.get('repeat_identical')} "
+              f"dequant {row.get('dequantize_identical')} {row.get('error', '')[:200]}", flush=True)
+    return {"cases": rows, "passed": sum(r["ok"] for r in rows), "total": len(rows), "all_ok": all(r["ok"] for r in rows),
+            "launch": tm.fast_launch_status()}
 
 
 def kernel_check_child(run: Run) -> dict:
@@ -364,17 +373,25 @@ def kernel_bench(run: Run) -> dict:
         t = run.kernel_time(lambda: int8_linear(x1, codes, scales, 128, kernel="dequantize"), reps)  # noqa: B023
         row["gemv_dequantize_us"] = t * 1e6
         row["gemv_time_ratio_vs_fp16"] = row["gemv_int8_us"] / row["gemv_fp16_us"]
-        for tokens in (8, prefill):
+        for tokens in (8, 64 if run.args.simulate else 128, prefill):
             x = torch.randn(tokens, in_f, device=dev, dtype=torch.float16)
             t8 = run.kernel_time(lambda: tm.linear(x, codes, scales, 128), reps)  # noqa: B023
             t16 = run.kernel_time(lambda: F.linear(x, w16), reps)  # noqa: B023
             row[f"t{tokens}_int8_us"], row[f"t{tokens}_fp16_us"], row[f"t{tokens}_time_ratio"] = t8 * 1e6, t16 * 1e6, t8 / t16
             row[f"t{tokens}_int8_tflops"] = 2 * tokens * out_f * in_f / t8 / 1e12
+            # Triton's one-pass de-quantization + cuBLAS (what Kernel.AUTO runs above FUSED_MAX_TOKENS), at any size
+            work = torch.empty(codes.numel(), dtype=torch.float16, device=dev)
+            ta = run.kernel_time(lambda: F.linear(x, tm.dequantize(codes, scales, 128, torch.float16, out=work)), reps)  # noqa: B023
+            row[f"t{tokens}_dequant_cublas_us"] = ta * 1e6
+        row["dequantize_kernel_us"] = run.kernel_time(lambda: tm.dequantize(codes, scales, 128, torch.float16, out=work), reps) * 1e6  # noqa: B023
+        row["dequantize_kernel_gb_s"] = (codes.numel() * 3 + scales.numel() * 2) / (row["dequantize_kernel_us"] / 1e6) / GB
         gy = torch.randn(prefill, out_f, device=dev, dtype=torch.float16)
         tb = run.kernel_time(lambda: tm.linear_grad_input(gy, codes, scales, 128), reps)  # noqa: B023
         tb16 = run.kernel_time(lambda: gy @ w16, reps)  # noqa: B023
         tbd = run.kernel_time(lambda: int8_linear_grad_input(gy, codes, scales, 128, kernel="dequantize"), reps)  # noqa: B023
-        row.update(grad_int8_us=tb * 1e6, grad_fp16_us=tb16 * 1e6, grad_dequantize_us=tbd * 1e6, grad_time_ratio=tb / tb16)
+        tba = run.kernel_time(lambda: int8_linear_grad_input(gy, codes, scales, 128, kernel="auto"), reps)  # noqa: B023
+        row.update(grad_int8_us=tb * 1e6, grad_fp16_us=tb16 * 1e6, grad_dequantize_us=tbd * 1e6, grad_time_ratio=tb / tb16,
+                   grad_auto_us=tba * 1e6)
         row["prefill_tokens"] = prefill
         rows.append(row)
         del w16, q, codes, scales
@@ -389,7 +406,15 @@ def kernel_bench(run: Run) -> dict:
     with torch.inference_mode():
         overhead = {"layer": f"{out_f}x{in_f}, 1 token", "int8_layer_call_us": run.call_time(lambda: layer(x1), calls) * 1e6,
                     "fp16_linear_call_us": run.call_time(lambda: lin(x1), calls) * 1e6,
-                    "int8_kernel_direct_call_us": run.call_time(lambda: tm.linear(x1, layer.codes, layer.scales, 128), calls) * 1e6}
+                    "int8_kernel_direct_call_us": run.call_time(lambda: tm.linear(x1, layer.codes, layer.scales, 128), calls) * 1e6,
+                    "launch": tm.fast_launch_status()}
+        fast = tm.FAST_LAUNCH
+        tm.FAST_LAUNCH = False  # every launch through Triton's JIT, as before the compiled-launch cache
+        try:
+            overhead["int8_kernel_jit_launch_call_us"] = run.call_time(
+                lambda: tm.linear(x1, layer.codes, layer.scales, 128), calls) * 1e6
+        finally:
+            tm.FAST_LAUNCH = fast
     return {"shapes": rows, "call_overhead": overhead, "timing": "median GPU time per call, L2 flushed before each call"}
 
 
@@ -606,9 +631,10 @@ def _generate(model, ids, new_tokens: int) -> None:
 def model_section(run: Run, fp16, q) -> dict:
     """Prefill and decode, three variants interleaved round by round; ratios against fp16."""
     quick, sim = run.args.quick, run.args.simulate
-    variants = {"int8-fused": (q, "triton"), "int8-dequantize": (q, "dequantize"), "fp16": (fp16, None)}
+    variants = {"int8-auto": (q, "auto"), "int8-fused": (q, "triton"), "int8-dequantize": (q, "dequantize"), "fp16": (fp16, None)}
     if not run.fused_usable:
         variants.pop("int8-fused")
+        variants.pop("int8-auto")
     res: dict = {"variants": list(variants), "weights_bytes": {"int8": weight_bytes(q), "fp16": weight_bytes(fp16)},
                  "int8_quantized_on": getattr(q, "int8_quantized_on", None)}
     vocab = fp16.config.vocab_size
@@ -686,13 +712,64 @@ def model_section(run: Run, fp16, q) -> dict:
         return out
 
     res["logits"] = run.measure("model: logits, fused vs de-quantize vs fp16", agreement, need_s=5)
+
+    def graphed(batch: int) -> dict:
+        """GPU time of one decode step replayed from a CUDA graph: no Python, no launch overhead, only the GPU's work.
+
+        The step is captured after a 32-token prompt (transformers' DynamicCache); each replay repeats the
+        same step at the same position, which is what a decoder under CUDA graphs (vLLM, torch.compile's
+        reduce-overhead) pays per token."""
+        if not run.cuda:
+            return {"skipped": "CUDA graphs need a CUDA device"}
+        ids = torch.randint(0, vocab, (batch, 32), generator=g).to(run.device)
+        reps = 10 if quick else 30
+        out: dict = {"batch": batch, "prompt": 32, "replays": reps, "times": {}}
+        for k, (m, kern) in variants.items():
+            if k == "int8-fused":  # the same kernels as int8-auto at <= FUSED_MAX_TOKENS tokens
+                continue
+            if kern:
+                set_kernel(m, kern)
+            try:
+                with torch.inference_mode():
+                    first = m(input_ids=ids, use_cache=True)
+                    cache, tok = first.past_key_values, first.logits[:, -1:].argmax(-1)
+                    del first
+                    side = torch.cuda.Stream(run.device)
+                    side.wait_stream(torch.cuda.current_stream(run.device))
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            m(input_ids=tok, past_key_values=cache, use_cache=True)
+                    torch.cuda.current_stream(run.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        m(input_ids=tok, past_key_values=cache, use_cache=True)
+                    graph.replay()
+                    run.sync()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(reps):
+                        graph.replay()
+                    end.record()
+                    run.sync()
+                    out["times"][k] = {"median_s": start.elapsed_time(end) / 1e3 / reps}
+                    del graph, cache
+            except Exception as e:
+                out["times"][k] = _err(e)
+                run.errors.append(f"model: decode graph batch {batch} {k}: {out['times'][k]['error']}")
+            _free()
+        ok = {k: v for k, v in out["times"].items() if "median_s" in v}
+        out["ms_per_step"] = {k: v["median_s"] * 1e3 for k, v in ok.items()}
+        return out | _ratios(ok, "median_s")
+
+    for batch in (1, 8):
+        res[f"decode_graph_b{batch}"] = run.measure(f"model: decode batch {batch}, CUDA graph", graphed, need_s=15, batch=batch)
     return res
 
 
 def _ratios(times: dict, key: str) -> dict:
     ref = times.get("fp16", {}).get(key)
     out = {}
-    for k in ("int8-fused", "int8-dequantize"):
+    for k in ("int8-auto", "int8-fused", "int8-dequantize"):
         if k in times and ref:
             out[f"{k}_time_ratio"] = times[k][key] / ref
     return out
@@ -809,29 +886,38 @@ def claims(r: dict) -> list[dict]:
         add("convert --device cuda rate", "vs reading the file", f"{rate['convert_gb_s']:.2f} GB/s of fp32 in; file read "
             f"{c.get('read_gb_s', 0):.2f} GB/s ({rate['vs_read']:.2f}x)", None)
     m = s.get("model", {})
-    for key, name, target in (("decode_b1", "decode batch 1", TARGETS["decode_time_ratio"]),
-                              ("decode_b8", "decode batch 8", TARGETS["decode_time_ratio"]),
+    for key, name, target in (("decode_b1", "decode batch 1 (eager generate)", TARGETS["decode_time_ratio"]),
+                              ("decode_b8", "decode batch 8 (eager generate)", TARGETS["decode_time_ratio"]),
+                              ("decode_graph_b1", "decode batch 1 (CUDA graph)", TARGETS["decode_time_ratio"]),
+                              ("decode_graph_b8", "decode batch 8 (CUDA graph)", TARGETS["decode_time_ratio"]),
                               ("prefill", "prefill", TARGETS["prefill_time_ratio"])):
         d = m.get(key, {})
-        ratio = d.get("int8-fused_time_ratio")
+        main = "int8-auto" if d.get("int8-auto_time_ratio") is not None else "int8-fused"
+        ratio = d.get(f"{main}_time_ratio")
         if ratio is not None:
             extra = ""
             if "tokens_per_s" in d:
                 tps = d["tokens_per_s"]
-                extra = " (tok/s int8 fused {:.1f}, de-quantize {:.1f}, fp16 {:.1f})".format(
-                    *(tps.get(v, float("nan")) for v in ("int8-fused", "int8-dequantize", "fp16")))
+                extra = " (tok/s int8 {:.1f}, de-quantize {:.1f}, fp16 {:.1f})".format(
+                    *(tps.get(v, float("nan")) for v in (main, "int8-dequantize", "fp16")))
+            if "ms_per_step" in d and "tokens_per_s" not in d:
+                ms = d["ms_per_step"]
+                extra = " (ms per step int8 {:.2f}, de-quantize {:.2f}, fp16 {:.2f})".format(
+                    *(ms.get(v, float("nan")) for v in (main, "int8-dequantize", "fp16")))
             if "tokens" in d and "times" in d:
                 name = f"prefill {d['tokens']} tokens"
                 t = d["times"]
-                extra = " (ms int8 fused {:.1f}, de-quantize {:.1f}, fp16 {:.1f})".format(
-                    *(t.get(v, {}).get("median_s", float("nan")) * 1e3 for v in ("int8-fused", "int8-dequantize", "fp16")))
+                extra = " (ms int8 {:.1f}, fused kernel {:.1f}, de-quantize {:.1f}, fp16 {:.1f})".format(
+                    *(t.get(v, {}).get("median_s", float("nan")) * 1e3 for v in (main, "int8-fused", "int8-dequantize", "fp16")))
             dq = d.get("int8-dequantize_time_ratio")
-            add(f"{name}: int8 (fused) time / fp16", f"<= {target}" + (" (moonshot 0.6)" if key.startswith("decode") else ""),
-                f"{ratio:.2f}x; de-quantize path {dq:.2f}x{extra}" if dq else f"{ratio:.2f}x", ratio <= target)
+            add(f"{name}: int8 ({main.removeprefix('int8-')}) time / fp16",
+                f"<= {target}" + (" (moonshot 0.6)" if key.startswith("decode") else ""),
+                f"{ratio:.2f}x; de-quantize path {dq:.2f}x{extra}" if dq else f"{ratio:.2f}x{extra}", ratio <= target)
     lo = s.get("lora", {})
     li = lo.get("int8", {}) if isinstance(lo.get("int8"), dict) else {}
     fp = lo.get("fp16", {}).get("fp16", {}) if isinstance(lo.get("fp16"), dict) else {}
-    for kern, label in (("triton", "fused"), ("dequantize", "de-quantize path")):
+    for kern, label in (("auto", "auto: dequantize kernel + cuBLAS at 512 tokens"), ("triton", "fused"),
+                        ("dequantize", "de-quantize path")):
         v = li.get(kern, {})
         if v.get("peak_bytes"):
             add(f"GPT-J-6B LoRA step peak GPU memory (int8, {label})", f"<= {TARGETS['lora_peak_gb']} GB",
@@ -871,7 +957,18 @@ def print_table(r: dict) -> None:
         o = k.get("call_overhead", {})
         if o:
             print(f"  one call from Python ({o['layer']}): Int8Linear {o['int8_layer_call_us']:.1f} us, kernel alone "
-                  f"{o['int8_kernel_direct_call_us']:.1f} us, fp16 nn.Linear {o['fp16_linear_call_us']:.1f} us")
+                  f"{o['int8_kernel_direct_call_us']:.1f} us ({o.get('launch')}; through Triton's JIT "
+                  f"{o.get('int8_kernel_jit_launch_call_us', float('nan')):.1f} us), fp16 nn.Linear {o['fp16_linear_call_us']:.1f} us")
+        print(f"\n  {'layer':<26}{'128 tok int8':>13}{'fp16':>8}{'dq+cuBLAS':>10}{'prefill dq+cuBLAS':>18}{'grad auto':>10}"
+              f"{'dequant us':>11}{'GB/s':>7}")
+        for row in k["shapes"]:
+            p = f"t{row['prefill_tokens']}"
+            mid = next((t for t in (128, 64) if f"t{t}_int8_us" in row), None)
+            if mid is None or "dequantize_kernel_us" not in row:
+                continue
+            print(f"  {row['layer']:<26}{row[f't{mid}_int8_us']:>13.1f}{row[f't{mid}_fp16_us']:>8.1f}"
+                  f"{row[f't{mid}_dequant_cublas_us']:>10.1f}{row[p + '_dequant_cublas_us']:>18.1f}{row['grad_auto_us']:>10.1f}"
+                  f"{row['dequantize_kernel_us']:>11.1f}{row['dequantize_kernel_gb_s']:>7.0f}")
     if r.get("errors"):
         print("\n  errors:")
         for e in r["errors"]:
@@ -1006,7 +1103,7 @@ def main(argv=None) -> int:
                     del fp16
                     models.clear()
                     _free()
-                    kernels = (["triton"] if run.fused_usable else []) + ["dequantize"]
+                    kernels = (["auto", "triton"] if run.fused_usable else []) + ["dequantize"]
                     lo["int8"] = run.measure("lora: int8 step (the int8 model alone on the GPU)", lora_step, run=run, model=q,
                                              label="int8", kernels=kernels, need_s=40)
                     sec["lora"] = lo

@@ -172,6 +172,84 @@ def _run_layer(tm) -> dict:
     return out
 
 
+def _truncated_bf16(codes, scales, block) -> torch.Tensor:
+    def trunc(t: torch.Tensor) -> torch.Tensor:  # float32 -> bf16 by dropping the low 16 bits
+        return (t.float().contiguous().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+
+    s = trunc(scales).float().repeat_interleave(block, dim=1)[:, : codes.shape[1]]
+    return trunc(codes.float() * s)
+
+
+def _run_dequantize(tm) -> dict:
+    """`tm.dequantize` against the de-quantize path's `dequantize_weight`, bit for bit, every shape and dtype pair;
+    and into a workspace larger than the weight (the result is a view of its start)."""
+    from int8.runtime.layer import dequantize_weight
+
+    out = {}
+    for shape in SHAPES:
+        out_f, in_f, block = shape
+        for sd in DTYPES:
+            for cd in DTYPES:
+                codes, scales = _weights(out_f, in_f, block, DTYPES[sd], seed=5)
+                got = tm.dequantize(codes, scales, block, DTYPES[cd])
+                want = dequantize_weight(codes, scales, block, DTYPES[cd])
+                if cd == "bf16":  # the interpreter truncates float32 -> bf16 (a GPU rounds to nearest even, as torch):
+                    want = _truncated_bf16(codes, scales, block)  # the same products, truncated
+                out[f"dequant-{out_f}x{in_f}-b{block}-s{sd}-c{cd}"] = {
+                    "equal": bool(torch.equal(got, want)), "dtype": str(got.dtype), "shape": list(got.shape)}
+    codes, scales = _weights(37, 200, 32, torch.bfloat16, seed=6)
+    work = torch.full((37 * 200 + 50,), 7.0, dtype=torch.float16)
+    got = tm.dequantize(codes, scales, 32, torch.float16, out=work)
+    out["dequant-workspace"] = {"equal": bool(torch.equal(got, dequantize_weight(codes, scales, 32, torch.float16))),
+                                "view_of_workspace": got.data_ptr() == work.data_ptr(),
+                                "tail_untouched": bool((work[37 * 200:] == 7.0).all())}
+    return out
+
+
+def _run_auto_routing(tm) -> dict:
+    """`Kernel.AUTO` on a Triton device: the fused kernel up to FUSED_MAX_TOKENS tokens, above it
+    `tm.dequantize` then torch's matmul, forward and backward (the limit lowered to 4 to keep it quick)."""
+    from int8.runtime import layer as layer_mod
+    from int8.runtime.layer import Int8Linear, dequantize_weight
+
+    layer_mod.TRITON_DEVICE_TYPES = frozenset({"cuda", "cpu"})
+    layer_mod.FUSED_MAX_TOKENS = 4
+    calls = {"linear": 0, "linear_grad_input": 0, "dequantize": 0}
+    originals = {name: getattr(tm, name) for name in calls}
+    for name, fn in originals.items():
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+
+        setattr(tm, name, counted)
+    out = {}
+    try:
+        codes, scales = _weights(33, 96, 32, torch.bfloat16, seed=8)
+        q = Int8Linear(96, 33, True, block_size=32, scale_dtype=torch.bfloat16, dtype=torch.float16)
+        q.codes.copy_(codes)
+        q.scale_bits.copy_(scales.view(q.scale_bits.dtype))
+        with torch.no_grad():
+            q.bias.copy_(torch.randn(33).to(torch.float16))
+        w = dequantize_weight(codes, scales, 32, torch.float16)
+        for tokens in (4, 6):
+            g = torch.Generator().manual_seed(tokens)
+            x = torch.randn(tokens, 96, generator=g).to(torch.float16).requires_grad_(True)
+            dy = torch.randn(tokens, 33, generator=g).to(torch.float16)
+            before = dict(calls)
+            y = q(x)
+            y.backward(dy)
+            ran = {k: calls[k] - before[k] for k in calls}
+            row = {"ran": ran}
+            if tokens > 4:  # cuBLAS's (here: torch CPU's) matmul on the very weight the de-quantize path builds
+                row["y_equal"] = bool(torch.equal(y.detach(), torch.nn.functional.linear(x.detach(), w, q.bias.detach())))
+                row["grad_equal"] = bool(torch.equal(x.grad, dy @ w))
+            out[f"auto-t{tokens}"] = row
+    finally:
+        for name, fn in originals.items():
+            setattr(tm, name, fn)
+    return out
+
+
 def _worker(path: Path) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from int8.runtime import triton_matmul as tm
@@ -193,10 +271,11 @@ def _worker(path: Path) -> None:
             results[c["id"]] = _run_case(c, tm)
         except Exception as e:  # recorded, so that the test of this case fails with the message
             results[c["id"]] = {"error": f"{type(e).__name__}: {e}"}
-    try:
-        results.update(_run_layer(tm))
-    except Exception as e:
-        results["layer-error"] = f"{type(e).__name__}: {e}"
+    for name, run in (("layer", _run_layer), ("dequant", _run_dequantize), ("auto", _run_auto_routing)):
+        try:
+            results.update(run(tm))
+        except Exception as e:
+            results[f"{name}-error"] = f"{type(e).__name__}: {e}"
     path.write_text(json.dumps(results))
 
 
@@ -251,6 +330,29 @@ def test_layer_forward_and_backward_run_the_kernels(interpreted, key):
     assert r["grad_bias_err"] <= 1e-2 * max(1.0, r["grad_bias_scale"]) and r["codes_grad_none"]
 
 
+DEQUANT_KEYS = [f"dequant-{o}x{i}-b{b}-s{sd}-c{cd}" for o, i, b in SHAPES for sd in DTYPES for cd in DTYPES]
+
+
+@pytest.mark.parametrize("key", DEQUANT_KEYS)
+def test_dequantize_kernel_is_bit_identical_to_the_dequantize_path(interpreted, key):
+    assert "dequant-error" not in interpreted, interpreted.get("dequant-error")
+    r = interpreted[key]
+    assert r["equal"] and r["dtype"] == str(DTYPES[key.rsplit("-c", 1)[1]])
+
+
+def test_dequantize_kernel_writes_into_the_workspace_only(interpreted):
+    r = interpreted["dequant-workspace"]
+    assert r == {"equal": True, "view_of_workspace": True, "tail_untouched": True}
+
+
+def test_auto_runs_the_fused_kernel_for_few_tokens_and_dequantize_plus_matmul_for_many(interpreted):
+    assert "auto-error" not in interpreted, interpreted.get("auto-error")
+    assert interpreted["auto-t4"]["ran"] == {"linear": 1, "linear_grad_input": 1, "dequantize": 0}
+    many = interpreted["auto-t6"]
+    assert many["ran"] == {"linear": 0, "linear_grad_input": 0, "dequantize": 2}
+    assert many["y_equal"] and many["grad_equal"]
+
+
 def test_bound_catches_a_wrong_scale_block():
     """The error bound is tight enough to fail a kernel that reads the neighbouring scale block."""
     codes, scales = _weights(37, 200, 32, torch.bfloat16, seed=1)
@@ -278,6 +380,16 @@ def _aot(kind: str, dtype, scale_dtype, block: int, capability: int, tokens: int
     from int8.runtime import triton_matmul as tm
 
     ptrs = {"c_ptr": "*i8", "s_ptr": f"*{_TY[scale_dtype]}", "b_ptr": f"*{_TY[dtype]}", "y_ptr": f"*{_TY[dtype]}"}
+    if kind == "dequant":
+        sig = {"c_ptr": "*i8", "s_ptr": f"*{_TY[scale_dtype]}", "w_ptr": f"*{_TY[dtype]}",
+               **dict.fromkeys(["N", "K", "stride_cn", "stride_sn", "stride_wn"], "i32")}
+        block_n, block_k = tm.DEQUANT_TILE
+        const = dict(BLOCK=block, BLOCK_N=block_n, BLOCK_K=block_k, DT=tm._tl_dtype(dtype))
+        sig.update(dict.fromkeys(const, "constexpr"))
+        names = list(sig)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if sig[a] != "constexpr"}
+        src = ASTSource(tm._dequant_kernel, sig, constexprs=const, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 1})
     if kind == "gemv":
         cfg = tm.gemv_config(n, k)
         sub = min(tm._pow2_factor(block), cfg.block_k)
@@ -313,6 +425,8 @@ def _aot(kind: str, dtype, scale_dtype, block: int, capability: int, tokens: int
     ("forward", torch.float16, torch.float16, 64, 80, 8),
     ("grad", torch.float16, torch.float16, 128, 90, 512),
     ("grad", torch.float32, torch.bfloat16, 32, 80, 3),
+    ("dequant", torch.float16, torch.float16, 128, 90, 0),   # prefill's one-pass de-quantization
+    ("dequant", torch.bfloat16, torch.float32, 10, 80, 0),
 ])
 def test_kernels_compile_for_gpus(kind, dtype, scale_dtype, block, capability, tokens):
     """The kernels go through Triton's whole compiler (to PTX and ptxas's cubin) for sm_80 and sm_90: the
@@ -330,8 +444,10 @@ def test_kernels_compile_for_gpus(kind, dtype, scale_dtype, block, capability, t
     compiled = _aot(kind, dtype, scale_dtype, block, capability, tokens)
     ptx = compiled.asm["ptx"]
     assert f".target sm_{capability}" in ptx and compiled.asm.get("cubin")
-    if kind == "gemv" and block == 128:
+    if kind in ("gemv", "dequant") and block == 128:
         assert "ld.global.v4" in ptx  # the int8 codes are read 16 bytes at a time, not byte by byte
+    if kind == "dequant":
+        return
     if kind != "gemv" and dtype != torch.float32:  # (float32 runs IEEE FMAs, as torch's fp32 matmul does)
         assert "mma" in ptx  # tensor cores (mma.sync on sm_80, wgmma on sm_90)
 
@@ -513,3 +629,97 @@ def test_load_rejects_a_kernel_that_cannot_run(tiny_int8, kernel, match):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(Path(sys.argv[2]))
+
+
+# -- compiled launches (tm._launch), with a stand-in for Triton's JIT function ------------------
+
+
+class _FakeCompiled:
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def __getitem__(self, grid):
+        def run(*args):
+            if self.fail:
+                raise TypeError("launcher signature changed")
+            self.log.append(("compiled", grid, args))
+        return run
+
+
+class _FakeJit:
+    """What `tm._launch` needs of a JITFunction: ``fn[grid](*args, **constexprs, num_warps=, num_stages=)``
+    returning the compiled kernel, and ``arg_names`` in signature order (constexprs last)."""
+
+    arg_names = ["x_ptr", "N", "BLOCK", "DT"]
+
+    def __init__(self, fail=False):
+        self.log, self.fail = [], fail
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return _FakeCompiled(self.log, self.fail)
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    tm = pytest.importorskip("int8.runtime.triton_matmul")
+    monkeypatch.setattr(tm, "interpreted", lambda: False)
+    monkeypatch.setattr(tm, "FAST_LAUNCH", True)
+    monkeypatch.setattr(tm, "_fast_launch_error", None)
+    monkeypatch.setattr(tm, "_LAUNCHES", {})
+    return tm
+
+
+def test_a_second_launch_goes_straight_to_the_compiled_kernel(launches):
+    tm, fn = launches, _FakeJit()
+    const = {"DT": "fp16", "BLOCK": 128}  # any order: the compiled kernel gets them in signature order
+    tm._launch(fn, (4, 1), ("k", 1), ("p0", 4096), const, 4, 2)
+    tm._launch(fn, (8, 1), ("k", 1), ("p1", 4096), const, 4, 2)
+    assert fn.log == [("jit", (4, 1), ("p0", 4096), {"DT": "fp16", "BLOCK": 128, "num_warps": 4, "num_stages": 2}),
+                      ("compiled", (8, 1), ("p1", 4096, 128, "fp16"))]
+    assert tm.fast_launch_status() == "compiled"
+
+
+def test_another_specialization_or_no_key_goes_through_the_jit(launches):
+    tm, fn = launches, _FakeJit()
+    const = {"BLOCK": 128, "DT": "fp16"}
+    tm._launch(fn, (1,), ("k", 1), ("p", 16), const, 4, 2)
+    tm._launch(fn, (1,), ("k", 2), ("p", 17), const, 4, 2)   # a new key (another alignment or value): JIT
+    tm._launch(fn, (1,), None, ("p", 16), const, 4, 2)       # no key: never cached
+    tm._launch(fn, (1,), None, ("p", 16), const, 4, 2)
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit"]
+
+
+def test_a_signature_this_module_does_not_know_is_never_cached(launches):
+    tm, fn = launches, _FakeJit()
+    fn.arg_names = ["x_ptr", "N", "BLOCK", "DT", "EXTRA"]
+    for _ in range(2):
+        tm._launch(fn, (1,), ("k",), ("p", 16), {"BLOCK": 128, "DT": "fp16"}, 4, 2)
+    assert [e[0] for e in fn.log] == ["jit", "jit"]
+
+
+def test_a_failing_compiled_launch_falls_back_to_the_jit_for_good(launches):
+    tm, fn = launches, _FakeJit(fail=True)
+    const = {"BLOCK": 128, "DT": "fp16"}
+    for _ in range(3):
+        tm._launch(fn, (1,), ("k",), ("p", 16), const, 4, 2)
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit"]  # the second relaunched through the JIT, the third never tried
+    assert tm.FAST_LAUNCH is False and "launcher signature changed" in tm.fast_launch_status()
+
+
+def test_the_interpreter_never_caches(launches, monkeypatch):
+    tm, fn = launches, _FakeJit()
+    monkeypatch.setattr(tm, "interpreted", lambda: True)
+    for _ in range(2):
+        tm._launch(fn, (1,), ("k",), ("p", 16), {"BLOCK": 128, "DT": "fp16"}, 4, 2)
+    assert [e[0] for e in fn.log] == ["jit", "jit"]
+
+
+@pytest.mark.parametrize("n, k, block_n, block_k", [(4096, 4096, 4, 1024), (16384, 4096, 16, 1024), (4096, 16384, 4, 1024),
+                                                    (8192, 2048, 8, 512), (768, 3072, 4, 512), (50, 40, 4, 64)])
+def test_gemv_tiles_aim_at_about_1024_programs(n, k, block_n, block_k):
+    tm = pytest.importorskip("int8.runtime.triton_matmul")
+    cfg = tm.gemv_config(n, k)
+    assert (cfg.block_n, cfg.block_k) == (block_n, block_k)

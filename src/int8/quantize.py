@@ -60,8 +60,14 @@ class QuantizedWeight:
 
 
 def scales_from_absmax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """``amax / 127`` in float32, rounded to nearest into ``scale_dtype``."""
-    return (amax.float() / QMAX).to(scale_dtype)
+    """``amax / 127`` in float32, rounded to nearest into ``scale_dtype``.
+
+    The divisor is a tensor on ``amax``'s device: CUDA torch divides by a Python
+    scalar as a multiplication by its reciprocal, which rounds differently (seen on
+    an H200: float32 scales, and so the codes, differed from the CPU's).
+    """
+    amax = amax.float()
+    return torch.div(amax, torch.full((), float(QMAX), dtype=torch.float32, device=amax.device)).to(scale_dtype)
 
 
 def quantize(

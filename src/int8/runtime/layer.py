@@ -30,8 +30,10 @@ On CUDA, when triton is installed (it ships with CUDA builds of torch), the
 forward and backward multiplications run fused kernels instead
 (`int8.runtime.triton_matmul`): codes and scales go straight into the matmul
 and no float weight is ever written. ``Int8Linear.kernel`` chooses: `Kernel.AUTO`
-(the default: the fused kernel where it runs, else de-quantizing),
-`Kernel.TRITON` (the fused kernel, errors are raised) or `Kernel.DEQUANTIZE`;
+(the default: the fused kernel where it runs, else de-quantizing; above
+`FUSED_MAX_TOKENS` tokens, Triton's one-pass de-quantization into a reusable
+workspace, then cuBLAS, which is faster there),
+`Kernel.TRITON` (the fused kernel at every size, errors are raised) or `Kernel.DEQUANTIZE`;
 ``Int8Linear.kernel_path`` says which one the layer's device gets. Should the
 kernel fail at run time under `Kernel.AUTO` (a GPU triton cannot compile for),
 a warning is logged and the process keeps to the de-quantize path.
@@ -56,6 +58,11 @@ Measured on GPT-J shapes by ``bench/runtime``."""
 
 MIN_CHUNK_ROWS = 256
 """At least this many output rows per chunk: fewer makes the per-chunk matmul too thin."""
+
+FUSED_MAX_TOKENS = 128
+"""Under `Kernel.AUTO` on CUDA, up to this many tokens (rows of ``x``) per call run the fused kernel;
+more de-quantize the weight with Triton (one pass at memory bandwidth) and multiply with cuBLAS,
+whose matmul beats the fused tiled kernel there (bench/gpu on an H200: README)."""
 
 _INT_FOR = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -189,9 +196,15 @@ def int8_linear(
         y = x2.new_zeros(0, out_features)
         return y.reshape(*lead, out_features)
     if triton_ready(x.device.type, kernel) and _triton().supports(x2, codes, scales, block_size):
-        y = _fused(_triton().linear, kernel, x2, codes, scales, block_size, bias)
-        if y is not None:
-            return y.reshape(*lead, out_features)
+        if tokens > FUSED_MAX_TOKENS and kernel == Kernel.AUTO:
+            w = _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
+                       out=_workspace(codes.numel(), dtype, x.device))
+            if w is not None:
+                return torch.nn.functional.linear(x2, w, bias).reshape(*lead, out_features)
+        else:
+            y = _fused(_triton().linear, kernel, x2, codes, scales, block_size, bias)
+            if y is not None:
+                return y.reshape(*lead, out_features)
     if x.device.type != "cpu":
         w = dequantize_weight(codes, scales, block_size, dtype)
         y = torch.nn.functional.linear(x2, w, bias)
@@ -224,9 +237,15 @@ def int8_linear_grad_input(
     g = grad_out.reshape(-1, out_features)
     dtype = grad_out.dtype
     if g.shape[0] and triton_ready(g.device.type, kernel) and _triton().supports(g, codes, scales, block_size):
-        gx = _fused(_triton().linear_grad_input, kernel, g, codes, scales, block_size)
-        if gx is not None:
-            return gx.reshape(*lead, in_features)
+        if g.shape[0] > FUSED_MAX_TOKENS and kernel == Kernel.AUTO:
+            w = _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
+                       out=_workspace(codes.numel(), dtype, g.device))
+            if w is not None:
+                return (g @ w).reshape(*lead, in_features)
+        else:
+            gx = _fused(_triton().linear_grad_input, kernel, g, codes, scales, block_size)
+            if gx is not None:
+                return gx.reshape(*lead, in_features)
     if g.device.type != "cpu":
         w = dequantize_weight(codes, scales, block_size, dtype)
         gx = g @ w

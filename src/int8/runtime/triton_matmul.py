@@ -22,6 +22,17 @@ in GPU memory:
   kernel with the transposed access (the reduction runs over the output rows
   ``n``, the result over ``k``).
 
+* `dequantize` (``W`` in the compute dtype, into a caller's buffer):
+  `_dequant_kernel`, one pass at memory bandwidth, with the de-quantize path's
+  exact values. `int8.runtime.layer` uses it for many tokens (prefill,
+  training), where cuBLAS on the de-quantized weight beats the fused tiled
+  kernel (measured on an H200: README, bench/gpu).
+
+Launches: after a kernel's first launch for a specialization, later launches
+with the same one go straight to the compiled kernel (`_launch`), skipping
+Triton's per-call argument binding, which costs more than the one-token GEMV
+itself takes on the GPU.
+
 Any block size works. When a K tile lies inside one scale block (block sizes
 with a power-of-two factor >= 16: 16, 32, 48, 64, 128, ...), one scale per row
 is loaded per tile; otherwise the scales are gathered per value.
@@ -110,8 +121,12 @@ def disable(reason: str) -> None:
 
 def supports(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> bool:
     """Whether the kernels take these operands (dtypes and shapes; device not checked)."""
+    return _supports(x.dtype, codes, scales, block_size)
+
+
+def _supports(dtype: torch.dtype, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> bool:
     return (
-        x.dtype in _DTYPES
+        dtype in _DTYPES
         and codes.dtype == torch.int8
         and codes.dim() == 2
         and scales.dim() == 2
@@ -163,10 +178,15 @@ PROGRAMS_WANTED = 264
 one-token and few-token kernels do not split K, so they get their parallelism from N."""
 
 
+GEMV_PROGRAMS = 1024
+"""Programs the GEMV aims at: on an H200, 4 rows per program were fastest for GPT-J's 4096-row
+weights and 16 for its 16384-row one (bench/gpu's tile sweep), about 1024 programs both times."""
+
+
 @functools.lru_cache(maxsize=256)
 def gemv_config(n: int, k: int) -> GemvConfig:
-    """The default GEMV tiles: rows per program small enough for >= `PROGRAMS_WANTED` programs."""
-    block_n = 16 if n >= 16 * PROGRAMS_WANTED else 8
+    """The default GEMV tiles: 4 to 16 rows per program, about `GEMV_PROGRAMS` programs."""
+    block_n = max(4, min(16, _next_pow2(max(1, n // GEMV_PROGRAMS))))
     block_k = min(1024 if k >= 4096 else 512, max(16, _next_pow2(k)))
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
 
@@ -182,7 +202,12 @@ def tile_config(m: int, j: int, dtype: torch.dtype) -> TileConfig:
         return TileConfig(block_m=32 if m <= 32 else 64, block_j=64, block_r=64, num_warps=4, num_stages=3)
     if wide:
         return TileConfig(block_m=64, block_j=128, block_r=32, num_warps=8, num_stages=2)
-    return TileConfig(block_m=128, block_j=128, block_r=64, num_warps=8, num_stages=3)
+    # 512 tokens on an H200: 60-227 us against 70-262 us for 128 x 128 x 64 with 8 warps (bench/gpu's sweep)
+    return TileConfig(block_m=128, block_j=64, block_r=64, num_warps=4, num_stages=4)
+
+
+DEQUANT_TILE = (32, 256)
+"""Rows x columns of the weight each program of `_dequant_kernel` writes."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +333,82 @@ if triton is not None:
         tl.store(y, acc.to(DT), mask=m_ok[:, None] & j_ok[None, :])
 
 
+    @triton.jit
+    def _dequant_kernel(
+        c_ptr, s_ptr, w_ptr,
+        N, K, stride_cn, stride_sn, stride_wn,
+        BLOCK: tl.constexpr,        # values per scale
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DT: tl.constexpr,           # the weight's dtype
+    ):
+        """w[n, k] = code[n, k] * scale[n, k // BLOCK], rounded to DT as the de-quantize path rounds; grid (N / BLOCK_N, K / BLOCK_K)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+        rows = offs_n.to(tl.int64)[:, None]
+        c = tl.load(c_ptr + rows * stride_cn + offs_k[None, :], mask=ok, other=0).to(tl.float32)
+        s = tl.load(s_ptr + rows * stride_sn + (offs_k // BLOCK)[None, :], mask=ok, other=0.0)
+        w = (c * s.to(DT).to(tl.float32)).to(DT)
+        tl.store(w_ptr + rows * stride_wn + offs_k[None, :], w, mask=ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launching
+
+
+_LAUNCHES: dict[tuple, object] = {}
+_LAUNCHES_MAX = 4096
+FAST_LAUNCH = True
+"""Whether `_launch` reuses compiled kernels directly (False: every launch goes through Triton's JIT)."""
+_fast_launch_error: str | None = None
+
+
+def _launch(fn, grid: tuple, key: tuple | None, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+    """``fn[grid](*args, **constexprs, num_warps=, num_stages=)``, the second time on through the compiled kernel.
+
+    ``key`` must determine everything Triton specializes the compiled kernel on
+    for these arguments: the values of the integer arguments (Triton specializes
+    on 1 and on divisibility by 16), each tensor's dtype and whether its address
+    is 16-byte aligned, the constexprs and the launch options; the caller builds
+    it (cheaply, from the values it already has) and passes None where it cannot.
+    The compiled kernel is then called as Triton's JIT calls it, with every
+    argument in signature order (`CompiledKernel.__getitem__`). A failure there
+    turns this off for the process and relaunches through the JIT.
+    """
+    global FAST_LAUNCH, _fast_launch_error
+    entry = _LAUNCHES.get(key) if (key is not None and FAST_LAUNCH) else None
+    if entry is not None:
+        compiled, tail = entry
+        try:
+            compiled[grid](*args, *tail)
+            return
+        except Exception as e:  # an API change in a new Triton: fall back to its JIT for good
+            FAST_LAUNCH = False
+            _fast_launch_error = f"{type(e).__name__}: {e}"
+            _LAUNCHES.clear()
+    compiled = fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    if key is None or not FAST_LAUNCH or interpreted() or not hasattr(compiled, "__getitem__"):
+        return
+    names = list(getattr(fn, "arg_names", ()))
+    if len(names) != len(args) + len(constexprs) or set(names[len(args):]) != set(constexprs):
+        return  # not the signature this module's kernels have (constexprs last): keep to the JIT
+    if len(_LAUNCHES) >= _LAUNCHES_MAX:
+        _LAUNCHES.clear()
+    _LAUNCHES[key] = (compiled, tuple(constexprs[n] for n in names[len(args):]))
+
+
+def fast_launch_status() -> str:
+    """How launches run now: "compiled" (straight to the compiled kernels), or why they go through Triton's JIT."""
+    if FAST_LAUNCH:
+        return "compiled"
+    return f"triton-jit ({_fast_launch_error or 'turned off'})"
+
+
+def _align(t: torch.Tensor) -> int:
+    return t.data_ptr() & 15
+
+
 def interpreted() -> bool:
     """Whether triton runs in its interpreter (``TRITON_INTERPRET=1`` was set before triton was imported).
 
@@ -327,17 +428,20 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPE[dtype]
 
 
-def _check(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> None:
+def _check(a: torch.Tensor | torch.dtype, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> None:
+    """Raise unless the kernels take ``a`` (an activation, or for `dequantize` a dtype) with this weight."""
     if triton is None:
         raise RuntimeError(_IMPORT_ERROR)
-    if not supports(a, codes, scales, block_size):
+    dtype, device = (a, codes.device) if isinstance(a, torch.dtype) else (a.dtype, a.device)
+    if not _supports(dtype, codes, scales, block_size):
+        shape = "" if isinstance(a, torch.dtype) else f" {tuple(a.shape)}"
         raise OperandError(
-            f"unsupported operands: x {a.dtype} {tuple(a.shape)}, codes {codes.dtype} {tuple(codes.shape)}, "
+            f"unsupported operands: x {dtype}{shape}, codes {codes.dtype} {tuple(codes.shape)}, "
             f"scales {scales.dtype} {tuple(scales.shape)}, block {block_size}"
         )
-    if not (a.device == codes.device == scales.device):
-        raise OperandError(f"operands on different devices: {a.device}, {codes.device}, {scales.device}")
-    if a.device.type == "cpu" and not interpreted():
+    if not (device == codes.device == scales.device):
+        raise OperandError(f"operands on different devices: {device}, {codes.device}, {scales.device}")
+    if device.type == "cpu" and not interpreted():
         raise RuntimeError("the Triton kernels run on CPU tensors only in Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is first imported")
 
@@ -396,25 +500,27 @@ def linear(
         grouped = sub >= 16
         groups = cfg.block_k // sub if grouped else 1
         grid = (triton.cdiv(n, cfg.block_n), m)
-        _gemv_kernel[grid](
-            x, codes, scales, b_arg, y,
-            n, k, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
-            BLOCK=block_size, GROUPED=grouped, SUB=sub if grouped else 1, GROUPS=groups, BLOCK_K=cfg.block_k,
-            BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None, DT=dt,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        args = (x, codes, scales, b_arg, y, n, k, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
+        key = ("gemv", x.device.index, x.dtype, scales.dtype, _align(x), _align(codes), _align(scales), _align(b_arg),
+               _align(y), *args[5:], block_size, bias is not None, cfg)
+        _launch(_gemv_kernel, grid, key, args,
+                dict(BLOCK=block_size, GROUPED=grouped, SUB=sub if grouped else 1, GROUPS=groups, BLOCK_K=cfg.block_k,
+                     BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None, DT=dt),
+                cfg.num_warps, cfg.num_stages)
         return y
     cfg = tiles or tile_config(m, n, x.dtype)
     block_r, scale_tile = _k_tile(cfg.block_r, block_size)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_j))
-    _tiled_kernel[grid](
-        x, codes, scales, b_arg, y,
-        m, n, k, x.stride(0), x.stride(1), codes.stride(0), scales.stride(0), y.stride(0), y.stride(1),
-        BLOCK=block_size, TRANSPOSED=False, SCALE_TILE=scale_tile, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_J=cfg.block_j, BLOCK_R=block_r, DT=dt,
-        UPCAST=interpret and x.dtype == torch.bfloat16, PRECISION=_precision(x.dtype, interpret),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (x, codes, scales, b_arg, y, m, n, k, x.stride(0), x.stride(1), codes.stride(0), scales.stride(0), y.stride(0),
+            y.stride(1))
+    precision = _precision(x.dtype, interpret)
+    key = ("tiled", x.device.index, x.dtype, scales.dtype, _align(x), _align(codes), _align(scales), _align(b_arg),
+           _align(y), *args[5:], block_size, bias is not None, cfg, precision)
+    _launch(_tiled_kernel, grid, key, args,
+            dict(BLOCK=block_size, TRANSPOSED=False, SCALE_TILE=scale_tile, HAS_BIAS=bias is not None,
+                 BLOCK_M=cfg.block_m, BLOCK_J=cfg.block_j, BLOCK_R=block_r, DT=dt,
+                 UPCAST=interpret and x.dtype == torch.bfloat16, PRECISION=precision),
+            cfg.num_warps, cfg.num_stages)
     return y
 
 
@@ -442,15 +548,44 @@ def linear_grad_input(
     cfg = tiles or tile_config(m, k, g.dtype)
     block_j, scale_tile = _k_tile(cfg.block_j, block_size)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(k, block_j))
-    _tiled_kernel[grid](
-        g, codes, scales, gx, gx,
-        m, n, k, g.stride(0), g.stride(1), codes.stride(0), scales.stride(0), gx.stride(0), gx.stride(1),
-        BLOCK=block_size, TRANSPOSED=True, SCALE_TILE=scale_tile, HAS_BIAS=False,
-        BLOCK_M=cfg.block_m, BLOCK_J=block_j, BLOCK_R=cfg.block_r, DT=_tl_dtype(g.dtype),
-        UPCAST=interpret and g.dtype == torch.bfloat16, PRECISION=_precision(g.dtype, interpret),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (g, codes, scales, gx, gx, m, n, k, g.stride(0), g.stride(1), codes.stride(0), scales.stride(0), gx.stride(0),
+            gx.stride(1))
+    precision = _precision(g.dtype, interpret)
+    key = ("tiled-t", g.device.index, g.dtype, scales.dtype, _align(g), _align(codes), _align(scales), _align(gx),
+           *args[5:], block_size, cfg, precision)
+    _launch(_tiled_kernel, grid, key, args,
+            dict(BLOCK=block_size, TRANSPOSED=True, SCALE_TILE=scale_tile, HAS_BIAS=False,
+                 BLOCK_M=cfg.block_m, BLOCK_J=block_j, BLOCK_R=cfg.block_r, DT=_tl_dtype(g.dtype),
+                 UPCAST=interpret and g.dtype == torch.bfloat16, PRECISION=precision),
+            cfg.num_warps, cfg.num_stages)
     return gx
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The weight ``(out, in)`` in ``dtype``: ``code * scale`` rounded exactly as `int8.runtime.layer`'s de-quantize path.
+
+    ``out``, when given, is a contiguous tensor of ``dtype`` with at least ``out * in`` elements
+    (a reusable workspace); the result is a view of its start.
+    """
+    _check(dtype, codes, scales, block_size)
+    codes = _row_major(codes)
+    scales = _row_major(scales)
+    n, k = codes.shape
+    if out is None:
+        w = torch.empty(n, k, dtype=dtype, device=codes.device)
+    else:
+        if out.dtype != dtype or out.device != codes.device or not out.is_contiguous() or out.numel() < n * k:
+            raise OperandError(f"out must be a contiguous {dtype} tensor of >= {n * k} elements on {codes.device}")
+        w = out.view(-1)[: n * k].view(n, k)
+    block_n, block_k = DEQUANT_TILE
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    args = (codes, scales, w, n, k, codes.stride(0), scales.stride(0), w.stride(0))
+    key = ("dequant", codes.device.index, dtype, scales.dtype, _align(codes), _align(scales), _align(w), *args[3:], block_size)
+    _launch(_dequant_kernel, grid, key, args, dict(BLOCK=block_size, BLOCK_N=block_n, BLOCK_K=block_k, DT=_tl_dtype(dtype)),
+            4, 1)
+    return w
 
 
 def _k_tile(tile: int, block_size: int) -> tuple[int, bool]:
