@@ -723,3 +723,39 @@ def test_gemv_tiles_aim_at_about_1024_programs(n, k, block_n, block_k):
     tm = pytest.importorskip("int8.runtime.triton_matmul")
     cfg = tm.gemv_config(n, k)
     assert (cfg.block_n, cfg.block_k) == (block_n, block_k)
+
+
+@pytest.mark.parametrize("which", ["gemv", "tiled", "grad", "dequant"])
+def test_every_kernel_launch_is_cached_with_its_real_signature(launches, monkeypatch, which):
+    """`linear`, `linear_grad_input` and `dequantize` pass their kernel's whole signature (runtime arguments,
+    then every constexpr): the second identical call goes to the compiled kernel with the same arguments the
+    JIT got, constexprs in signature order; and another weight (a different key) compiles again."""
+    tm = launches
+    name = {"gemv": "_gemv_kernel", "tiled": "_tiled_kernel", "grad": "_tiled_kernel", "dequant": "_dequant_kernel"}[which]
+    real = getattr(tm, name)
+    fake = _FakeJit()
+    fake.arg_names = list(real.arg_names)
+    monkeypatch.setattr(tm, name, fake)
+    monkeypatch.setattr(tm, "_check", lambda *a: None)  # CPU tensors stand in for CUDA ones: nothing runs
+    codes, scales = _weights(48, 256, 32, torch.float16, seed=2)
+    x = torch.randn(1 if which == "gemv" else 5, 256).half()
+
+    def call(c=codes, s=scales):
+        if which == "grad":
+            return tm.linear_grad_input(torch.randn(5, 48).half(), c, s, 32)
+        if which == "dequant":
+            return tm.dequantize(c, s, 32, torch.float16)
+        return tm.linear(x, c, s, 32)
+
+    call()
+    call()
+    jit, compiled = fake.log
+    assert jit[0] == "jit" and compiled[0] == "compiled"
+    args, kwargs = jit[2], dict(jit[3])
+    kwargs.pop("num_warps"), kwargs.pop("num_stages")
+    assert set(kwargs) == set(fake.arg_names[len(args):]) and len(args) + len(kwargs) == len(fake.arg_names)
+    tail = tuple(kwargs[n] for n in fake.arg_names[len(args):])
+    assert len(compiled[2]) == len(fake.arg_names) and compiled[2][len(args):] == tail
+    assert [type(a) for a in compiled[2][: len(args)]] == [type(a) for a in args]
+    call(*_weights(48, 256, 32, torch.bfloat16, seed=2))  # bf16 scales: another specialization
+    assert fake.log[-1][0] == "jit"

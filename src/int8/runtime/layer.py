@@ -204,7 +204,7 @@ def int8_linear(
         else:
             y = _fused(_triton().linear, kernel, x2, codes, scales, block_size, bias)
             if y is not None:
-                return y.reshape(*lead, out_features)
+                return y if x.dim() == 2 else y.view(*lead, out_features)
     if x.device.type != "cpu":
         w = dequantize_weight(codes, scales, block_size, dtype)
         y = torch.nn.functional.linear(x2, w, bias)
@@ -402,17 +402,21 @@ class Int8Linear(nn.Module):
         if self.checkpoint_layout:
             self.finalize()
         dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
         elif not dtype.is_floating_point:
             dtype = self.compute_dtype
         if x.dtype != dtype:
             x = x.to(dtype)
-        bias = self.bias
+        # the module's dicts directly: nn.Module's attribute lookup costs a microsecond a name, per call, per layer
+        buffers = self._buffers
+        codes, scales = buffers["codes"], buffers["scale_bits"].view(self.scale_dtype)
+        bias = self._parameters["bias"]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         if not needs_grad:
-            return int8_linear(x, self.codes, self.scales, self.block_size, bias, self.kernel)
-        return Int8LinearFunction.apply(x, self.codes, self.scales, bias, self.block_size, self.kernel)
+            return int8_linear(x, codes, scales, self.block_size, bias, self.kernel)
+        return Int8LinearFunction.apply(x, codes, scales, bias, self.block_size, self.kernel)
 
     # -- checkpoint layout ----------------------------------------------------------------------
 

@@ -376,17 +376,8 @@ def _launch(fn, grid: tuple, key: tuple | None, args: tuple, constexprs: dict, n
     argument in signature order (`CompiledKernel.__getitem__`). A failure there
     turns this off for the process and relaunches through the JIT.
     """
-    global FAST_LAUNCH, _fast_launch_error
-    entry = _LAUNCHES.get(key) if (key is not None and FAST_LAUNCH) else None
-    if entry is not None:
-        compiled, tail = entry
-        try:
-            compiled[grid](*args, *tail)
-            return
-        except Exception as e:  # an API change in a new Triton: fall back to its JIT for good
-            FAST_LAUNCH = False
-            _fast_launch_error = f"{type(e).__name__}: {e}"
-            _LAUNCHES.clear()
+    if _launch_compiled(key, grid, args):
+        return
     compiled = fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
     if key is None or not FAST_LAUNCH or interpreted() or not hasattr(compiled, "__getitem__"):
         return
@@ -398,11 +389,32 @@ def _launch(fn, grid: tuple, key: tuple | None, args: tuple, constexprs: dict, n
     _LAUNCHES[key] = (compiled, tuple(constexprs[n] for n in names[len(args):]))
 
 
+def _launch_compiled(key: tuple | None, grid: tuple, args: tuple) -> bool:
+    """Launch the kernel `_launch` compiled for ``key``, if there is one; False when there is none (or it failed)."""
+    global FAST_LAUNCH, _fast_launch_error
+    entry = _LAUNCHES.get(key) if (key is not None and FAST_LAUNCH) else None
+    if entry is None:
+        return False
+    compiled, tail = entry
+    try:
+        compiled[grid](*args, *tail)
+        return True
+    except Exception as e:  # an API change in a new Triton: fall back to its JIT for good
+        FAST_LAUNCH = False
+        _fast_launch_error = f"{type(e).__name__}: {e}"
+        _LAUNCHES.clear()
+        return False
+
+
 def fast_launch_status() -> str:
     """How launches run now: "compiled" (straight to the compiled kernels), or why they go through Triton's JIT."""
     if FAST_LAUNCH:
         return "compiled"
     return f"triton-jit ({_fast_launch_error or 'turned off'})"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _align(t: torch.Tensor) -> int:
@@ -490,27 +502,31 @@ def linear(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    interpret = interpreted()
-    dt = _tl_dtype(x.dtype)
     b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
     limit = GEMV_MAX_TOKENS if max_gemv_tokens is None else max_gemv_tokens
-    if m <= limit:
+    if m <= limit:  # decoding: the hot path, a few microseconds of Python per call on a hit
         cfg = gemv or gemv_config(n, k)
+        grid = (_cdiv(n, cfg.block_n), m)
+        # y is fresh and contiguous: 16-byte aligned, row stride n
+        args = (x, codes, scales, b_arg, y, n, k, x.stride(0), codes.stride(0), scales.stride(0), n)
+        key = ("gemv", x.device.index, x.dtype, scales.dtype, x.data_ptr() & 15, codes.data_ptr() & 15,
+               scales.data_ptr() & 15, b_arg.data_ptr() & 15, n, k, args[7], args[8], args[9], block_size,
+               bias is not None, cfg)
+        if _launch_compiled(key, grid, args):
+            return y
         sub = min(_pow2_factor(block_size), cfg.block_k)
         grouped = sub >= 16
         groups = cfg.block_k // sub if grouped else 1
-        grid = (triton.cdiv(n, cfg.block_n), m)
-        args = (x, codes, scales, b_arg, y, n, k, x.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
-        key = ("gemv", x.device.index, x.dtype, scales.dtype, _align(x), _align(codes), _align(scales), _align(b_arg),
-               _align(y), *args[5:], block_size, bias is not None, cfg)
         _launch(_gemv_kernel, grid, key, args,
                 dict(BLOCK=block_size, GROUPED=grouped, SUB=sub if grouped else 1, GROUPS=groups, BLOCK_K=cfg.block_k,
-                     BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None, DT=dt),
+                     BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None, DT=_tl_dtype(x.dtype)),
                 cfg.num_warps, cfg.num_stages)
         return y
+    interpret = interpreted()
+    dt = _tl_dtype(x.dtype)
     cfg = tiles or tile_config(m, n, x.dtype)
     block_r, scale_tile = _k_tile(cfg.block_r, block_size)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_j))
+    grid = (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_j))
     args = (x, codes, scales, b_arg, y, m, n, k, x.stride(0), x.stride(1), codes.stride(0), scales.stride(0), y.stride(0),
             y.stride(1))
     precision = _precision(x.dtype, interpret)
@@ -547,7 +563,7 @@ def linear_grad_input(
     interpret = interpreted()
     cfg = tiles or tile_config(m, k, g.dtype)
     block_j, scale_tile = _k_tile(cfg.block_j, block_size)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(k, block_j))
+    grid = (_cdiv(m, cfg.block_m), _cdiv(k, block_j))
     args = (g, codes, scales, gx, gx, m, n, k, g.stride(0), g.stride(1), codes.stride(0), scales.stride(0), gx.stride(0),
             gx.stride(1))
     precision = _precision(g.dtype, interpret)
@@ -580,7 +596,7 @@ def dequantize(
             raise OperandError(f"out must be a contiguous {dtype} tensor of >= {n * k} elements on {codes.device}")
         w = out.view(-1)[: n * k].view(n, k)
     block_n, block_k = DEQUANT_TILE
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (_cdiv(n, block_n), _cdiv(k, block_k))
     args = (codes, scales, w, n, k, codes.stride(0), scales.stride(0), w.stride(0))
     key = ("dequant", codes.device.index, dtype, scales.dtype, _align(codes), _align(scales), _align(w), *args[3:], block_size)
     _launch(_dequant_kernel, grid, key, args, dict(BLOCK=block_size, BLOCK_N=block_n, BLOCK_K=block_k, DT=_tl_dtype(dtype)),
