@@ -102,8 +102,11 @@ def quantize_blocks(
     nblocks = cols // block_size
     piece = SUBCHUNK_VALUES if numba else NUMPY_SUBCHUNK_VALUES
     step = rows if dtype == "F32" and numba else max(1, piece // max(1, cols))
-    space = _scratch((0 if dtype == "F32" else step * cols) + step * nblocks)
-    s32 = space[-step * nblocks:] if step * nblocks else space[:0]
+    widened = 0 if dtype == "F32" else step * cols
+    work_values = 0 if numba else 2 * step * cols  # the numpy kernel's temporaries
+    space = _scratch(widened + work_values + step * nblocks)
+    work = space[widened : widened + work_values]
+    s32 = space[widened + work_values : widened + work_values + step * nblocks]
     stats = ErrorStats()
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -115,7 +118,7 @@ def quantize_blocks(
             x.flags.writeable = False  # one compiled variant of the kernel: read-only float32 input
             status, a, b, zero_blocks = kernels.quantize_rows(x, block_size, codes[r0:r1], part, scale_dtype)
         else:
-            status, a, b, zero_blocks = kernels.quantize_rows_numpy(x, block_size, codes[r0:r1], part, scale_dtype)
+            status, a, b, zero_blocks = kernels.quantize_rows_numpy(x, block_size, codes[r0:r1], part, scale_dtype, work)
         if status == kernels.NON_FINITE:
             raise NonFiniteWeights("NaN or Inf values")
         if status == kernels.SCALE_OVERFLOW:

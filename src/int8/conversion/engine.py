@@ -153,7 +153,7 @@ class Pipeline:
         self._units = _units(plan, chunk_bytes)
         self._permits = threading.Semaphore(2 * self.n_workers + 2)
         self._done: queue.Queue[_Unit | None] = queue.Queue()
-        self._progress: queue.Queue[tuple[int, int]] = queue.Queue()
+        self._progress: queue.Queue[tuple[int, int] | None] = queue.Queue()
 
     # -- the calling thread ------------------------------------------------------------------
 
@@ -183,12 +183,14 @@ class Pipeline:
         try:
             while True:
                 try:
-                    nbytes, tensors = self._progress.get(timeout=0.1)
+                    item = self._progress.get(timeout=0.1)
                 except queue.Empty:
                     if not threads[-1].is_alive() and self._progress.empty():
                         break
                     continue
-                progress.advance(nbytes, tensors)
+                if item is None:  # the writer is done (it says so rather than let this wait out a timeout)
+                    break
+                progress.advance(*item)
         except BaseException:
             self.stop.set()
             raise
@@ -383,6 +385,7 @@ class Pipeline:
             for u in pending.values():
                 for _, release in u.outputs:
                     release()
+            self._progress.put(None)
 
 
 def _changed(path: Path) -> SourceChanged:
