@@ -367,7 +367,8 @@ def load(
     is one. ``dtype``: the compute dtype (``"fp32"``, ``"bf16"``, ``"fp16"``
     or a torch dtype); default float32 on CPU and the checkpoint's dtype on a
     GPU. ``kernel``: how the int8 layers multiply on a GPU: ``"auto"`` (the
-    fused Triton kernel on CUDA when triton is installed, else de-quantizing),
+    fused Triton kernel on CUDA when triton is installed, up to 128 tokens per call;
+    beyond, Triton's one-pass de-quantization and cuBLAS; else de-quantizing),
     ``"triton"`` (the fused kernel, or an error where it cannot run) or
     ``"dequantize"``; ``model.int8_kernel`` and a log line (logger
     ``int8.runtime``, level INFO) say which one runs. Raises
