@@ -45,6 +45,7 @@ exits 0. Sized for <= 8 minutes on an H100/H200 (``--quick``: about half);
 
 A GPU machine without network can get missing packages (bitsandbytes, compressed-tensors and its
 pydantic/loguru) as wheels in ``.whl/`` (or ``$INT8_WHEELS``): the wrapper installs them first.
+``bench/gpu-wheels`` downloads them (on a machine with network) for that machine's Python.
 """
 
 from __future__ import annotations
