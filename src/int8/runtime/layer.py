@@ -77,6 +77,9 @@ class Kernel(str, Enum):
     DEQUANTIZE = "dequantize"  # de-quantize the weight, then torch's matmul (on CPU: chunk by chunk)
 
 
+TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+"""Compute dtypes the fused kernels take; others (float64, say) de-quantize."""
+
 TRITON_DEVICE_TYPES = frozenset({"cuda"})
 """Devices whose tensors go to the Triton kernels (the tests add "cpu" under Triton's interpreter)."""
 
@@ -195,7 +198,8 @@ def int8_linear(
     if tokens == 0:
         y = x2.new_zeros(0, out_features)
         return y.reshape(*lead, out_features)
-    if triton_ready(x.device.type, kernel) and _triton().supports(x2, codes, scales, block_size):
+    # (the kernels check the weight themselves: malformed operands raise OperandError, not de-quantize)
+    if triton_ready(x.device.type, kernel) and dtype in TRITON_DTYPES and out_features and in_features:
         if tokens > FUSED_MAX_TOKENS and kernel == Kernel.AUTO:
             w = _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
                        out=_workspace(codes.numel(), dtype, x.device))
@@ -236,7 +240,7 @@ def int8_linear_grad_input(
     lead = grad_out.shape[:-1]
     g = grad_out.reshape(-1, out_features)
     dtype = grad_out.dtype
-    if g.shape[0] and triton_ready(g.device.type, kernel) and _triton().supports(g, codes, scales, block_size):
+    if g.shape[0] and triton_ready(g.device.type, kernel) and dtype in TRITON_DTYPES and out_features and in_features:
         if g.shape[0] > FUSED_MAX_TOKENS and kernel == Kernel.AUTO:
             w = _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
                        out=_workspace(codes.numel(), dtype, g.device))
