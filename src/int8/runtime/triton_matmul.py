@@ -407,7 +407,10 @@ def _launch_compiled(key: tuple | None, grid: tuple, args: tuple) -> bool:
 
 
 def fast_launch_status() -> str:
-    """How launches run now: "compiled" (straight to the compiled kernels), or why they go through Triton's JIT."""
+    """How launches run now: "compiled" (straight to the compiled kernels after the first), "interpreted"
+    (Triton's interpreter: nothing is compiled), or why they go through Triton's JIT."""
+    if interpreted():
+        return "interpreted"
     if FAST_LAUNCH:
         return "compiled"
     return f"triton-jit ({_fast_launch_error or 'turned off'})"
