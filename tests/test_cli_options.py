@@ -324,3 +324,10 @@ def test_verify_thresholds_reach_the_result(converted, tmp_path, given, expected
     assert r.returncode == 0, r.stderr
     recorded = json.loads((tmp_path / "v.json").read_text())["thresholds"]
     assert recorded == {**Thresholds().to_dict(), **expected}
+
+
+def test_python_dash_m_int8_is_the_int8_command():
+    """`python -m int8 ...` runs the same command as the `int8` script (for environments without the script on PATH)."""
+    proc = subprocess.run([sys.executable, "-m", "int8", "convert", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--block-size" in proc.stdout and "Usage" in proc.stdout
