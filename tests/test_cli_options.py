@@ -331,3 +331,17 @@ def test_python_dash_m_int8_is_the_int8_command():
     proc = subprocess.run([sys.executable, "-m", "int8", "convert", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--block-size" in proc.stdout and "Usage" in proc.stdout
+
+
+@pytest.mark.parametrize("args, blas", [(["convert", "x"], "1"), (["verify", "x"], None), (["generate", "x"], None), ([], None)])
+def test_convert_runs_numpy_without_blas_threads(args, blas):
+    """`int8 convert` never calls BLAS: numpy's OpenBLAS gets one thread (its idle threads spin on import);
+    other commands, whose torch may use OpenBLAS, keep the default; a user's own setting always wins."""
+    from int8.cli import _set_environment
+
+    env: dict[str, str] = {}
+    _set_environment(args, env)
+    assert env.get("OPENBLAS_NUM_THREADS") == blas and env["TOKENIZERS_PARALLELISM"] == "false"
+    mine = {"OPENBLAS_NUM_THREADS": "4"}
+    _set_environment(args, mine)
+    assert mine["OPENBLAS_NUM_THREADS"] == "4"
