@@ -340,10 +340,16 @@ class CheckpointReader:
         view = out[:nbytes]
         self._check_size(t.file)
         if t.name in self._bin:
+            import torch
+
             src = self._bin[t.name]
             flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
             part = flat[r0 * t.row_numel : r0 * t.row_numel + count]
-            np.copyto(view.view(NUMPY_DTYPES[t.dtype]), to_numpy(part))
+            # torch's copy, not numpy's: it runs without the GIL, so a source truncated under the mapping
+            # (SIGBUS) reaches the handler on the main thread (`engine._sigbus_guard`); numpy holds the GIL
+            # for small copies, and a thread that faults while holding it hangs the process.
+            if nbytes:
+                torch.from_numpy(view).copy_(part.view(torch.uint8))
             if src.is_contiguous():
                 _madvise_dontneed(part.data_ptr(), nbytes)
         else:
