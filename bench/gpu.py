@@ -374,6 +374,7 @@ def kernel_bench(run: Run) -> dict:
         t = run.kernel_time(lambda: int8_linear(x1, codes, scales, 128, kernel="dequantize"), reps)  # noqa: B023
         row["gemv_dequantize_us"] = t * 1e6
         row["gemv_time_ratio_vs_fp16"] = row["gemv_int8_us"] / row["gemv_fp16_us"]
+        work = torch.empty(codes.numel(), dtype=torch.float16, device=dev)  # the de-quantize kernel's workspace
         for tokens in (8, 64 if run.args.simulate else 128, prefill):
             x = torch.randn(tokens, in_f, device=dev, dtype=torch.float16)
             t8 = run.kernel_time(lambda: tm.linear(x, codes, scales, 128), reps)  # noqa: B023
@@ -381,7 +382,6 @@ def kernel_bench(run: Run) -> dict:
             row[f"t{tokens}_int8_us"], row[f"t{tokens}_fp16_us"], row[f"t{tokens}_time_ratio"] = t8 * 1e6, t16 * 1e6, t8 / t16
             row[f"t{tokens}_int8_tflops"] = 2 * tokens * out_f * in_f / t8 / 1e12
             # Triton's one-pass de-quantization + cuBLAS (what Kernel.AUTO runs above FUSED_MAX_TOKENS), at any size
-            work = torch.empty(codes.numel(), dtype=torch.float16, device=dev)
             ta = run.kernel_time(lambda: F.linear(x, tm.dequantize(codes, scales, 128, torch.float16, out=work)), reps)  # noqa: B023
             row[f"t{tokens}_dequant_cublas_us"] = ta * 1e6
         row["dequantize_kernel_us"] = run.kernel_time(lambda: tm.dequantize(codes, scales, 128, torch.float16, out=work), reps) * 1e6  # noqa: B023

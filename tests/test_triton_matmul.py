@@ -491,6 +491,8 @@ class _FakeTriton:
     class OperandError(ValueError):
         pass
 
+    DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
     def __init__(self, error: Exception | None = None):
         self.disabled = None
         self.calls = 0

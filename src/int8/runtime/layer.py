@@ -77,9 +77,6 @@ class Kernel(str, Enum):
     DEQUANTIZE = "dequantize"  # de-quantize the weight, then torch's matmul (on CPU: chunk by chunk)
 
 
-TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
-"""Compute dtypes the fused kernels take; others (float64, say) de-quantize."""
-
 TRITON_DEVICE_TYPES = frozenset({"cuda"})
 """Devices whose tensors go to the Triton kernels (the tests add "cpu" under Triton's interpreter)."""
 
@@ -124,6 +121,20 @@ def _fused(op, kernel: str, *args, **kwargs) -> torch.Tensor | None:
         return None
 
 _workspaces = threading.local()
+
+
+def _triton_takes(device: torch.device, kernel: str, dtype: torch.dtype, codes: torch.Tensor) -> bool:
+    """Whether this multiplication goes to Triton: a Triton device, a compute dtype the kernels take (others,
+    float64 say, de-quantize) and a non-empty weight. The kernels check the rest of the operands themselves:
+    malformed ones raise OperandError rather than de-quantize."""
+    return triton_ready(device.type, kernel) and dtype in _triton().DTYPES and codes.numel() > 0
+
+
+def _triton_dequantized(codes: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype,
+                        kernel: str) -> torch.Tensor | None:
+    """The whole weight in ``dtype``, de-quantized by Triton into this thread's workspace (None if the kernel failed)."""
+    return _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
+                  out=_workspace(codes.numel(), dtype, codes.device))
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -198,11 +209,9 @@ def int8_linear(
     if tokens == 0:
         y = x2.new_zeros(0, out_features)
         return y.reshape(*lead, out_features)
-    # (the kernels check the weight themselves: malformed operands raise OperandError, not de-quantize)
-    if triton_ready(x.device.type, kernel) and dtype in TRITON_DTYPES and out_features and in_features:
+    if _triton_takes(x.device, kernel, dtype, codes):
         if tokens > FUSED_MAX_TOKENS and kernel == Kernel.AUTO:
-            w = _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
-                       out=_workspace(codes.numel(), dtype, x.device))
+            w = _triton_dequantized(codes, scales, block_size, dtype, kernel)
             if w is not None:
                 return torch.nn.functional.linear(x2, w, bias).reshape(*lead, out_features)
         else:
@@ -240,10 +249,9 @@ def int8_linear_grad_input(
     lead = grad_out.shape[:-1]
     g = grad_out.reshape(-1, out_features)
     dtype = grad_out.dtype
-    if g.shape[0] and triton_ready(g.device.type, kernel) and dtype in TRITON_DTYPES and out_features and in_features:
+    if g.shape[0] and _triton_takes(g.device, kernel, dtype, codes):
         if g.shape[0] > FUSED_MAX_TOKENS and kernel == Kernel.AUTO:
-            w = _fused(_triton().dequantize, kernel, codes, scales, block_size, dtype,
-                       out=_workspace(codes.numel(), dtype, g.device))
+            w = _triton_dequantized(codes, scales, block_size, dtype, kernel)
             if w is not None:
                 return (g @ w).reshape(*lead, in_features)
         else:

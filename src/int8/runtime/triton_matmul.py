@@ -68,7 +68,8 @@ except Exception as _e:  # ImportError, or a broken install that fails on import
 else:
     _IMPORT_ERROR = None
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+"""The compute and scale dtypes the kernels take."""
 
 GEMV_MAX_TOKENS = 1
 """Up to this many tokens the forward pass uses the CUDA-core GEMV; beyond it, the tiled kernel."""
@@ -126,11 +127,11 @@ def supports(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_s
 
 def _supports(dtype: torch.dtype, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> bool:
     return (
-        dtype in _DTYPES
+        dtype in DTYPES
         and codes.dtype == torch.int8
         and codes.dim() == 2
         and scales.dim() == 2
-        and scales.dtype in _DTYPES
+        and scales.dtype in DTYPES
         and block_size >= 1
         and scales.shape[0] == codes.shape[0]
         and scales.shape[1] == math.ceil(codes.shape[1] / block_size)
