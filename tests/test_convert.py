@@ -11,6 +11,7 @@ that random noise of the same distribution causes).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -356,6 +357,31 @@ def test_sharded_output_and_report(sources, tmp_path):
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
     model, info = stock_load(out)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin"])
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+def test_tensors_split_into_many_units_give_the_same_bytes(form, kernel, sources, tmp_path, monkeypatch):
+    """A tensor cut into row chunks (every large tensor of a real model) is written as if it were one:
+    same shard bytes, same error statistics, whichever kernel and however the chunks are read."""
+    from int8 import kernels
+    from int8.conversion import arrays, engine
+
+    if kernel == "numba" and not kernels.available():
+        pytest.skip("numba is not installed")
+    src = sources("gptj", form)
+    whole = int8.convert(src, tmp_path / "whole", block_size=BLOCK, device="cpu")
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 3000)  # a few rows of each tensor per unit
+    monkeypatch.setattr(arrays, "NUMBA_FROM_BYTES", 0 if kernel == "numba" else 1 << 62)
+    monkeypatch.setattr(engine, "VIEW_MIN_BYTES", 0)  # numba's units view the page cache, numpy's are read
+    split = int8.convert(src, tmp_path / "split", block_size=BLOCK, device="cpu")
+    assert [asdict(f) for f in split.files] == [asdict(f) for f in whole.files]
+    def stats(report):  # the mean error is a float sum, in a different order per chunking: to its precision
+        return [{**asdict(t), "mean_abs_error": pytest.approx(t.mean_abs_error, abs=2e-6)} for t in report.quantized]
+
+    assert stats(split) == stats(whole)
+    rows = {t.name: t for t in whole.quantized}
+    assert any(t.shape[0] * t.shape[1] * 4 > 3 * 3000 for t in rows.values())  # some tensor spans several units
 
 
 def test_trained_minilm_stays_faithful(tmp_path):

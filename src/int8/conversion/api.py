@@ -37,7 +37,7 @@ from ..report import (
     ConversionReport,
 )
 from ..sources import resolve_source
-from .engine import stream
+from .engine import CHUNK_BYTES, stream
 from .output import check_replaceable
 from .output import start as start_staging
 from .plan import (
@@ -47,7 +47,7 @@ from .plan import (
 )
 from .reporting import build_report
 
-CHUNK_BYTES = 32 << 20
+
 class Progress(Protocol):
     """What the converter reports while it works (the CLI draws it with rich)."""
 
