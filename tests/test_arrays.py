@@ -55,6 +55,17 @@ def test_cast_into_rounds_as_torch(src, dst, one_pass):
                        expected.view(torch.uint8) if dst != "BF16" else expected.view(torch.int16))
 
 
+@pytest.mark.parametrize("src", ["F32", "F64", "F16"])
+def test_cast_to_bf16_of_a_large_tensor_rounds_as_torch(src, one_pass):
+    """More values than the numpy path's cache-sized piece (`arrays._round_to_bf16`), ending in a partial one."""
+    x = torch.cat([_hard_values(100_000, seed=s) for s in range(5)] + [_hard_values(7_777, seed=9)]).to(TORCH[src])
+    x = x[torch.isfinite(x)]
+    assert x.numel() > arrays.NUMPY_SUBCHUNK_VALUES * 4
+    out = np.empty(x.numel() * 2, np.uint8)
+    got = arrays.cast_into(to_numpy(x), src, "BF16", out)
+    assert torch.equal(to_torch(got, "BF16").view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_all_finite_finds_one_bad_value_anywhere(dtype, one_pass):
     x = torch.randn(3, 1001).to(TORCH[dtype])
@@ -84,6 +95,26 @@ def _torch_codes(w: torch.Tensor, block: int, scale_dtype: str):
 
 
 CPU_KERNELS = [arrays.Kernel.NUMPY] + ([arrays.Kernel.NUMBA] if kernels.available() else [])
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("block", [1, 2, 16, 17, 48, 64, 128, 256, 384])
+def test_every_block_size_gives_torchs_bytes(block, kernel):
+    """Every block size: the numpy kernel halves power-of-two runs before its transposed reduction
+    (`kernels._block_absmax`), down to 16 values, and reduces odd ones as they are."""
+    g = torch.Generator().manual_seed(block)
+    rows, cols = 300, 3 * block
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[3] = 0
+    w[4, block - 1] = 7.0  # a block's max in its last value
+    w[5, 0] = -9.0  # and in its first, negative
+    codes = np.zeros((rows, cols + (-cols) % 4), np.uint8)
+    scales = np.empty((rows, 3), np.float32)
+    st = arrays.quantize_blocks(to_numpy(w), "F32", block, codes, scales, "F32", kernel=kernel)
+    ref_codes, ref_scales, ref_st = _torch_codes(w, block, "F32")
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(scales.view(np.uint8), ref_scales.view(np.uint8))
+    assert st.zero_blocks == ref_st.zero_blocks == 3
 
 
 @pytest.mark.parametrize("kernel", CPU_KERNELS)

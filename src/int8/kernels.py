@@ -104,12 +104,7 @@ def quantize_rows_numpy(
         work = np.empty(2 * n, np.float32)
     t1, t2 = work[:n], work[n : 2 * n]
     b = w.reshape(rows, nb, block_size)
-    # Each block's max |w|, reduced across the rows of a transposed copy: numpy's reduction along a short
-    # last axis runs an element at a time (5x slower). abs first, so an all-zero block's scale is +0, not -0.
-    a = np.abs(w, out=t1.reshape(rows, cols)).reshape(rows * nb, block_size)
-    at = t2.reshape(block_size, rows * nb)
-    np.copyto(at, a.T)
-    amax = at.max(axis=0).reshape(rows, nb)
+    amax = _block_absmax(w, rows * nb, block_size, t1, t2).reshape(rows, nb)
     if not np.isfinite(amax).all():
         r, c = np.argwhere(~np.isfinite(amax))[0]
         return NON_FINITE, int(r), int(c), 0
@@ -130,6 +125,26 @@ def quantize_rows_numpy(
     np.add(q, 128.0, out=q)
     packed[:, :cols] = q.reshape(rows, cols)
     return esum, emax, 0, int(zero.sum())
+
+
+def _block_absmax(w: np.ndarray, nblocks: int, block_size: int, t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
+    """max |w| of each run of ``block_size`` values of ``w`` (``nblocks`` runs), using the scratch ``t1`` and ``t2``
+    (``w.size`` values each). abs first, so an all-zero block's max is +0, not -0; a NaN propagates.
+
+    numpy reduces along a short last axis an element at a time (5x slower than along a long one). So the
+    blocks are halved first, each half's elementwise maximum with the other (contiguous rows, full SIMD), down
+    to 16 values; those are reduced across the rows of a transposed copy, a sixteenth of the data for block
+    128. Same maxima, about twice as fast as transposing the whole block."""
+    a = np.abs(w, out=t1[: w.size].reshape(w.shape)).reshape(nblocks, block_size)
+    width, spare = block_size, (t2, t1)
+    while width > 16 and width % 2 == 0:
+        half = width // 2
+        out = spare[0][: nblocks * half].reshape(nblocks, half)
+        np.maximum(a[:, :half], a[:, half:width], out=out)
+        a, width, spare = out, half, (spare[1], spare[0])
+    at = spare[0][: nblocks * width].reshape(width, nblocks)
+    np.copyto(at, a.T)
+    return at.max(axis=0)
 
 
 def round_scales(s: np.ndarray, scale_dtype: str) -> np.ndarray:

@@ -180,13 +180,20 @@ def _cast(x: np.ndarray, dtype: str, out_dtype: str, y: np.ndarray) -> None:
 
 
 def _round_to_bf16(f: np.ndarray, out: np.ndarray) -> None:
+    """float32 ``f`` (flat, finite) to bfloat16 bits in ``out``, nearest even: ``(bits + 0x7FFF + lsb) >> 16``,
+    in cache-sized pieces (twice as fast as whole-array passes); no overflow, NaN never comes here."""
     if kernels.loaded():
         kernels.f32_to_bf16(f, out)
         return
     bits = f.view(np.uint32)
-    t = np.right_shift(bits, 16)  # (bits + 0x7FFF + lsb) >> 16, in place; no overflow: NaN never comes here
-    t &= 1
-    t += 0x7FFF
-    t += bits
-    t >>= 16
-    np.copyto(out, t, casting="unsafe")
+    buf = getattr(_local, "u32", None)
+    if buf is None:
+        buf = _local.u32 = np.empty(NUMPY_SUBCHUNK_VALUES * 4, np.uint32)
+    for i in range(0, bits.size, buf.size):
+        b = bits[i : i + buf.size]
+        t = buf[: b.size]
+        np.right_shift(b, 16, out=t)
+        t &= 1
+        t += 0x7FFF
+        t += b
+        np.right_shift(t, 16, out=out[i : i + buf.size], casting="unsafe")
