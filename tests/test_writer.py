@@ -69,6 +69,13 @@ def test_small_files_are_written_buffered(tmp_path):
     f.abort()
 
 
+def test_the_environment_can_turn_direct_io_off(tmp_path, direct_everywhere, monkeypatch):
+    monkeypatch.setenv("INT8_DIRECT_IO", "0")
+    f = OutputFile(tmp_path / "x", STAGING_BYTES)
+    assert not f.direct
+    f.abort()
+
+
 def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(tmp_path, direct_everywhere, monkeypatch):
     refused = []
     real = writer._pwrite
