@@ -95,7 +95,8 @@ class OutputFile:
         self.path = Path(path)
         self.size = size
         self.bytes_written = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        self._fd = os.open(self.path, flags, 0o666)
         try:
             _preallocate(self._fd, size)
             wanted = direct and size >= DIRECT_MIN_BYTES and os.environ.get("INT8_DIRECT_IO", "1") != "0"
