@@ -124,9 +124,10 @@ def test_a_direct_write_error_reaches_the_caller(tmp_path, direct_everywhere, mo
 
 
 def test_disk_full_during_a_direct_write_leaves_nothing(tmp_path, direct_everywhere, monkeypatch):
+    from models import make_tiny
+
     import int8
     from int8 import errors
-    from models import make_tiny
 
     src = make_tiny("gptj", tmp_path / "src")
     written = []

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import queue
-import mmap
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
