@@ -18,7 +18,9 @@ SIZES = [0, 1, 4095, 4096, 4097, STAGING_BYTES - 1, STAGING_BYTES, STAGING_BYTES
 
 @pytest.fixture
 def direct_everywhere(monkeypatch):
+    """Direct I/O asked for (INT8_DIRECT_IO=1), for files of every size."""
     monkeypatch.setattr(writer, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setenv("INT8_DIRECT_IO", "1")
 
 
 def _pieces(data: bytes, seed: int) -> list[bytes]:
@@ -64,16 +66,28 @@ def test_direct_io_is_used_where_the_filesystem_has_it(tmp_path, direct_everywhe
 
 
 def test_small_files_are_written_buffered(tmp_path):
-    f = OutputFile(tmp_path / "x", writer.DIRECT_MIN_BYTES - 1)
+    f = OutputFile(tmp_path / "x", writer.DIRECT_MIN_BYTES - 1, direct=True)
     assert not f.direct
     f.abort()
 
 
-def test_the_environment_can_turn_direct_io_off(tmp_path, direct_everywhere, monkeypatch):
-    monkeypatch.setenv("INT8_DIRECT_IO", "0")
+@pytest.mark.parametrize("env, expected", [(None, False), ("0", False), ("1", True)])
+def test_buffered_unless_the_environment_asks_for_direct_io(env, expected, tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "DIRECT_MIN_BYTES", 0)
+    if env is None:
+        monkeypatch.delenv("INT8_DIRECT_IO", raising=False)
+    else:
+        monkeypatch.setenv("INT8_DIRECT_IO", env)
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if expected and not _is_direct(probe):
+        pytest.skip("no direct I/O on this system or filesystem")
     f = OutputFile(tmp_path / "x", STAGING_BYTES)
-    assert not f.direct
+    assert f.direct == expected
     f.abort()
+    g = OutputFile(tmp_path / "y", STAGING_BYTES, direct=False)
+    assert not g.direct
+    g.abort()
 
 
 def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(tmp_path, direct_everywhere, monkeypatch):

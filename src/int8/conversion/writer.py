@@ -8,8 +8,8 @@ produced: no shard is ever held in memory (the ``safetensors`` library's
 ``save_file`` needs every tensor in memory at once). The SHA-256 of the file
 is computed on the way, so integrity costs no second read.
 
-Where the filesystem allows it, a shard is written with direct I/O (`OutputFile`): whole aligned
-blocks from a reused buffer straight to the disk, past the page cache.
+With ``INT8_DIRECT_IO=1``, a shard is written with direct I/O where the filesystem allows it
+(`OutputFile`): whole aligned blocks from reused buffers straight to the disk, past the page cache.
 """
 
 from __future__ import annotations
@@ -72,26 +72,31 @@ STAGING_BYTES = 4 << 20
 """Each of the two aligned buffers that direct writes go out of (one write system call per this many bytes)."""
 
 DIRECT_MIN_BYTES = 256 << 20
-"""Files from this size are written with direct I/O. Below it, buffered writes were as fast or faster on README's
-bench/convert machine (0.3 GB checkpoints: 0.01-0.03 s faster), and a small output stays in the page cache for
-the `int8 verify` that often follows."""
+"""Files from this size may be written with direct I/O; below it, buffered writes were as fast or faster on
+README's bench/convert machine even where direct ones paid off (0.3 GB checkpoints: 0.01-0.03 s faster)."""
 
 
 class OutputFile:
-    """A new file, written front to back: with direct I/O where the system allows it, else buffered.
+    """A new file, written front to back: buffered, or with direct I/O where asked for and possible.
 
     Direct I/O (Linux's ``O_DIRECT``) takes the data from two aligned staging buffers, reused for every
     write, straight to the disk: a thread of its own writes one while the caller fills the other. A
     buffered write copies the data into the page cache instead, into memory taken afresh for each page
-    of the file; on a VM whose host reclaims the guest's free memory, such memory is slow to touch the
-    first time, and README's bench/convert machine wrote a fresh 1 GB file buffered in 0.16 to 2.2 s,
-    directly in 0.39 to 0.50 s. The file is the same either way; it is only not left in the page cache.
-    Files under `DIRECT_MIN_BYTES`, filesystems without direct I/O (tmpfs on older kernels, some network
-    filesystems) and other systems get buffered writes, as do ``direct=False`` and the environment variable
-    ``INT8_DIRECT_IO=0`` (for a filesystem where direct I/O is slow).
+    of the file. On a VM whose host reclaims the guest's free memory, such memory is slow to touch the
+    first time: README's bench/convert machine wrote a fresh 1 GB file buffered in 0.16 to 2.2 s, directly
+    in 0.39 to 0.50 s. But a directly written file is not in the page cache, and the `int8 verify` (or
+    `int8 push`) that follows a conversion reads it back from disk: converting the 3.49 GB benchmark
+    checkpoint and verifying it took 7.6-7.9 s with direct writes against 6.2 s buffered. So buffered is
+    the default; direct I/O is for outputs too large to stay cached anyway, or disks the page cache only
+    slows down.
+
+    ``direct``: None (the default) takes it from the environment, ``INT8_DIRECT_IO=1`` turning it on; True
+    and False decide here. Files under `DIRECT_MIN_BYTES`, filesystems without direct I/O (tmpfs on older
+    kernels, some network filesystems) and other systems are written buffered whatever is asked. The file
+    is the same either way.
     """
 
-    def __init__(self, path: Path, size: int, direct: bool = True):
+    def __init__(self, path: Path, size: int, direct: bool | None = None):
         self.path = Path(path)
         self.size = size
         self.bytes_written = 0
@@ -99,7 +104,9 @@ class OutputFile:
         self._fd = os.open(self.path, flags, 0o666)
         try:
             _preallocate(self._fd, size)
-            wanted = direct and size >= DIRECT_MIN_BYTES and os.environ.get("INT8_DIRECT_IO", "1") != "0"
+            if direct is None:
+                direct = os.environ.get("INT8_DIRECT_IO", "0") == "1"
+            wanted = direct and size >= DIRECT_MIN_BYTES
             self.direct = wanted and _enable_direct_io(self._fd)
         except BaseException:
             os.close(self._fd)
@@ -266,9 +273,10 @@ class ShardWriter:
         tensors: Sequence[OutputTensor],
         metadata: dict[str, str] | None = None,
         hasher: BackgroundHasher | None = None,
-        direct: bool = True,
+        direct: bool | None = None,
     ):
-        """``direct``: write with direct I/O where the system allows it (`OutputFile`)."""
+        """``direct``: whether to write with direct I/O where the system allows it (`OutputFile`; None: the
+        environment decides)."""
         self.path = Path(path)
         self._sizes = [t.nbytes for t in tensors]
         self._names = [t.name for t in tensors]
