@@ -188,19 +188,29 @@ def convert(
             warn(w)
         _check_space(out_dir, plan)
         with _staged(out_dir, overwrite) as tmp:
+            original_card: dict = {}
+
+            def meanwhile() -> None:
+                """While the tensors stream: everything that does not need their results."""
+                _write_index(tmp, plan)
+                _write_config(tmp, config_dict, plan)
+                _copy_sidecars(resolved.folder, tmp)
+                from ..hub import card
+
+                card.preload()
+                if (resolved.folder / CARD_NAME).is_file():
+                    original_card["metadata"] = card.original_metadata(resolved.folder / CARD_NAME)
+
             stream_started = time.perf_counter()
-            stats, hashes = stream(reader, plan, tmp, dev, progress)
+            stats, hashes = stream(reader, plan, tmp, dev, progress, meanwhile=meanwhile)
             stream_seconds = time.perf_counter() - stream_started
-            _write_index(tmp, plan)
-            _write_config(tmp, config_dict, plan)
-            _copy_sidecars(resolved.folder, tmp)
             seconds = time.perf_counter() - started
             report = build_report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
             report.warnings = [*warnings, *(w for w in report.warnings if w not in warnings)]
             report.save(tmp)
             from ..hub.card import write_card
 
-            write_card(tmp, report, preset=preset, original_card=resolved.folder / CARD_NAME)
+            write_card(tmp, report, preset=preset, original=original_card.get("metadata"))
     return report
 
 

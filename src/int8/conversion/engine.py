@@ -165,7 +165,8 @@ class Pipeline:
 
     # -- the calling thread ------------------------------------------------------------------
 
-    def run(self, progress) -> tuple[dict[str, ErrorStats], dict[str, str]]:
+    def run(self, progress, meanwhile: Callable[[], None] | None = None) -> tuple[dict[str, ErrorStats], dict[str, str]]:
+        """Stream everything; ``meanwhile`` runs on this thread once the workers have started (see `stream`)."""
         progress.start(sum(e.source.nbytes for s in self.plan.shards for e in s.entries), len(self.plan.written))
         threads = [threading.Thread(target=self._work, name=f"int8-worker-{i}", daemon=True) for i in range(self.n_workers)]
         threads.append(threading.Thread(target=self._write, name="int8-writer", daemon=True))
@@ -174,6 +175,12 @@ class Pipeline:
                 try:
                     for th in threads:
                         th.start()
+                    if meanwhile is not None:
+                        try:
+                            meanwhile()
+                        except BaseException:
+                            self.stop.set()
+                            raise
                     self._loop(threads, progress)
                 finally:
                     self.stop.set()
@@ -449,15 +456,20 @@ def stream(
     progress,
     chunk_bytes: int | None = None,
     kernel: arrays.Kernel | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[dict[str, ErrorStats], dict[str, str]]:
     """Read, quantize and write every planned tensor on ``device`` ("cpu", "cuda", "cuda:N"); return error
     stats and shard hashes. ``chunk_bytes`` defaults to `CHUNK_BYTES` on the CPU, `CUDA_CHUNK_BYTES` on a GPU;
-    ``kernel`` forces a CPU implementation (default: `arrays.choose_kernel`)."""
+    ``kernel`` forces a CPU implementation (default: `arrays.choose_kernel`).
+
+    ``meanwhile`` is work that does not need the stream's results (imports, side files), run on the calling
+    thread while the workers stream: the stream's threads spend most of their time outside the GIL, so it
+    costs them little. If it raises, the stream stops and the exception propagates."""
     workers = cpu_count() if device == "cpu" else 1
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES if device == "cpu" else CUDA_CHUNK_BYTES
     pipeline = Pipeline(reader, plan, folder, device, workers, chunk_bytes, kernel)
     if pipeline.torch_ops is None:
-        return pipeline.run(progress)
+        return pipeline.run(progress, meanwhile)
     with pipeline.torch_ops.single_threaded():
-        return pipeline.run(progress)
+        return pipeline.run(progress, meanwhile)

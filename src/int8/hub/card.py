@@ -18,7 +18,7 @@ from string import Template
 from typing import Any
 
 from ..blocks import block_candidates
-from ..files import CARD_NAME
+from ..files import CARD_NAME, VERIFY_NAME
 from ..presets import CardInfo, Preset
 from ..report import BlockGroup, ConversionReport
 
@@ -48,7 +48,8 @@ def base_model_id(report: ConversionReport) -> str | None:
     return f"{m['owner']}/{m['name']}" if m else None
 
 
-def _original_metadata(path: Path | None) -> dict[str, Any]:
+def original_metadata(path: Path | None) -> dict[str, Any]:
+    """The metadata of the original model's card at ``path`` ({} without a readable one)."""
     if path is None or not Path(path).is_file():
         return {}
     from huggingface_hub import ModelCard
@@ -63,6 +64,12 @@ def _as_list(value) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def preload() -> None:
+    """Import what rendering a card needs (huggingface_hub's `ModelCardData`: tens of milliseconds) ahead of
+    time: `int8 convert` calls it while the tensors stream, so the card costs little once they are written."""
+    import huggingface_hub.repocard_data  # noqa: F401
 
 
 def card_metadata(report: ConversionReport, preset: Preset | None, original: dict[str, Any]):
@@ -129,14 +136,13 @@ def _cell(value: Any) -> str:
 
 def _fidelity_section(folder: Path, report: ConversionReport) -> str:
     """The figures of the latest `int8 verify` (int8_verify.json) made for these very files, or how to get them."""
+    if not (folder / VERIFY_NAME).is_file():  # a fresh conversion: no need to load the record's schema
+        return _NOT_MEASURED
     from ..verify.result import RecordState, read_record
 
     record = read_record(folder, report.files)
     if record.state is RecordState.MISSING:
-        return (
-            "Not measured yet. Run `int8 verify` on this folder (or repo) to check its structure and compare it "
-            "with the original; `int8 verify --update-card` records the figures here."
-        )
+        return _NOT_MEASURED
     if record.state is RecordState.INVALID:
         return "The recorded verification result is unreadable; run `int8 verify --update-card` again."
     if record.state is RecordState.STALE:
@@ -164,6 +170,12 @@ def _fidelity_section(folder: Path, report: ConversionReport) -> str:
     return "\n".join(lines)
 
 
+_NOT_MEASURED = (
+    "Not measured yet. Run `int8 verify` on this folder (or repo) to check its structure and compare it "
+    "with the original; `int8 verify --update-card` records the figures here."
+)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -176,6 +188,7 @@ def render_card(
     preset: Preset | None = None,
     original_card: Path | None = None,
     repo_id: str | None = None,
+    original: dict[str, Any] | None = None,
 ) -> str:
     """The model card text (README.md) for the converted checkpoint in ``folder``: the metadata block as
     huggingface_hub's `ModelCardData` writes it, then the body, as `huggingface_hub.ModelCard` holds a card
@@ -183,9 +196,10 @@ def render_card(
     takes longer than converting a small model.
 
     ``repo_id`` is where the checkpoint is (or will be) published: the usage
-    snippets load it from there. Without one they use the placeholder NAME-int8.
+    snippets load it from there. Without one they use the placeholder NAME-int8. ``original``: the original
+    card's metadata when already read (`original_metadata`), instead of reading ``original_card``.
     """
-    data = card_metadata(report, preset, _original_metadata(original_card))
+    data = card_metadata(report, preset, original if original is not None else original_metadata(original_card))
     body = Template(template_path(report).read_text(encoding="utf-8")).substitute(card_values(folder, report, preset, repo_id))
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
@@ -331,15 +345,16 @@ def write_card(
     preset: Preset | None = None,
     original_card: Path | None = None,
     repo_id: str | None = None,
+    original: dict[str, Any] | None = None,
 ) -> Path:
     """Write README.md into ``folder``.
 
-    ``original_card`` is the source model's README.md; without one, the
-    metadata of the card already in ``folder`` is kept (a rewrite after
+    ``original_card`` is the source model's README.md (or ``original``, its metadata already read); without
+    one, the metadata of the card already in ``folder`` is kept (a rewrite after
     `int8 verify` keeps the license, languages and datasets it had), and so is
     the repo id its snippets were rendered for, unless ``repo_id`` names another.
     """
-    return save_card(folder, card_text(folder, report, preset, original_card, repo_id))
+    return save_card(folder, card_text(folder, report, preset, original_card, repo_id, original))
 
 
 def card_text(
@@ -348,15 +363,16 @@ def card_text(
     preset: Preset | None = None,
     original_card: Path | None = None,
     repo_id: str | None = None,
+    original: dict[str, Any] | None = None,
 ) -> str:
     """What `write_card` would write, without writing it."""
     folder = Path(folder)
     existing = folder / CARD_NAME
     if repo_id is None and existing.is_file():
         repo_id = recorded_repo_id(existing)
-    if original_card is None or not Path(original_card).is_file():
+    if original is None and (original_card is None or not Path(original_card).is_file()):
         original_card = existing if existing.is_file() else _cached_original_card(report)
-    return render_card(folder, report, preset, original_card, repo_id)
+    return render_card(folder, report, preset, original_card, repo_id, original)
 
 
 def save_card(folder: Path, text: str) -> Path:
