@@ -66,6 +66,29 @@ def test_cast_to_bf16_of_a_large_tensor_rounds_as_torch(src, one_pass):
     assert torch.equal(to_torch(got, "BF16").view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
 
 
+@pytest.mark.parametrize("src, dst", [(a, b) for a in FLOATS for b in FLOATS if a != b])
+def test_cast_finite_casts_as_cast_into_and_refuses_nan_and_inf(src, dst, one_pass):
+    """What the converter runs on a kept tensor: float32 to bfloat16 in one pass once numba is loaded (the cast
+    finds the largest magnitude on its way), the other casts after a check. Either way: cast_into's bytes, or None
+    for a NaN or an Inf anywhere, whatever its payload (0x7FFFFFFF and 0xFFFFFFFF wrap round in the rounding)."""
+    x = _hard_values(20_000).to(TORCH[src])
+    x = x[torch.isfinite(x)]
+    out = np.empty(x.numel() * 8, np.uint8)
+    got = arrays.cast_finite(to_numpy(x), src, dst, out)
+    assert got is not None
+    assert np.array_equal(got.view(np.uint8), arrays.cast_into(to_numpy(x), src, dst, np.empty_like(out)).view(np.uint8))
+    bad = [torch.tensor(v, dtype=TORCH[src]) for v in (float("nan"), float("inf"), -float("inf"))]
+    if src == "F32":  # NaNs by their bits (a Python float would be the canonical NaN)
+        bad += [torch.tensor(b - (1 << 32) * (b >> 31), dtype=torch.int32).view(torch.float32)
+                for b in (0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFFC00000)]
+    for value in bad:
+        for where in (0, x.numel() // 2, x.numel() - 1):
+            y = x.clone()
+            y[where] = value
+            assert y[where : where + 1].view(torch.uint8).equal(value.reshape(1).view(torch.uint8))
+            assert arrays.cast_finite(to_numpy(y), src, dst, out) is None, (value, where)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_all_finite_finds_one_bad_value_anywhere(dtype, one_pass):
     x = torch.randn(3, 1001).to(TORCH[dtype])

@@ -183,10 +183,22 @@ def test_legacy_bin_that_cannot_be_mmapped(tmp_path):
     assert "safetensors" in e.value.hint
 
 
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("tensor", ["transformer.h.1.attn.v_proj.weight", "transformer.h.0.ln_1.weight"])
-def test_non_finite_source_tensor_stops_the_run(src, tmp_path, bad, tensor):
+@pytest.mark.parametrize("tensor", ["transformer.h.1.attn.v_proj.weight", "transformer.h.0.ln_1.weight", "transformer.wte.weight"])
+def test_non_finite_source_tensor_stops_the_run(src, tmp_path, bad, tensor, kernel, monkeypatch):
+    """Quantized or kept (a norm, the embedding: cast to bf16, in one pass with its check once numba is loaded),
+    by either CPU kernel."""
     from safetensors.torch import load_file
+
+    from int8 import kernels
+    from int8.conversion import arrays
+
+    if kernel == "numba" and not kernels.available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(arrays, "choose_kernel", lambda nbytes: arrays.Kernel(kernel))
+    if kernel == "numpy":
+        monkeypatch.setattr(kernels, "loaded", lambda: False)
 
     state = load_file(src / "model.safetensors")
     state[tensor].view(-1)[3] = bad

@@ -118,7 +118,7 @@ def _max_abs_bits16(bits):
 
 @_jit_reassoc
 def _f32_bits_to_bf16(src, dst):
-    """float32 bits -> bfloat16 bits, nearest even (torch's rounding; NaN is never passed in).
+    """float32 bits -> bfloat16 bits, nearest even (torch's rounding; a NaN or Inf becomes garbage, found by the caller).
     Returns the largest ``|bits|`` of the source, as `_max_abs_bits32`."""
     m = np.uint32(0)
     for i in range(src.size):

@@ -11,7 +11,8 @@ of its own to fill:
   (float64 rounds to nearest).
 * `cast_into`: a kept tensor in the output dtype, rounded to nearest even exactly as torch rounds
   (float32 to bfloat16 in one pass of `int8.kernels`; float64 through float32, as torch does).
-* `all_finite`: whether a tensor has no NaN or Inf, from its bits in one pass.
+* `all_finite`: whether a tensor has no NaN or Inf, from its bits in one pass; `cast_finite` casts and
+  checks at once.
 
 The casts and checks use numba's one-pass kernels once they are loaded (for a large conversion), else
 numpy ufuncs: the same results.
@@ -153,6 +154,18 @@ def all_finite(x: np.ndarray, dtype: str) -> bool:
                 return True
     below = kernels.FINITE_BELOW[dtype]
     return bool(((bits & (0x7FFFFFFF if dtype == "F32" else 0x7FFF)) < below).all())
+
+
+def cast_finite(x: np.ndarray, dtype: str, out_dtype: str, out: np.ndarray) -> np.ndarray | None:
+    """`cast_into` for a float tensor not yet checked: None when ``x`` holds a NaN or an Inf (``out`` then holds
+    garbage). float32 to bfloat16, once numba is loaded, takes one pass: the cast finds the largest magnitude on its
+    way; other casts check first (`all_finite`), then cast."""
+    if dtype == "F32" and out_dtype == "BF16" and kernels.loaded():
+        y = out[: x.size * 2].view(np.uint16).reshape(x.shape)
+        return y if kernels.f32_to_bf16(x.reshape(-1), y.reshape(-1)) else None
+    if not all_finite(x, dtype):
+        return None
+    return cast_into(x, dtype, out_dtype, out)
 
 
 def cast_into(x: np.ndarray, dtype: str, out_dtype: str, out: np.ndarray) -> np.ndarray:

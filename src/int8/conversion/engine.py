@@ -334,17 +334,17 @@ class Pipeline:
 
     def _keep(self, u: _Unit, x: np.ndarray, release_in: Callable[[], None]) -> None:
         e = u.entry
-        if e.source.dtype in FLOAT_DTYPES and not arrays.all_finite(x, e.source.dtype):
-            raise BadTensor(
-                f"tensor {e.source.name!r} in {e.source.file.name} contains NaN or Inf values: the output would be garbage",
-                "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
-            )
-        if e.out_dtype == e.source.dtype:
+        src, is_float = e.source.dtype, e.source.dtype in FLOAT_DTYPES
+        if e.out_dtype == src:
+            if is_float and not arrays.all_finite(x, src):
+                raise _not_finite(e)
             u.outputs.append((x, release_in))
             return
         buf, release_out = self.pool.take(x.size * itemsize(e.out_dtype))
         u.outputs.append((None, release_out))
-        y = arrays.cast_into(x, e.source.dtype, e.out_dtype, buf)
+        y = arrays.cast_finite(x, src, e.out_dtype, buf) if is_float else arrays.cast_into(x, src, e.out_dtype, buf)
+        if y is None:
+            raise _not_finite(e)
         release_in()
         if e.out_dtype == "F16" and not arrays.all_finite(y, "F16"):
             raise BadTensor(
@@ -401,6 +401,13 @@ class Pipeline:
                 for _, release in u.outputs:
                     release()
             self._progress.put(None)
+
+
+def _not_finite(e: TensorPlan) -> BadTensor:
+    return BadTensor(
+        f"tensor {e.source.name!r} in {e.source.file.name} contains NaN or Inf values: the output would be garbage",
+        "The source checkpoint is damaged or was saved from a diverged model; fix or re-download it.",
+    )
 
 
 def _changed(path: Path) -> SourceChanged:
