@@ -60,7 +60,7 @@ def test_cast_to_bf16_of_a_large_tensor_rounds_as_torch(src, one_pass):
     """More values than the numpy path's cache-sized piece (`arrays._round_to_bf16`), ending in a partial one."""
     x = torch.cat([_hard_values(100_000, seed=s) for s in range(5)] + [_hard_values(7_777, seed=9)]).to(TORCH[src])
     x = x[torch.isfinite(x)]
-    assert x.numel() > arrays.NUMPY_SUBCHUNK_VALUES * 4
+    assert x.numel() > arrays.CAST_PIECE_VALUES
     out = np.empty(x.numel() * 2, np.uint8)
     got = arrays.cast_into(to_numpy(x), src, "BF16", out)
     assert torch.equal(to_torch(got, "BF16").view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
@@ -161,6 +161,25 @@ def test_quantize_blocks_gives_torchs_bytes(src, scale_dtype, transposed, kernel
     np.testing.assert_array_equal(scales.view(np.uint8), ref_scales.view(np.uint8))  # bytes: +0 and -0 differ
     assert st.count == ref_st.count and st.zero_blocks == ref_st.zero_blocks >= 3  # row 5; fp16 scales of 1e-6 underflow too
     assert st.max_abs == pytest.approx(ref_st.max_abs, abs=1e-6)
+    assert st.sum_abs == pytest.approx(ref_st.sum_abs, rel=1e-5)
+
+
+@pytest.mark.parametrize("src", FLOATS)
+def test_numpy_kernel_over_many_pieces_gives_torchs_bytes(src, monkeypatch):
+    """The numpy kernel works a piece of `arrays.NUMPY_SUBCHUNK_VALUES` at a time (a whole number of rows, at
+    least one): a tensor of many pieces, the last one partial, gives the bytes of one pass over it."""
+    monkeypatch.setattr(arrays, "NUMPY_SUBCHUNK_VALUES", 3 * 96 + 5)  # 3 rows a piece
+    g = torch.Generator().manual_seed(2)
+    rows, cols, block = 37, 96, 32
+    w = (torch.randn(rows, cols, generator=g) * 0.05).to(TORCH[src])
+    w[36] = 0  # the last, partial piece has a zero block
+    codes = np.zeros((rows, cols), np.uint8)
+    scales = np.empty((rows, cols // block), np.float32)
+    st = arrays.quantize_blocks(to_numpy(w), src, block, codes, scales, "F32", kernel=arrays.Kernel.NUMPY)
+    ref_codes, ref_scales, ref_st = _torch_codes(w, block, "F32")
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(scales.view(np.uint8), ref_scales.view(np.uint8))
+    assert st.count == rows * cols and st.zero_blocks == ref_st.zero_blocks == 3
     assert st.sum_abs == pytest.approx(ref_st.sum_abs, rel=1e-5)
 
 
