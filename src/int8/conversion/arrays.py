@@ -43,10 +43,12 @@ this size streamed a 0.34 GB checkpoint about 8% faster than 64K values (README'
 CAST_PIECE_VALUES = 1 << 17
 """The float32 to bfloat16 rounding's piece in numpy (512 KiB of bits and a temporary as large: in L2)."""
 
-NUMBA_FROM_BYTES = 400_000_000
-"""Bytes of weights to quantize from which numba's start-up (importing it, loading the compiled kernel: about
-half a second) pays for itself over numpy's ufuncs (the two cross near 0.45 GB on this project's 2-core
-machine, README's bench/convert)."""
+NUMBA_FROM_BYTES = 900_000_000
+"""Bytes of weights to quantize from which numba's start-up (importing it and loading the compiled kernels: 0.2 s,
+0.3 s where scipy is installed, whose BLAS numba probes) pays for itself over numpy's ufuncs. Whole conversions on
+README's bench/convert machine, each kernel forced, interleaved: 0.60 GB to quantize, numpy 0.64 s against numba
+0.74 s; 0.81 GB, 0.85 s against 0.90 s; 1.2 GB (BLOOM-560m's shape, with 1 GB of embedding to cast, which numba
+also does in one pass), numba 0.37 s ahead; 1.61 GB, numba 1.02 s against 1.31 s."""
 
 
 class Kernel(str, Enum):
