@@ -225,3 +225,23 @@ def int8_src() -> str:
     import int8
 
     return int8.__file__.rsplit("/", 1)[0]
+
+
+def test_the_command_defers_garbage_collection_for_its_start_only():
+    """`int8` starts with the cyclic collector off (the imports' objects live as long as the process) and
+    turns it back on by itself: a long command must not run without it."""
+    import gc
+    import time
+
+    from int8.cli import _defer_garbage_collection
+
+    assert gc.isenabled()
+    try:
+        _defer_garbage_collection(0.05)
+        assert not gc.isenabled()
+        deadline = time.monotonic() + 10
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gc.isenabled()
+    finally:
+        gc.enable()
