@@ -446,6 +446,34 @@ def test_shipped_presets_keep_their_dtype_and_default_to_fp32_scales():
     assert {p.block_size for p in presets.values()} == {32}  # none pins one: README's default
 
 
+def test_a_preset_is_read_from_its_own_file_only(tmp_path, monkeypatch):
+    """Each preset file is named after its preset, so looking one up (every `int8 convert`, and its --help) reads
+    that file alone; a name that is no preset's reads nothing, whatever path it spells."""
+    from int8 import presets
+
+    names = presets.preset_names()
+    assert names == tuple(sorted(presets.all_presets())) and "gpt-j-6b" in names
+    read = []
+    real = presets._parse
+    monkeypatch.setattr(presets, "_parse", lambda path: read.append(path.name) or real(path))
+    presets._load.cache_clear()
+    assert presets.get_preset("GPT-J-6B").repo == "EleutherAI/gpt-j-6b"
+    assert read == ["gpt-j-6b.toml"]
+    for name in ("../configs/gpt-j-6b", "gpt-j-6b.toml", "/etc/passwd", "..", "", "nope"):
+        assert presets.get_preset(name) is None
+    assert read == ["gpt-j-6b.toml"]
+    presets._load.cache_clear()
+
+
+def test_a_preset_file_named_after_another_preset_is_refused(tmp_path):
+    from int8.presets import _parse
+
+    path = tmp_path / "p.toml"
+    path.write_text('name = "q"\nrepo = "o/q"\n')
+    with pytest.raises(int8.errors.Int8Error, match="named after it: q.toml"):
+        _parse(path)
+
+
 @pytest.mark.parametrize("line,want", [("", 32), ("block_size = 128", 128)])
 def test_preset_block_size(line, want, tmp_path):
     """A preset may pin a preferred block size; without one it gets the default (README: 32)."""

@@ -12,11 +12,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
-
 from .blocks import DEFAULT_BLOCK_SIZE
 from .errors import Int8Error
 
@@ -54,9 +49,16 @@ def presets_dir() -> Path:
 
 
 def _parse(path: Path) -> Preset:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
+
     try:
         data = tomllib.loads(path.read_text())
         card = data.pop("card", {})
+        if data["name"] != path.stem:
+            raise ValueError(f"its name is {data['name']!r}; a preset's file is named after it: {data['name']}.toml")
         return Preset(
             name=data["name"],
             repo=data["repo"],
@@ -88,16 +90,25 @@ def _dtype_name(value: object, key: str) -> str:
 
 
 @cache
+def preset_names() -> tuple[str, ...]:
+    """Every preset's name, sorted: the names of the files (each file is named after its preset), none parsed."""
+    return tuple(sorted(p.stem for p in presets_dir().glob("*.toml")))
+
+
+@cache
 def all_presets() -> dict[str, Preset]:
-    presets = {}
-    for path in sorted(presets_dir().glob("*.toml")):
-        p = _parse(path)
-        presets[p.name] = p
-    return presets
+    return {name: _load(name) for name in preset_names()}
+
+
+@cache
+def _load(name: str) -> Preset:
+    return _parse(presets_dir() / f"{name}.toml")
 
 
 def get_preset(name: str) -> Preset | None:
-    return all_presets().get(name.lower())
+    """The preset called ``name`` (any case), or None; only its own file is read."""
+    name = name.lower()
+    return _load(name) if name in preset_names() else None
 
 
 def suggest(name: str, n: int = 3) -> list[str]:

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from .. import options
 from ..blocks import DEFAULT_BLOCK_SIZE
-from ..errors import Int8Error
 from .display import RichProgress, console, size
 from .option_types import device_option, dtype_option, embeddings_option, quiet_option, revision_option
 from .push import publish
@@ -40,13 +39,9 @@ Embeddings = embeddings_option(
 
 def epilog() -> str:
     """The presets, under the options of `int8 convert --help`."""
-    from ..presets import all_presets
+    from ..presets import preset_names
 
-    try:
-        names = ", ".join(all_presets())
-    except Int8Error:
-        names = "(the preset files could not be read)"
-    return f"Presets: {names}. `int8 presets` describes them."
+    return f"Presets: {', '.join(preset_names())}. `int8 presets` describes them."
 
 
 def _format_option(ctx: typer.Context, value: str) -> str:
