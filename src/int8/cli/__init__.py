@@ -7,10 +7,10 @@ The package: this module holds the app, the commands' registration and `main` (t
 out, with the signal handling and error printing); `option_types` the options several commands
 share; `display` the consoles and the progress bar; one module per command (`convert`, `verify`,
 `push` with `card`, `generate`, `presets`). `int8 --help` imports neither torch nor transformers:
-the commands import the library when they run.
+the commands import the library when they run. The modules here evaluate their annotations where they are
+defined (no ``from __future__ import annotations``): typer reads every command's signature on every run, and
+string annotations would be compiled and evaluated again each time (some 270 of them).
 """
-
-from __future__ import annotations
 
 import gc
 import os

@@ -1,7 +1,5 @@
 """`int8 convert`: a thin layer over `int8.conversion.api.convert` (and `int8 push` after it with --push)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -200,7 +198,7 @@ def convert(
         publish(folder, push, quiet=quiet)
 
 
-def summary(report: ConversionReport, folder: Path) -> Table:
+def summary(report: "ConversionReport", folder: Path) -> Table:
     """The table `int8 convert` ends with: source, model, sizes, tensors, time and the output folder."""
     from ..formats.bitsandbytes import is_report_format
 

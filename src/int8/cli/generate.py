@@ -1,7 +1,5 @@
 """`int8 generate`: a thin layer over `int8.runtime.generate.run_generate`."""
 
-from __future__ import annotations
-
 import sys
 from typing import Annotated, Optional
 

@@ -7,8 +7,6 @@ or of a model run, --revision of a source or of the branch pushed to), the comma
 through the factory, so that each command's help text stays its own.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any, Optional
 

@@ -1,7 +1,5 @@
 """`int8 presets`: the table of `int8.presets.all_presets()`."""
 
-from __future__ import annotations
-
 from rich.table import Table
 
 from .display import out

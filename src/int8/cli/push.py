@@ -1,7 +1,5 @@
 """`int8 push` and `int8 card`: thin layers over `int8.hub.upload.push` and `int8.hub.card.rewrite_card`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -1,7 +1,5 @@
 """`int8 verify`: a thin layer over `int8.verify.verify_checkpoint` and its renderers."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
