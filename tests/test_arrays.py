@@ -230,3 +230,16 @@ def test_small_conversions_use_numpy_and_large_ones_numba():
     assert arrays.choose_kernel(7 << 20) == arrays.Kernel.NUMPY
     expected = arrays.Kernel.NUMBA if kernels.available() else arrays.Kernel.NUMPY
     assert arrays.choose_kernel(arrays.NUMBA_FROM_BYTES) == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 5 * 1024, 262_144 + 7])
+def test_sum_columns_is_the_sum(n):
+    """The numpy kernel's error sum and the finiteness check of kept tensors: every value counted once, the
+    remainder past the last full row included; a NaN or an Inf anywhere shows in the total."""
+    a = np.random.default_rng(n).random(n, dtype=np.float32)
+    assert float(kernels.sum_columns(a)) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-5, abs=1e-6)
+    for where in {0, n // 2, n - 1} if n else ():
+        for bad in (np.nan, np.inf):
+            b = a.copy()
+            b[where] = bad
+            assert not np.isfinite(kernels.sum_columns(b)), (where, bad)

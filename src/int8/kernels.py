@@ -120,11 +120,27 @@ def quantize_rows_numpy(
     if (s < np.float32(2.0 ** SCALE_FORMATS[scale_dtype].min_exponent)).any():
         np.clip(q, -127.0, 127.0, out=q)  # a subnormal fp16 scale is coarse: clamp, as the kernel does
     e = np.abs(np.subtract(x, q, out=x), out=x)
-    esum = float(e.sum()) if e.size else 0.0  # pairwise in float32 (relative error ~1e-7 for this piece)
+    esum = float(sum_columns(e.reshape(-1))) if e.size else 0.0
     emax = int(min(float(e.max()), 64.0) * 16777216.0) if e.size else 0  # the kernel's units: 2**-24 of a scale
     np.add(q, 128.0, out=q)
     packed[:, :cols] = q.reshape(rows, cols)
     return esum, emax, 0, int(zero.sum())
+
+
+SUM_WIDTH = 1024
+"""`sum_columns` adds rows of this many values, element by element."""
+
+
+def sum_columns(a: np.ndarray) -> np.floating:
+    """The sum of flat float32 ``a``: its rows of `SUM_WIDTH` values added element by element (vectorized, twice
+    as fast as numpy's pairwise ``sum``, which sums a row at a time), then those partial sums pairwise. Each partial
+    sum adds ``a.size / SUM_WIDTH`` values in float32: for the kernel's non-negative errors, a relative error of
+    about 1e-6 at most of the ones measured, which the report's statistics do not notice."""
+    n = a.size - a.size % SUM_WIDTH
+    if n == 0:
+        return a.sum()
+    total = np.add.reduce(a[:n].reshape(-1, SUM_WIDTH), axis=0).sum()
+    return total + a[n:].sum() if n < a.size else total
 
 
 def _block_absmax(w: np.ndarray, nblocks: int, block_size: int, t1: np.ndarray, t2: np.ndarray) -> np.ndarray:

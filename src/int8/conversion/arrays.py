@@ -158,7 +158,7 @@ def all_finite(x: np.ndarray, dtype: str) -> bool:
         return kernels.all_finite_bits(bits, dtype)
     if dtype == "F32":
         with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(flat.sum(dtype=np.float32)):  # one pass; a sum of finite values is finite, barring overflow
+            if np.isfinite(kernels.sum_columns(flat)):  # one pass; a sum of finite values is finite, barring overflow
                 return True
     below = kernels.FINITE_BELOW[dtype]
     return bool(((bits & (0x7FFFFFFF if dtype == "F32" else 0x7FFF)) < below).all())
