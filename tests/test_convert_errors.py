@@ -209,6 +209,26 @@ def test_non_finite_source_tensor_stops_the_run(src, tmp_path, bad, tensor, kern
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failure_beside_the_stream_stops_it_and_leaves_nothing(src, tmp_path, monkeypatch, failure):
+    """The side files are copied while the tensors stream (`engine.stream`'s ``meanwhile``): a failure there, or
+    Ctrl-C, stops the workers and discards the staging folder, as a failure of the stream itself does."""
+    import threading
+
+    from int8.conversion import api
+
+    def fail(src_folder, dst):
+        raise failure
+
+    monkeypatch.setattr(api, "_copy_sidecars", fail)
+    out = tmp_path / "out"
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(errors.OutputError if isinstance(failure, OSError) else KeyboardInterrupt):
+        convert(src, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("int8-") and t.name not in before]
+
+
 def test_fp16_overflow_names_the_tensor(src, tmp_path):
     from safetensors.torch import load_file
 

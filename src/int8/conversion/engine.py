@@ -176,11 +176,7 @@ class Pipeline:
                     for th in threads:
                         th.start()
                     if meanwhile is not None:
-                        try:
-                            meanwhile()
-                        except BaseException:
-                            self.stop.set()
-                            raise
+                        meanwhile()  # if it raises, `finally` stops the workers
                     self._loop(threads, progress)
                 finally:
                     self.stop.set()
