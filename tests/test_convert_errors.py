@@ -229,6 +229,25 @@ def test_a_failure_beside_the_stream_stops_it_and_leaves_nothing(src, tmp_path, 
     assert not [t.name for t in threading.enumerate() if t.name.startswith("int8-") and t.name not in before]
 
 
+def test_the_streaming_time_is_the_streams_own(src, tmp_path, monkeypatch):
+    """The report's streaming time (and the throughput it gives) counts the tensors' stream alone, not the work
+    done beside it (side files, the card's imports) when that ends later."""
+    import time
+
+    from int8.conversion import api
+
+    real = api._copy_sidecars
+
+    def slow(src_folder, dst):
+        time.sleep(1.5)
+        return real(src_folder, dst)
+
+    monkeypatch.setattr(api, "_copy_sidecars", slow)
+    report = convert(src, tmp_path / "out")
+    assert report.totals.seconds >= 1.5 > report.totals.stream_seconds > 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
 def test_fp16_overflow_names_the_tensor(src, tmp_path):
     from safetensors.torch import load_file
 

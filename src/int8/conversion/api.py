@@ -201,11 +201,9 @@ def convert(
                 if (resolved.folder / CARD_NAME).is_file():
                     original_card["metadata"] = card.original_metadata(resolved.folder / CARD_NAME)
 
-            stream_started = time.perf_counter()
-            stats, hashes = stream(reader, plan, tmp, dev, progress, meanwhile=meanwhile)
-            stream_seconds = time.perf_counter() - stream_started
+            streamed = stream(reader, plan, tmp, dev, progress, meanwhile=meanwhile)
             seconds = time.perf_counter() - started
-            report = build_report(resolved, files, plan, stats, hashes, tmp, seconds, stream_seconds, dev)
+            report = build_report(resolved, files, plan, streamed.stats, streamed.hashes, tmp, seconds, streamed.seconds, dev)
             report.warnings = [*warnings, *(w for w in report.warnings if w not in warnings)]
             report.save(tmp)
             from ..hub.card import write_card

@@ -128,8 +128,18 @@ def _units(plan: ConversionPlan, chunk_bytes: int) -> Iterator[_Unit]:
         seq += 1
 
 
+@dataclass(frozen=True)
+class StreamResult:
+    """What a stream gives: per-tensor error stats, each shard's SHA-256, and the seconds from its start until the
+    last shard was written and hashed (work done ``meanwhile`` that ends later is not counted)."""
+
+    stats: dict[str, ErrorStats]
+    hashes: dict[str, str]
+    seconds: float
+
+
 class Pipeline:
-    """One conversion stream: `run()` returns per-tensor error stats and the shards' SHA-256."""
+    """One conversion stream: `run()` returns a `StreamResult`."""
 
     def __init__(
         self,
@@ -159,14 +169,16 @@ class Pipeline:
         self.hashes: dict[str, str] = {}
         self._lock = threading.Lock()
         self._units = _units(plan, chunk_bytes)
+        self._started = self._seconds = 0.0
         self._permits = threading.Semaphore(2 * self.n_workers + 2)
         self._done: queue.Queue[_Unit | None] = queue.Queue()
         self._progress: queue.Queue[tuple[int, int] | None] = queue.Queue()
 
     # -- the calling thread ------------------------------------------------------------------
 
-    def run(self, progress, meanwhile: Callable[[], None] | None = None) -> tuple[dict[str, ErrorStats], dict[str, str]]:
+    def run(self, progress, meanwhile: Callable[[], None] | None = None) -> StreamResult:
         """Stream everything; ``meanwhile`` runs on this thread once the workers have started (see `stream`)."""
+        self._started = time.perf_counter()
         progress.start(sum(e.source.nbytes for s in self.plan.shards for e in s.entries), len(self.plan.written))
         threads = [threading.Thread(target=self._work, name=f"int8-worker-{i}", daemon=True) for i in range(self.n_workers)]
         threads.append(threading.Thread(target=self._write, name="int8-writer", daemon=True))
@@ -188,7 +200,7 @@ class Pipeline:
             if changed is not None and not isinstance(self.failures[0], SourceChanged):
                 raise _changed(changed) from None
             raise self.failures[0]
-        return self.stats, self.hashes
+        return StreamResult(self.stats, self.hashes, self._seconds)
 
     def _loop(self, threads: list[threading.Thread], progress) -> None:
         try:
@@ -385,6 +397,7 @@ class Pipeline:
                             with self._lock:
                                 self.scales.pop(u.entry.name, None)
                     self._permits.release()
+            self._seconds = time.perf_counter() - self._started  # the last shard is written and hashed
         except _Stopped:
             pass
         except BaseException as exc:
@@ -460,9 +473,9 @@ def stream(
     chunk_bytes: int | None = None,
     kernel: arrays.Kernel | None = None,
     meanwhile: Callable[[], None] | None = None,
-) -> tuple[dict[str, ErrorStats], dict[str, str]]:
+) -> StreamResult:
     """Read, quantize and write every planned tensor on ``device`` ("cpu", "cuda", "cuda:N"); return error
-    stats and shard hashes. ``chunk_bytes`` defaults to `CHUNK_BYTES` on the CPU, `CUDA_CHUNK_BYTES` on a GPU;
+    stats, shard hashes and the stream's own time. ``chunk_bytes`` defaults to `CHUNK_BYTES` on the CPU, `CUDA_CHUNK_BYTES` on a GPU;
     ``kernel`` forces a CPU implementation (default: `arrays.choose_kernel`).
 
     ``meanwhile`` is work that does not need the stream's results (imports, side files), run on the calling
