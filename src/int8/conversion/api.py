@@ -188,10 +188,11 @@ def convert(
             warn(w)
         _check_space(out_dir, plan)
         with _staged(out_dir, overwrite) as tmp:
-            original_card: dict = {}
+            original_card = None  # the source's card metadata, read while the tensors stream
 
             def meanwhile() -> None:
                 """While the tensors stream: everything that does not need their results."""
+                nonlocal original_card
                 _write_index(tmp, plan)
                 _write_config(tmp, config_dict, plan)
                 _copy_sidecars(resolved.folder, tmp)
@@ -199,7 +200,7 @@ def convert(
 
                 card.preload()
                 if (resolved.folder / CARD_NAME).is_file():
-                    original_card["metadata"] = card.original_metadata(resolved.folder / CARD_NAME)
+                    original_card = card.original_metadata(resolved.folder / CARD_NAME)
 
             streamed = stream(reader, plan, tmp, dev, progress, meanwhile=meanwhile)
             seconds = time.perf_counter() - started
@@ -208,7 +209,7 @@ def convert(
             report.save(tmp)
             from ..hub.card import write_card
 
-            write_card(tmp, report, preset=preset, original=original_card.get("metadata"))
+            write_card(tmp, report, preset=preset, original=original_card)
     return report
 
 
